@@ -1,0 +1,34 @@
+"""Public ops: one signature each, dispatched to the reference or a fast kernel (see ``dispatch``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import implementation
+
+
+def cosine_argmax(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    col_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise best cosine match of ``a [..., M, D]`` in ``b [..., N, D]``: ``(value fp32, index int64)``."""
+    return implementation("cosine_argmax", a.device)(a, b, row_mask, col_mask)
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` indices along the last dim, ties to the lower index, returned in ascending order."""
+    return implementation("topk_sorted", scores.device)(scores, k)
+
+
+def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min cosine-distance selection of ``k`` rows of ``x [B, N, D]``, in selection order."""
+    return implementation("greedy_maxmin", x.device)(x, k, first)
+
+
+def weighted_merge(
+    x: torch.Tensor, sizes: torch.Tensor, groups: torch.Tensor, num_groups: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean per group (fp32 accumulation): ``(merged [G, C], sizes [G])``."""
+    return implementation("weighted_merge", x.device)(x, sizes, groups, num_groups)

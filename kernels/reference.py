@@ -1,0 +1,135 @@
+"""Readable PyTorch references: the ground truth every fast kernel is tested against.
+
+Contract (MERGERS.md §5.6): fp16/bf16/fp32 inputs; norms, dots and sums accumulate in fp32; similarities
+are fp32; indices are int64; ties go to the lower index; a NaN score ranks above every number (torch
+semantics); an all-zero vector has cosine similarity 0 with everything.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(||x||, 1e-12)`` along the last dim, in fp32."""
+    return F.normalize(x.float(), dim=-1, eps=EPS)
+
+
+def cosine_argmax(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    col_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine match in ``b`` for every row of ``a``.
+
+    Args:
+        a: ``[..., M, D]``; b: ``[..., N, D]`` (same leading dims).
+        row_mask: ``[..., M]`` bool, False rows return (-inf, 0).
+        col_mask: ``[..., N]`` bool, False columns are never chosen.
+
+    Returns:
+        ``(value [..., M] fp32, index [..., M] int64)``; a row with every column masked gives (-inf, 0).
+    """
+    sim = normalize(a) @ normalize(b).transpose(-1, -2)  # [..., M, N]
+    if col_mask is not None:
+        sim = sim.masked_fill(~col_mask.bool().unsqueeze(-2), float("-inf"))
+    if sim.shape[-1] == 0:
+        shape = sim.shape[:-1]
+        value, index = sim.new_full(shape, float("-inf")), torch.zeros(shape, dtype=torch.long, device=sim.device)
+    else:
+        value, index = sim.max(dim=-1)
+    if row_mask is not None:
+        keep = row_mask.bool()
+        value = value.masked_fill(~keep, float("-inf"))
+        index = index.masked_fill(~keep, 0)
+    return value, index
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dim, returned in ascending index order.
+
+    Ranking is by (score descending, index ascending); NaN ranks above every number.
+    """
+    n = scores.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :k], dim=-1).values
+
+
+def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min diversity selection on cosine distance (DivPrune; ToDRE v1's k-center).
+
+    ``d(i, j) = 1 - cos(x_i, x_j)`` in fp32. Unless ``first`` is given, the first pick is the token whose
+    nearest other token is farthest (``argmax_j min_{i != j} d(i, j)``). Each next pick maximises the distance
+    to the chosen set; chosen tokens are masked so none repeats. Ties go to the lower index.
+
+    Args:
+        x: ``[B, N, D]`` or ``[N, D]``.
+        k: number of tokens to pick, ``0 <= k <= N``.
+        first: optional ``[B]`` (or scalar) index of the first pick.
+
+    Returns:
+        ``[B, k]`` (or ``[k]``) int64 indices in selection order.
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(0)
+    bsz, n, _ = x.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    out = torch.zeros(bsz, k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return out[0] if squeeze else out
+    xn = normalize(x)
+    dist = 1.0 - xn @ xn.transpose(-1, -2)  # [B, N, N]
+    rows = torch.arange(bsz, device=x.device)
+    if first is None:
+        if n == 1:
+            cur = torch.zeros(bsz, dtype=torch.long, device=x.device)
+        else:
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            nearest = dist.masked_fill(eye, float("inf")).min(dim=-1).values  # [B, N]
+            cur = nearest.argmax(dim=-1)
+    else:
+        cur = torch.as_tensor(first, dtype=torch.long, device=x.device).expand(bsz).clone()
+    chosen = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
+    mind = torch.full((bsz, n), float("inf"), device=x.device)
+    for step in range(k):
+        out[:, step] = cur
+        chosen[rows, cur] = True
+        mind = torch.minimum(mind, dist[rows, cur])
+        if step + 1 < k:
+            cur = mind.masked_fill(chosen, float("-inf")).argmax(dim=-1)
+    return out[0] if squeeze else out
+
+
+def weighted_merge(
+    x: torch.Tensor, sizes: torch.Tensor, groups: torch.Tensor, num_groups: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean of the tokens of each group.
+
+    Args:
+        x: ``[T, C]`` tokens; sizes: ``[T]`` how many original tokens each stands for; groups: ``[T]``
+            output row of each token, -1 drops it.
+        num_groups: number of output rows (default ``groups.max() + 1``).
+
+    Returns:
+        ``(merged [G, C] in x.dtype, sizes [G] fp32)``; ``merged[g] = sum_i s_i x_i / sum_i s_i`` over the
+        group's members, accumulated in fp32. An empty group gives zeros and size 0.
+    """
+    groups = groups.long()
+    g = int(groups.max().item()) + 1 if num_groups is None else num_groups
+    if groups.numel() == 0:
+        g = 0 if num_groups is None else num_groups
+    keep = groups >= 0
+    w = sizes.float()[keep]
+    num = torch.zeros(g, x.shape[-1], dtype=torch.float32, device=x.device)
+    num.index_add_(0, groups[keep], x.float()[keep] * w[:, None])
+    den = torch.zeros(g, dtype=torch.float32, device=x.device).index_add_(0, groups[keep], w)
+    merged = num / den.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    return merged.to(x.dtype), den

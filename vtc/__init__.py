@@ -1,0 +1,39 @@
+"""vtc: training-free visual-token compression for vision-language models on stock ``transformers``.
+
+>>> model = vtc.compress(model, method="hired", budget=0.2)   # in place
+>>> model.generate(**inputs)                                   # stock generate, KV cache and all
+>>> vtc.restore(model)                                         # bit-exact undo
+"""
+
+__version__ = "0.1.0"
+
+from . import mergers, pruners  # noqa: F401,E402  (registers the methods)
+from .api import DEFAULT_METHOD, compress, compressed, is_compressed, last_record, list_methods, restore  # noqa: E402
+from .budget import keep_count, validate_budget  # noqa: E402
+from .config import MethodConfig  # noqa: E402
+from .hooks import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noqa: E402
+from .record import ImageRecord, Record, SampleRecord  # noqa: E402
+from .registry import get_method, register_method  # noqa: E402
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "compress",
+    "restore",
+    "compressed",
+    "is_compressed",
+    "last_record",
+    "list_methods",
+    "get_method",
+    "register_method",
+    "keep_count",
+    "validate_budget",
+    "MethodConfig",
+    "Record",
+    "ImageRecord",
+    "SampleRecord",
+    "Stage",
+    "VisionSignal",
+    "Layout",
+    "ImageTokens",
+    "Reduction",
+]

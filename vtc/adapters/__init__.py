@@ -1,0 +1,33 @@
+"""Model-family adapters, keyed by ``model.config.model_type`` (data, not ``isinstance`` checks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..hooks import Stage
+from .base import Adapter, UnsupportedModelError
+from .llava import LlavaAdapter
+
+#: model_type -> adapter class
+ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+
+__all__ = ["Adapter", "ADAPTERS", "UnsupportedModelError", "adapter_for", "families_supporting"]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for ``model``, or an :class:`UnsupportedModelError` naming the supported types."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"vtc does not support {type(model).__name__} (model_type={model_type!r}); supported model types: "
+            f"{sorted(ADAPTERS)}"
+        )
+    return ADAPTERS[model_type](model)
+
+
+def families_supporting(stages: Iterable[Stage]) -> list[str]:
+    need = set(stages)
+    return sorted({cls.family for cls in ADAPTERS.values() if need <= cls.stages})

@@ -1,0 +1,132 @@
+"""The user-facing verbs: compress, restore, compressed, last_record, list_methods."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .adapters import adapter_for
+from .config import MethodConfig, check_options
+from .record import Record
+from .registry import MethodInfo, get_method
+from .registry import list_methods as _list_methods
+from .session import Session
+
+#: The method used when ``method`` is omitted. DivPrune: it needs nothing but the projected visual tokens,
+#: so it works on every family, image and video, with the model on SDPA/FlashAttention and no text; it is
+#: among the strongest training-free pruners in independent benchmarks (UniPruneBench), well ahead of
+#: the random and pooling baselines that beat many attention-score methods there (PEERS.md §0).
+DEFAULT_METHOD = "divprune"
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+
+def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[str, Any]) -> MethodConfig:
+    if isinstance(method, MethodConfig):
+        if options:
+            raise TypeError(f"pass options inside the config object, not as keywords: {sorted(options)}")
+        get_method(method.method)  # registered?
+        return method
+    if method is not None and not isinstance(method, str):
+        raise TypeError(f"method must be a method name or a config object, got {type(method).__name__}")
+    info = get_method(DEFAULT_METHOD if method is None else method)
+    check_options(info.config_class, options)
+    return info.config_class(budget=budget, **options)
+
+
+def compress(model: nn.Module, method: str | MethodConfig | None = None, budget: Any = 0.2, **options: Any) -> nn.Module:
+    """Compress the visual tokens of ``model`` in place and return the same object.
+
+    Args:
+        model: a stock Hugging Face VLM (see ``vtc.adapters.ADAPTERS`` for the supported model types).
+        method: a registered method name (``vtc.list_methods()``), a method config object, or None for
+            :data:`DEFAULT_METHOD`.
+        budget: float in (0, 1] (fraction of visual tokens kept) or int >= 1 (tokens kept per image).
+        **options: method options (fields of the method's config dataclass).
+
+    Compressing a model that is already compressed warns and replaces the previous compression.
+    Nothing about the model changes when an argument is invalid.
+    """
+    config = _build_config(method, budget, options)
+    info = get_method(config.method)
+    adapter = adapter_for(model)
+    missing = set(info.stages) - set(adapter.stages)
+    if missing:
+        raise ValueError(
+            f"method {info.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} adapter "
+            f"does not provide"
+        )
+    session = Session(model, adapter, info.method_class(config), config)
+    if model in _SESSIONS:
+        previous = _SESSIONS[model]
+        warnings.warn(
+            f"model is already compressed with {previous.method.name!r}; replacing it with {info.name!r} "
+            f"(call vtc.restore(model) first to silence this)",
+            UserWarning,
+            stacklevel=2,
+        )
+        restore(model)
+    session.attach()
+    _SESSIONS[model] = session
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`compress`: the original class, no hooks, no extra attributes; bit-exact outputs."""
+    session = _SESSIONS.pop(model, None)
+    if session is None:
+        raise ValueError("restore(): this model is not compressed by vtc (nothing to restore)")
+    session.detach()
+    return model
+
+
+@contextlib.contextmanager
+def compressed(
+    model: nn.Module, method: str | MethodConfig | None = None, budget: Any = 0.2, **options: Any
+) -> Iterator[nn.Module]:
+    """``with vtc.compressed(model, ...):`` compresses inside the block and puts the model back after.
+
+    If the model was already compressed, the previous compression is re-applied on exit.
+    """
+    previous = _SESSIONS.get(model)
+    if previous is not None:
+        _SESSIONS.pop(model)
+        previous.detach()
+    try:
+        compress(model, method, budget, **options)
+    except BaseException:
+        if previous is not None:
+            previous.attach()
+            _SESSIONS[model] = previous
+        raise
+    try:
+        yield model
+    finally:
+        restore(model)
+        if previous is not None:
+            previous.attach()
+            _SESSIONS[model] = previous
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return model in _SESSIONS
+
+
+def last_record(model: nn.Module) -> Record:
+    """The :class:`~vtc.record.Record` of the last compressed call on ``model``."""
+    session = _SESSIONS.get(model)
+    if session is None:
+        raise ValueError("last_record(): this model is not compressed by vtc")
+    if session.record is None:
+        raise ValueError("last_record(): no call with visual input has run since vtc.compress")
+    return session.record
+
+
+def list_methods() -> list[MethodInfo]:
+    """Registered methods (name, kind, stages, config class; ``.to_dict()`` adds supported families)."""
+    return _list_methods()

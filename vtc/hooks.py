@@ -1,0 +1,224 @@
+"""Hook points: the contract between adapters (which know models) and methods (which know algorithms).
+
+Three stages exist (DESIGN.md, "Hook points"):
+
+* ``VISION``: inside the vision tower. A method asks for :class:`VisionSignal` s (an attention row, the
+  attention each token receives, head-mean keys, a block's output) and the adapter computes them from
+  that block's own q/k while the model keeps running SDPA.
+* ``PRE_LLM``: after the projector, before the tokens are spliced into the LLM input. A method gets one
+  :class:`ImageTokens` per image (or video) and returns a :class:`Reduction`.
+* ``LLM_LAYER``: inside the LLM decoder during prefill (in-LLM methods).
+
+Everything here is plain data: tensors plus the layout that says where each visual token came from.
+No model class is referenced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from enum import Enum
+
+import torch
+
+__all__ = ["Stage", "VisionSignal", "TowerInfo", "Layout", "ImageTokens", "Reduction"]
+
+
+class Stage(str, Enum):
+    VISION = "vision"
+    PRE_LLM = "pre_llm"
+    LLM_LAYER = "llm_layer"
+
+
+SIGNAL_KINDS = ("cls_attention", "attention_received", "keys", "hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSignal:
+    """A request for a quantity computed inside one vision-tower block.
+
+    Args:
+        kind: ``"cls_attention"`` (softmax row of the first (CLS) query over all keys, CLS column
+            included, per §1.2 a of PRUNERS.md), ``"attention_received"`` (mean over queries of the
+            attention each key receives, §1.2 b), ``"keys"`` (head-mean key vectors), ``"hidden"``
+            (the block's output hidden states).
+        layer: 0-based vision block index (negative counts from the end) or ``"feature"``: the block whose
+            output the projector consumes (LLaVA's ``vision_feature_layer=-2`` is block 22 of 0..23).
+        heads: ``"mean"`` or ``"sum"`` over attention heads (attention kinds only; the ranking is the same).
+    """
+
+    kind: str
+    layer: int | str = "feature"
+    heads: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown vision signal kind {self.kind!r}; valid: {SIGNAL_KINDS}")
+        if not (self.layer == "feature" or (isinstance(self.layer, int) and not isinstance(self.layer, bool))):
+            raise ValueError(f"signal layer must be an int or 'feature', got {self.layer!r}")
+        if self.heads not in ("mean", "sum"):
+            raise ValueError(f"heads must be 'mean' or 'sum', got {self.heads!r}")
+
+    @property
+    def name(self) -> str:
+        suffix = f":{self.heads}" if self.kind in ("cls_attention", "attention_received") else ""
+        return f"{self.kind}@{self.layer}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerInfo:
+    """What a method may know about the vision tower when it chooses its signals.
+
+    Attributes:
+        has_cls: the tower prepends a CLS token (CLIP, DINOv2) or not (SigLIP, Qwen2-VL's ViT).
+        num_blocks: number of transformer blocks.
+    """
+
+    has_cls: bool
+    num_blocks: int
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where each of an image's ``n`` LLM visual tokens comes from.
+
+    An image is one or more *partitions* (LLaVA-1.5: one; LLaVA-NeXT: base image + crops; video: frames),
+    each a ``rows x cols`` grid of LLM tokens, preceded in the vision tower by ``prefix`` extra tokens
+    (1 for a CLS token, 0 for SigLIP / Qwen). Signals are stored per partition over its ``prefix +
+    rows * cols`` *slots* (slot = prefix + row * cols + col). Tokens with no slot (newline tokens) have
+    ``slot == -1``.
+
+    Attributes:
+        grids: ``(rows, cols)`` per partition.
+        prefix: number of prefix slots per partition (CLS).
+        partition: ``[n]`` partition of each token, -1 if none.
+        slot: ``[n]`` slot of each token in its partition, -1 if none.
+    """
+
+    grids: tuple[tuple[int, int], ...]
+    prefix: int
+    partition: torch.Tensor
+    slot: torch.Tensor
+
+    @classmethod
+    def grid(cls, rows: int, cols: int, prefix: int = 0, include_prefix: bool = False) -> Layout:
+        """Layout of a single-partition image whose tokens are the raster grid (optionally CLS first)."""
+        first = 0 if include_prefix else prefix
+        slot = torch.arange(first, prefix + rows * cols)
+        return cls(((rows, cols),), prefix, torch.zeros_like(slot), slot)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot.numel())
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.grids)
+
+    def is_patch(self) -> torch.Tensor:
+        """``[n]`` bool: the token is a grid patch (not a prefix/CLS or newline token)."""
+        return self.slot >= self.prefix
+
+    def grid_position(self) -> torch.Tensor:
+        """``[n, 2]`` (row, col) of each token inside its partition grid, -1 for non-patch tokens."""
+        out = torch.full((self.num_tokens, 2), -1, dtype=torch.long)
+        patch = self.is_patch()
+        cols = torch.tensor([c for _, c in self.grids], dtype=torch.long)
+        cell = self.slot[patch] - self.prefix
+        c = cols[self.partition[patch]]
+        out[patch, 0] = cell // c
+        out[patch, 1] = cell % c
+        return out
+
+    def partition_tokens(self, p: int) -> torch.Tensor:
+        """``[rows * cols]`` token index of each grid cell of partition ``p`` in raster order, -1 if not fed."""
+        rows, cols = self.grids[p]
+        out = torch.full((rows * cols,), -1, dtype=torch.long)
+        sel = (self.partition == p) & self.is_patch()
+        idx = torch.nonzero(sel).flatten()
+        out[self.slot[idx] - self.prefix] = idx
+        return out
+
+
+@dataclasses.dataclass
+class ImageTokens:
+    """The ``PRE_LLM`` hook context for one image (or one video) of one sample.
+
+    Attributes:
+        tokens: ``[n, D]`` the visual tokens the uncompressed model feeds the LLM, in LLM order.
+        layout: where each token comes from.
+        k: tokens to keep, resolved by :mod:`vtc.budget`.
+        signals: raw vision signals by :attr:`VisionSignal.name`, each ``[P, prefix + rows*cols, ...]``.
+        vision_tokens: ``[n, C]`` pre-projector features aligned with ``tokens`` (zeros where a token has
+            none), or None when the family has no separate projector input.
+        text_ids: ``[m]`` ids of the sample's prompt text after the image (no padding, no visual tokens).
+        text_embeds: ``[m, D]`` their input embeddings (the LLM's embedding table, not contextual states).
+        project: maps vision-space features ``[..., C]`` through the model's projector to ``[..., D]``.
+        sample: index of the sample in the batch; image: index of the image in the whole batch.
+    """
+
+    tokens: torch.Tensor
+    layout: Layout
+    k: int
+    signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    vision_tokens: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sample: int = 0
+    image: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def signal(self, spec: VisionSignal) -> torch.Tensor:
+        """Raw per-partition signal ``[P, prefix + rows*cols, ...]``."""
+        try:
+            return self.signals[spec.name]
+        except KeyError:
+            raise KeyError(
+                f"vision signal {spec.name!r} was not captured; the method must list it in vision_signals() "
+                f"(captured: {sorted(self.signals)})"
+            ) from None
+
+    def token_signal(self, spec: VisionSignal, fill: float = float("nan")) -> torch.Tensor:
+        """The signal gathered onto this image's ``n`` tokens: ``[n, ...]``, ``fill`` for slot-less tokens."""
+        raw = self.signal(spec)
+        has = self.layout.slot >= 0
+        out = raw.new_full((self.n, *raw.shape[2:]), fill)
+        out[has] = raw[self.layout.partition[has], self.layout.slot[has]]
+        return out
+
+
+@dataclasses.dataclass
+class Reduction:
+    """What a ``PRE_LLM`` method returns for one image.
+
+    Attributes:
+        index: ``[k]`` for each output token, the input token it stands at (its anchor: kept token, or
+            merge target), -1 for a token with no source among the image's tokens (VisionZip's CLS).
+            Output order is the order of ``index``.
+        tokens: ``[k, D]`` replacement features (merged tokens); None means ``tokens[index]``.
+        groups: ``[n]`` output row each input token ended in, -1 if dropped. None means "kept tokens map to
+            themselves, the rest are dropped".
+        scores: ``[n]`` the per-token scores the method ranked by (fp32), for the record.
+    """
+
+    index: torch.Tensor
+    tokens: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+    @classmethod
+    def keep(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
+        """A pure selection: keep ``index`` (returned in ascending order)."""
+        return cls(index=torch.sort(index.long()).values, scores=scores)
+
+    def resolve_groups(self, n: int) -> torch.Tensor:
+        if self.groups is not None:
+            return self.groups
+        groups = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
+        valid = self.index >= 0
+        groups[self.index[valid]] = torch.nonzero(valid).flatten()
+        return groups

@@ -1,0 +1,1 @@
+"""Merging methods (ToMe, HoliTom, temporal mergers); importing this package registers them."""

@@ -1,0 +1,85 @@
+"""``mmtok``: MMTok, "Multimodal Coverage Maximization for Efficient Inference of VLMs"
+(arXiv 2508.18264, ICLR 2026). Spec: PRUNERS.md §3.7; official code Ironieser/MMTok @ d1522cd.
+
+Keeps the visual tokens that best *cover* both the text prompt and the whole image, by greedy
+maximisation of a soft facility-location objective (monotone submodular, so greedy is within 1 - 1/e):
+
+    P = softmax over vision of (cos(Z, X) / tau_tv) / m      [m, n]  text tokens -> projected vision tokens
+    Q = softmax over cols   of (cos(Y, Y) / tau_vv) / n      [n, n]  vision tokens -> vision tokens (ViT space)
+    C = [P ; alpha * Q]                                    [(m + n), n]
+    repeat k times: pick j maximising sum_r max(0, C[r, j] - best[r]); best = max(best, C[:, j])
+
+``X`` are the projected tokens, ``Y`` the pre-projector ViT features, ``Z`` the input embeddings (the
+LLM's embedding table, not contextual states) of the prompt text. Ties go to the lower index; kept
+tokens return in ascending order with compact positions (LLaVA path of the official code).
+
+Defaults (official): ``alpha = 0.5``, ``tau_tv = 0.02``, ``tau_vv = 0.2``. Deviations, all forced by the
+hook point having token ids but no tokenizer: the text is every prompt token after the image (question
+and template tokens alike) instead of the question's keywords after stop-word removal, and there is no
+padding-border exclusion for pad-to-square preprocessing (HF's LLaVA-1.5 processor center-crops). With no
+text tokens, only the vision-coverage rows remain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import MethodConfig, check_float
+from ..hooks import ImageTokens, Reduction, Stage
+from ..kernels.reference import normalize
+from ..registry import Method, register_method
+
+
+@dataclasses.dataclass
+class MMTokConfig(MethodConfig):
+    alpha: float = 0.5
+    tau_tv: float = 0.02
+    tau_vv: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float("alpha", self.alpha, 0.0)
+        check_float("tau_tv", self.tau_tv, 1e-6)
+        check_float("tau_vv", self.tau_vv, 1e-6)
+
+
+def coverage_matrix(
+    x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, alpha: float, tau_tv: float, tau_vv: float
+) -> torch.Tensor:
+    """``C = [P ; alpha Q]``, ``[(m + n), n]`` fp32 (see module docstring)."""
+    n = x.shape[0]
+    yn = normalize(y)
+    q = (yn @ yn.T / tau_vv).softmax(dim=-1) / n
+    if z is None or z.shape[0] == 0:
+        return alpha * q
+    m = z.shape[0]
+    p = (normalize(z) @ normalize(x).T / tau_tv).softmax(dim=-1) / m
+    return torch.cat([p, alpha * q])
+
+
+def greedy_coverage(cov: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy facility location on ``cov [R, n]``: ``k`` column indices in selection order."""
+    best = torch.zeros(cov.shape[0], device=cov.device)
+    taken = torch.zeros(cov.shape[1], dtype=torch.bool, device=cov.device)
+    picks = []
+    for _ in range(k):
+        gain = (cov - best[:, None]).clamp_min(0).sum(dim=0).masked_fill(taken, float("-inf"))
+        j = int(gain.argmax())
+        picks.append(j)
+        taken[j] = True
+        best = torch.maximum(best, cov[:, j])
+    return torch.tensor(picks, dtype=torch.long, device=cov.device)
+
+
+@register_method("mmtok", config=MMTokConfig, kind="pruner", stages=(Stage.PRE_LLM,))
+class MMTokPruner(Method):
+    """Greedy coverage of the prompt text and of the image by the kept visual tokens."""
+
+    def reduce(self, image: ImageTokens) -> Reduction:
+        vision = image.vision_tokens if image.vision_tokens is not None else image.tokens
+        c = self.config
+        cov = coverage_matrix(image.tokens, vision, image.text_embeds, c.alpha, c.tau_tv, c.tau_vv)
+        picks = greedy_coverage(cov, image.k)
+        return Reduction.keep(picks)

@@ -1,0 +1,31 @@
+"""``uniform``: an evenly spaced 2-D subsample of each partition grid (spatial-coverage baseline).
+
+The grid is covered by exactly ``k`` near-square cells (horizontal bands of near-equal cells, see
+``_grid.band_cells``) and the token at the centre of each cell is kept. With several partitions the
+budget is shared in proportion to their sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import MethodConfig
+from ..hooks import ImageTokens, Reduction, Stage
+from ..registry import Method, register_method
+from ._grid import grid_regions
+
+
+@dataclasses.dataclass
+class UniformConfig(MethodConfig):
+    pass
+
+
+@register_method("uniform", config=UniformConfig, kind="baseline", stages=(Stage.PRE_LLM,))
+class UniformPruner(Method):
+    """Evenly spaced grid subsample: one token at the centre of each of k grid cells."""
+
+    def reduce(self, image: ImageTokens) -> Reduction:
+        anchors = [anchor for anchor, _ in grid_regions(image.layout, image.k)]
+        return Reduction.keep(torch.tensor(anchors, dtype=torch.long, device=image.tokens.device))

@@ -1,0 +1,106 @@
+"""What a compressed call did, per sample and per image: the one thing viz and eval read.
+
+Everything is plain Python data (ints, floats, lists, dicts), so a record round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """One image (or video) of one sample.
+
+    Attributes:
+        sample: sample index in the batch; image: image index in the whole batch.
+        grids: ``[rows, cols]`` of each partition (in LLM tokens); prefix: CLS-like slots per partition.
+        partition, slot: per input token, its partition and slot (see :class:`vtc.hooks.Layout`).
+        kept: for each token fed to the LLM, in LLM order, the input token it stands at (-1: no source token).
+        groups: per input token, the output row it ended in (-1: dropped). Merged tokens share a row.
+        scores: per input token, the score the method ranked by (None if it used none).
+        counts: tokens per stage, e.g. ``{"input": 576, "pre_llm": 144}``.
+    """
+
+    sample: int
+    image: int
+    grids: list[list[int]]
+    prefix: int
+    partition: list[int]
+    slot: list[int]
+    kept: list[int]
+    groups: list[int]
+    scores: list[float] | None
+    counts: dict[str, int]
+
+    @property
+    def num_input(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.kept)
+
+    def kept_set(self) -> list[int]:
+        """Input tokens whose features survive (alone or inside a merged token), ascending."""
+        return sorted(i for i, g in enumerate(self.groups) if g >= 0)
+
+
+@dataclasses.dataclass
+class SampleRecord:
+    """One sample of the batch.
+
+    Attributes:
+        input_length / output_length: non-padding tokens before / after compression.
+        source_positions: for each row of the compressed sequence fed to the LLM (padding included), the
+            position in the caller's input it came from; -1 for padding vtc added and for merged or
+            CLS tokens with no single source. Logits of a compressed ``forward`` follow these rows.
+        position_ids: the position id of each row fed to the LLM.
+    """
+
+    sample: int
+    input_length: int
+    output_length: int
+    source_positions: list[int]
+    position_ids: list[int]
+
+
+@dataclasses.dataclass
+class Record:
+    method: str
+    config: dict[str, Any]
+    family: str
+    positions: str
+    images: list[ImageRecord]
+    samples: list[SampleRecord]
+    flops: dict[str, Any]
+    seconds_in_vtc: float = 0.0
+
+    def images_of(self, sample: int) -> list[ImageRecord]:
+        return [im for im in self.images if im.sample == sample]
+
+    @property
+    def visual_tokens(self) -> dict[str, int]:
+        return {
+            "input": sum(im.num_input for im in self.images),
+            "kept": sum(im.num_kept for im in self.images),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        data = dict(data)
+        data["images"] = [ImageRecord(**im) for im in data["images"]]
+        data["samples"] = [SampleRecord(**s) for s in data["samples"]]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Record:
+        return cls.from_dict(json.loads(text))

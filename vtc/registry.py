@@ -1,0 +1,93 @@
+"""Method registry: ``@register_method`` on the class, next to its config; nothing else to keep in step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from .config import MethodConfig
+from .hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+
+__all__ = ["Method", "MethodInfo", "register_method", "get_method", "list_methods"]
+
+KINDS = ("pruner", "merger", "baseline")
+
+
+class Method:
+    """Base class of every method. A method knows its algorithm, never a model class.
+
+    Subclasses set nothing by hand: :func:`register_method` fills ``name``, ``config_class``, ``kind`` and
+    ``stages``. They implement the stage callbacks they declare (``reduce`` for ``PRE_LLM``).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    kind: ClassVar[str] = "pruner"
+    stages: ClassVar[tuple[Stage, ...]] = ()
+    #: position policy of the official implementation (see MethodConfig.positions)
+    default_positions: ClassVar[str] = "compact"
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
+        """Signals the adapter must capture inside the vision tower for this configuration and tower."""
+        return ()
+
+    def reduce(self, image: ImageTokens) -> Reduction:  # PRE_LLM
+        raise NotImplementedError(f"{type(self).__name__} does not act at the PRE_LLM stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    kind: str
+    stages: tuple[Stage, ...]
+    config_class: type[MethodConfig]
+    method_class: type[Method]
+    summary: str
+
+    def to_dict(self) -> dict:
+        from .adapters import families_supporting
+
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "stages": [s.value for s in self.stages],
+            "families": families_supporting(self.stages),
+            "summary": self.summary,
+        }
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, config: type[MethodConfig], kind: str, stages: tuple[Stage, ...]):
+    """Class decorator registering a method under ``name`` with its config dataclass."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    if not name or name != name.lower():
+        raise ValueError(f"method names are lowercase, got {name!r}")
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name].method_class is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].method_class.__qualname__}")
+        cls.name, cls.config_class, cls.kind, cls.stages = name, config, kind, tuple(stages)
+        config.method = name
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        _REGISTRY[name] = MethodInfo(name, kind, tuple(stages), config, cls, summary)
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> MethodInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available methods: {sorted(_REGISTRY)}") from None
+
+
+def list_methods() -> list[MethodInfo]:
+    """All registered methods, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -1,0 +1,218 @@
+"""A compression session: what ``vtc.compress`` attaches to one model instance, and ``vtc.restore`` removes.
+
+The model instance gets a per-instance subclass of its own class (``__class__`` swap; the upstream class
+is never modified) whose ``forward`` and ``generate`` route calls with visual input through the session:
+
+1. the adapter runs the vision tower and projector once, capturing the signals the method asked for;
+2. each image's keep count comes from :mod:`vtc.budget`; images with ``k == n`` pass through untouched;
+3. the method reduces every other image (``PRE_LLM``);
+4. the adapter rebuilds the prompt (fewer placeholders, masks, positions) and the stock ``forward`` /
+   ``generate`` runs on it with the reduced features as ``mm_encoder_outputs``;
+5. ``generate`` returns the caller's own prompt followed by the new tokens.
+
+Calls without visual input go straight to the stock code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .budget import keep_count
+from .config import MethodConfig
+from .flops import flops_summary
+from .hooks import Reduction
+from .record import ImageRecord, Record, SampleRecord
+from .registry import Method
+
+_GENERATE_VISUAL_DROP = ("pixel_values", "image_sizes")
+
+
+class Session:
+    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, config: MethodConfig):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.config = config
+        self.positions = self._resolve_positions()
+        self.signals = tuple(method.vision_signals(adapter.tower_info()))
+        self.record: Record | None = None
+        self.original_class: type = type(model)
+        self._instance_forward: Callable | None = None
+
+    def _resolve_positions(self) -> str:
+        forced = self.adapter.forced_positions
+        wanted = self.config.positions
+        if forced is not None and wanted is not None and wanted != forced:
+            raise ValueError(
+                f"the {self.adapter.family} family needs positions={forced!r} (got {wanted!r}); leave positions unset"
+            )
+        return wanted or forced or self.method.default_positions
+
+    # -- attach / detach ----------------------------------------------------------------------------
+    def attach(self) -> None:
+        model, session, orig = self.model, self, self.original_class
+        try:
+            self.adapter.install(self.signals)
+
+            @functools.wraps(orig.forward)
+            def forward(this, *args, **kwargs):
+                return session.forward(orig.forward.__get__(this), args, kwargs)
+
+            @functools.wraps(orig.generate)
+            def generate(this, *args, **kwargs):
+                return session.generate(orig.generate.__get__(this), args, kwargs)
+
+            namespace = {"forward": forward, "generate": generate, "__module__": orig.__module__}
+            model.__class__ = type(f"Compressed{orig.__name__}", (orig,), namespace)
+            # An instance-level forward (accelerate's dispatch hooks) shadows the class one: wrap it too.
+            inner = model.__dict__.get("forward")
+            if inner is not None:
+                self._instance_forward = inner
+                model.forward = functools.wraps(inner)(lambda *a, **kw: session.forward(inner, a, kw))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        self.adapter.uninstall()
+        if self._instance_forward is not None:
+            self.model.forward = self._instance_forward
+            self._instance_forward = None
+        self.model.__class__ = self.original_class
+
+    # -- calls --------------------------------------------------------------------------------------
+    def forward(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
+        kwargs = _bind(self.original_class.forward, args, kwargs)
+        if not self.adapter.has_visual_input(kwargs):
+            return inner(**kwargs)
+        rebuilt = self._compress(kwargs, for_generate=False)
+        return inner(**rebuilt)
+
+    def generate(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
+        kwargs = _bind(self.original_class.generate, args, kwargs)
+        if "inputs" in kwargs:
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        if not self.adapter.has_visual_input(kwargs):
+            return inner(**kwargs)
+        prompt = kwargs["input_ids"] if kwargs.get("input_ids") is not None else None
+        rebuilt = self._compress(kwargs, for_generate=True)
+        out = inner(**rebuilt)
+        return _restore_prompt(out, prompt, rebuilt["input_ids"].shape[1])
+
+    def _compress(self, kwargs: dict, for_generate: bool) -> dict:
+        adapter = self.adapter
+        adapter.check_call(kwargs)
+        with torch.no_grad():
+            encoded = adapter.encode(kwargs, self.signals)
+            start = time.perf_counter()
+            reductions: list[Reduction | None] = []
+            for image in encoded.images:
+                image.k = keep_count(self.config.budget, image.n)
+                if image.k >= image.n:
+                    reductions.append(None)
+                    continue
+                red = self.method.reduce(image)
+                _check_reduction(self.method.name, image.n, image.k, red)
+                reductions.append(red)
+            if all(r is None for r in reductions):
+                out = {k: v for k, v in kwargs.items() if k not in _GENERATE_VISUAL_DROP}
+                out.pop("vision_feature_layer", None)
+                out.pop("vision_feature_select_strategy", None)
+                out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
+                rebuilt_kwargs, sources, positions = out, None, None
+                self.record = self._make_record(encoded, reductions, None, time.perf_counter() - start)
+                return rebuilt_kwargs
+            rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
+            self.record = self._make_record(encoded, reductions, rebuilt, time.perf_counter() - start)
+        return rebuilt.kwargs
+
+    def _make_record(self, encoded, reductions, rebuilt, seconds: float) -> Record:
+        images = []
+        for image, red in zip(encoded.images, reductions, strict=True):
+            n = image.n
+            if red is None:
+                kept, groups, scores = list(range(n)), list(range(n)), None
+            else:
+                kept = red.index.tolist()
+                groups = red.resolve_groups(n).tolist()
+                scores = None if red.scores is None else red.scores.float().tolist()
+            images.append(
+                ImageRecord(
+                    sample=image.sample,
+                    image=image.image,
+                    grids=[list(g) for g in image.layout.grids],
+                    prefix=image.layout.prefix,
+                    partition=image.layout.partition.tolist(),
+                    slot=image.layout.slot.tolist(),
+                    kept=kept,
+                    groups=groups,
+                    scores=scores,
+                    counts={"input": n, "pre_llm": len(kept)},
+                )
+            )
+        samples = []
+        if rebuilt is not None:
+            for b, (src, pos) in enumerate(zip(rebuilt.source_positions, rebuilt.position_ids, strict=True)):
+                samples.append(SampleRecord(b, int(rebuilt.input_lengths[b]), int(rebuilt.output_lengths[b]), src, pos))
+            flops = flops_summary(self.adapter.text_config(), rebuilt.input_lengths, rebuilt.output_lengths)
+        else:
+            flops = {"formula": "exact", "prefill_full": None, "prefill_compressed": None, "ratio": 1.0}
+        return Record(
+            method=self.method.name,
+            config=self.config.to_dict(),
+            family=self.adapter.family,
+            positions=self.positions,
+            images=images,
+            samples=samples,
+            flops=flops,
+            seconds_in_vtc=seconds,
+        )
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of a stock forward/generate call, turned into keywords."""
+    if not args:
+        return dict(kwargs)
+    names = [p for p in inspect.signature(fn).parameters if p != "self"]
+    out = dict(zip(names, args, strict=False))
+    overlap = set(out) & set(kwargs)
+    if overlap:
+        raise TypeError(f"got multiple values for argument(s) {sorted(overlap)}")
+    out.update(kwargs)
+    return out
+
+
+def _check_reduction(name: str, n: int, k: int, red: Reduction) -> None:
+    """Enforce the budget invariant: exactly ``k`` output tokens with valid anchors."""
+    count = int(red.index.numel())
+    if count != k:
+        raise RuntimeError(f"method {name!r} returned {count} tokens for an image with budget k={k} (bug in the method)")
+    if red.index.numel() and (int(red.index.max()) >= n or int(red.index.min()) < -1):
+        raise RuntimeError(f"method {name!r} returned token indices outside [-1, {n})")
+    if red.tokens is None:
+        if bool((red.index < 0).any()) or torch.unique(red.index).numel() != count:
+            raise RuntimeError(f"method {name!r} returned repeated or missing token indices")
+    elif red.tokens.shape[0] != k:
+        raise RuntimeError(f"method {name!r} returned {red.tokens.shape[0]} merged tokens for k={k}")
+
+
+def _restore_prompt(out: Any, prompt: torch.Tensor | None, compressed_len: int) -> Any:
+    """Swap the compressed prompt at the head of generate's output for the caller's own prompt."""
+    if prompt is None:
+        return out
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    rows = sequences.shape[0]
+    head = prompt.repeat_interleave(rows // prompt.shape[0], dim=0) if rows != prompt.shape[0] else prompt
+    fixed = torch.cat([head.to(sequences.device), sequences[:, compressed_len:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return fixed
+    out.sequences = fixed
+    return out
