@@ -44,7 +44,7 @@ class Session:
         self.positions = self._resolve_positions()
         self.signals = tuple(method.vision_signals(adapter.tower_info()))
         self.record: Record | None = None
-        self.original_class: type = type(model)
+        self.original_class: type = type(model)  # set again at attach()
         self._instance_forward: Callable | None = None
 
     def _resolve_positions(self) -> str:
@@ -58,6 +58,7 @@ class Session:
 
     # -- attach / detach ----------------------------------------------------------------------------
     def attach(self) -> None:
+        self.original_class = type(self.model)
         model, session, orig = self.model, self, self.original_class
         try:
             self.adapter.install(self.signals)
@@ -93,8 +94,7 @@ class Session:
         kwargs = _bind(self.original_class.forward, args, kwargs)
         if not self.adapter.has_visual_input(kwargs):
             return inner(**kwargs)
-        rebuilt = self._compress(kwargs, for_generate=False)
-        return inner(**rebuilt)
+        return inner(**self.prepare(kwargs, for_generate=False))
 
     def generate(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
         kwargs = _bind(self.original_class.generate, args, kwargs)
@@ -103,11 +103,12 @@ class Session:
         if not self.adapter.has_visual_input(kwargs):
             return inner(**kwargs)
         prompt = kwargs["input_ids"] if kwargs.get("input_ids") is not None else None
-        rebuilt = self._compress(kwargs, for_generate=True)
+        rebuilt = self.prepare(kwargs, for_generate=True)
         out = inner(**rebuilt)
         return _restore_prompt(out, prompt, rebuilt["input_ids"].shape[1])
 
-    def _compress(self, kwargs: dict, for_generate: bool) -> dict:
+    def prepare(self, kwargs: dict, for_generate: bool) -> dict:
+        """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record)."""
         adapter = self.adapter
         adapter.check_call(kwargs)
         with torch.no_grad():
@@ -127,9 +128,8 @@ class Session:
                 out.pop("vision_feature_layer", None)
                 out.pop("vision_feature_select_strategy", None)
                 out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
-                rebuilt_kwargs, sources, positions = out, None, None
                 self.record = self._make_record(encoded, reductions, None, time.perf_counter() - start)
-                return rebuilt_kwargs
+                return out
             rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
             self.record = self._make_record(encoded, reductions, rebuilt, time.perf_counter() - start)
         return rebuilt.kwargs

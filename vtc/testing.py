@@ -134,3 +134,15 @@ class TinyFamily:
 FAMILIES: dict[str, TinyFamily] = {
     "llava": TinyFamily("llava", tiny_llava, llava_inputs),
 }
+
+
+def compressed_inputs(model: nn.Module, inputs: dict[str, Any], for_generate: bool = False) -> dict[str, Any]:
+    """What the stock ``forward`` (or ``generate``) of a compressed model receives for ``inputs``.
+
+    Useful to check a compressed call against the untouched model fed the same short sequence.
+    """
+    from .api import _SESSIONS
+
+    if model not in _SESSIONS:
+        raise ValueError("model is not compressed")
+    return _SESSIONS[model].prepare(dict(inputs), for_generate)

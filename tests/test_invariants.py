@@ -1,0 +1,183 @@
+"""DESIGN.md §3 invariants as one matrix: every registered method x every adapter's tiny model."""
+
+import pytest
+import torch
+
+import vtc
+from vtc.hooks import Stage
+from vtc.testing import FAMILIES, compressed_inputs
+
+from .conftest import TOL
+
+METHODS = [m.name for m in vtc.list_methods() if Stage.PRE_LLM in m.stages]
+ATTENTION_METHODS = [m.name for m in vtc.list_methods() if Stage.VISION in m.stages]
+BATCH = ((3, 4), (6, 2))  # two samples with different prompt lengths (so one is padded)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return family.build(seed=0)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _greedy(model, inputs, n=6):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_llm_receives_exactly_k_tokens(model, family, method):
+    inputs = family.inputs(model, BATCH, padding_side="right")
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["ids"] = kwargs["input_ids"]
+
+    handle = model.model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with vtc.compressed(model, method, budget=0.25):
+            out = _logits(model, inputs)
+            rec = vtc.last_record(model)
+    finally:
+        handle.remove()
+    ph = model.config.image_token_id
+    for im in rec.images:
+        k = vtc.keep_count(0.25, im.num_input)
+        assert im.counts == {"input": im.num_input, "pre_llm": k}
+        assert len(im.kept) == k
+    fed = seen["ids"]
+    assert int((fed == ph).sum()) == sum(len(im.kept) for im in rec.images)
+    per_sample = (fed == ph).sum(1).tolist()
+    assert per_sample == [sum(len(im.kept) for im in rec.images_of(b)) for b in range(len(BATCH))]
+    assert out.shape[1] == fed.shape[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [1.0, 10_000])
+def test_full_budget_is_the_untouched_model(model, family, method, budget):
+    inputs = family.inputs(model, BATCH, padding_side="left")
+    ref_logits, ref_gen = _logits(model, inputs), _greedy(model, inputs)
+    with vtc.compressed(model, method, budget=budget):
+        assert torch.equal(_logits(model, inputs), ref_logits)
+        assert torch.equal(_greedy(model, inputs), ref_gen)
+
+
+def _hook_state(model):
+    return [
+        (name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), type(m), sorted(vars(m)))
+        for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_restore_is_bit_exact_and_leaves_nothing(model, family, method):
+    inputs = family.inputs(model, BATCH, padding_side="left")
+    before_state, before_logits = _hook_state(model), _logits(model, inputs)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    vtc.compress(model, method, budget=0.25)
+    compressed_logits = _logits(model, inputs)
+    assert compressed_logits.shape[1] < before_logits.shape[1]
+    vtc.restore(model)
+    assert _hook_state(model) == before_state
+    assert torch.equal(_logits(model, inputs), before_logits)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert not vtc.is_compressed(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_generate_with_cache_equals_cache_free_steps(model, family, method, positions):
+    """Invariant 4: KV-cache decoding agrees with step-by-step forwards over the same compressed prompt."""
+    inputs = family.inputs(model, BATCH, padding_side="left")
+    steps = 6
+    with vtc.compressed(model, method, budget=0.25, positions=positions):
+        generated = _greedy(model, inputs, steps)
+        short = compressed_inputs(model, inputs, for_generate=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(generated[:, :prompt_len], inputs["input_ids"])  # the caller's prompt comes back
+    new_tokens = generated[:, prompt_len:]
+    ids, mask, pos = short["input_ids"], short["attention_mask"], short["position_ids"]
+    for t in range(steps):
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                mm_encoder_outputs=short["mm_encoder_outputs"],
+            ).logits[:, -1]
+        nxt = logits.argmax(-1)
+        assert torch.equal(nxt, new_tokens[:, t]), f"step {t}"
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method):
+    """Invariant 5, for selections: the untouched model fed only the kept features at the stated positions."""
+    inputs = family.inputs(model, ((3, 4),), padding_side="left")
+    with vtc.compressed(model, method, budget=0.25):
+        out = _logits(model, inputs)
+        rec = vtc.last_record(model)
+    (im,) = rec.images
+    if sorted(g for g in im.groups if g >= 0) != list(range(len(im.kept))) or -1 in im.kept:
+        pytest.skip(f"{method} merges tokens: not a pure selection")
+    ids = inputs["input_ids"][0]
+    start = int((ids == model.config.image_token_id).nonzero()[0])
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        embed = model.get_input_embeddings()
+        n = im.num_input
+        seq = torch.cat([embed(ids[:start]), feats[torch.tensor(im.kept)], embed(ids[start + n :])])[None]
+        pos = torch.tensor(rec.samples[0].position_ids)[None]
+        by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=torch.ones_like(pos)).logits
+    torch.testing.assert_close(out, by_hand, atol=TOL["logits_fp32"], rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_each_sample_alone(model, family, method):
+    """Invariant 6: different images and prompt lengths, padded, give each sample's own result."""
+    for side, use_generate in (("left", True), ("right", False)):
+        batch = family.inputs(model, BATCH, padding_side=side, seed=3)
+        with vtc.compressed(model, method, budget=0.25):
+            if use_generate:
+                together = _greedy(model, batch)
+            else:
+                together = _logits(model, batch)
+                rows = vtc.last_record(model).samples
+            for b, lengths in enumerate(BATCH):
+                alone_inputs = family.inputs(model, BATCH, padding_side=side, seed=3)
+                keep = alone_inputs["attention_mask"][b].bool()
+                single = {
+                    "input_ids": alone_inputs["input_ids"][b : b + 1, keep],
+                    "attention_mask": alone_inputs["attention_mask"][b : b + 1, keep],
+                    "pixel_values": alone_inputs["pixel_values"][b : b + 1],
+                }
+                if use_generate:
+                    alone = _greedy(model, single)
+                    pad = int((~keep).sum())
+                    assert torch.equal(together[b, pad:], alone[0]), f"sample {b}"
+                else:
+                    alone = _logits(model, single)[0]
+                    assert rows[b].output_length == alone.shape[0]
+                    mine = together[b, : alone.shape[0]]  # right padding: the sample's rows come first
+                    torch.testing.assert_close(mine, alone, atol=TOL["logits_fp32"], rtol=0)
+
+
+@pytest.mark.parametrize("method", ATTENTION_METHODS)
+def test_sdpa_and_eager_choose_the_same_tokens(family, method):
+    """Invariant 7: attention signals come from the layer's q/k, so the attention kernel does not matter."""
+    kept = {}
+    for impl in ("sdpa", "eager"):
+        model = family.build(seed=0, attn_implementation=impl)
+        inputs = family.inputs(model, BATCH, padding_side="left")
+        with vtc.compressed(model, method, budget=0.25):
+            _logits(model, inputs)
+            kept[impl] = [im.kept for im in vtc.last_record(model).images]
+    assert kept["sdpa"] == kept["eager"]
