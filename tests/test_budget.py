@@ -12,8 +12,18 @@ def test_valid_budgets(good):
 
 @pytest.mark.parametrize(
     "bad, exc",
-    [(0, ValueError), (-1, ValueError), (1.5, ValueError), (0.0, ValueError), (float("nan"), ValueError),
-     (float("inf"), ValueError), (True, TypeError), ("0.2", TypeError), (None, TypeError), ([0.2], TypeError)],
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (1.5, ValueError),
+        (0.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        ("0.2", TypeError),
+        (None, TypeError),
+        ([0.2], TypeError),
+    ],
 )
 def test_invalid_budgets(bad, exc):
     with pytest.raises(exc, match="budget"):

@@ -108,7 +108,10 @@ def test_generate_with_cache_equals_cache_free_steps(model, family, method, posi
     for t in range(steps):
         with torch.no_grad():
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=False,
                 mm_encoder_outputs=short["mm_encoder_outputs"],
             ).logits[:, -1]
         nxt = logits.argmax(-1)
@@ -151,7 +154,7 @@ def test_batch_equals_each_sample_alone(model, family, method):
             else:
                 together = _logits(model, batch)
                 rows = vtc.last_record(model).samples
-            for b, lengths in enumerate(BATCH):
+            for b in range(len(BATCH)):
                 alone_inputs = family.inputs(model, BATCH, padding_side=side, seed=3)
                 keep = alone_inputs["attention_mask"][b].bool()
                 single = {

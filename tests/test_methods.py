@@ -36,7 +36,9 @@ def image(rows=4, cols=4, k=4, dim=8, prefix=1, signals=None, seed=0, **kw):
 
 
 def test_hired_keeps_top_final_layer_cls_attention():
-    scores = torch.tensor([0.5, 0.1, 0.9, 0.2, 0.8, 0.3, 0.05, 0.7, 0.6, 0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.07, 0.08])
+    scores = torch.tensor(
+        [0.5, 0.1, 0.9, 0.2, 0.8, 0.3, 0.05, 0.7, 0.6, 0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.07, 0.08]
+    )
     sig = VisionSignal("cls_attention", "feature", heads="sum")
     m = method("hired")
     assert m.vision_signals(TOWER) == (sig,)

@@ -25,7 +25,7 @@ def _capture_positions(model):
 def test_decode_positions_continue_from_the_right_place(model, positions):
     inputs = llava_inputs(model, ((3, 4), (6, 2)), padding_side="left", seed=5)
     mask = inputs["attention_mask"]
-    full_last = (mask.sum(1) - 1)  # the last prompt position of each sample, uncompressed
+    full_last = mask.sum(1) - 1  # the last prompt position of each sample, uncompressed
     seen, handle = _capture_positions(model)
     try:
         with vtc.compressed(model, "hired", budget=0.25, positions=positions):

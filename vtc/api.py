@@ -39,7 +39,9 @@ def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[
     return info.config_class(budget=budget, **options)
 
 
-def compress(model: nn.Module, method: str | MethodConfig | None = None, budget: Any = 0.2, **options: Any) -> nn.Module:
+def compress(
+    model: nn.Module, method: str | MethodConfig | None = None, budget: Any = 0.2, **options: Any
+) -> nn.Module:
     """Compress the visual tokens of ``model`` in place and return the same object.
 
     Args:

@@ -54,7 +54,9 @@ def validate_budget(budget: object) -> Budget:
             if value > 1 and value.is_integer()
             else ""
         )
-        raise ValueError(f"a float budget is the fraction of visual tokens kept and must be in (0, 1], got {value}.{hint}")
+        raise ValueError(
+            f"a float budget is the fraction of visual tokens kept and must be in (0, 1], got {value}.{hint}"
+        )
     return value
 
 

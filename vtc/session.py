@@ -128,11 +128,15 @@ class Session:
                 out.pop("vision_feature_layer", None)
                 out.pop("vision_feature_select_strategy", None)
                 out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
-                self.record = self._make_record(encoded, reductions, None, time.perf_counter() - start)
+                self.record = self._make_record(encoded, reductions, None, self._elapsed(start))
                 return out
             rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
-            self.record = self._make_record(encoded, reductions, rebuilt, time.perf_counter() - start)
+            self.record = self._make_record(encoded, reductions, rebuilt, self._elapsed(start))
         return rebuilt.kwargs
+
+    def _elapsed(self, start: float) -> float:
+        """vtc's own time in this call: signal computations inside the tower plus selection and rebuild."""
+        return time.perf_counter() - start + self.adapter.signal_seconds
 
     def _make_record(self, encoded, reductions, rebuilt, seconds: float) -> Record:
         images = []
@@ -161,7 +165,9 @@ class Session:
         samples = []
         if rebuilt is not None:
             for b, (src, pos) in enumerate(zip(rebuilt.source_positions, rebuilt.position_ids, strict=True)):
-                samples.append(SampleRecord(b, int(rebuilt.input_lengths[b]), int(rebuilt.output_lengths[b]), src, pos))
+                samples.append(
+                    SampleRecord(b, int(rebuilt.input_lengths[b]), int(rebuilt.output_lengths[b]), src, pos)
+                )
             flops = flops_summary(self.adapter.text_config(), rebuilt.input_lengths, rebuilt.output_lengths)
         else:
             flops = {"formula": "exact", "prefill_full": None, "prefill_compressed": None, "ratio": 1.0}
@@ -194,7 +200,9 @@ def _check_reduction(name: str, n: int, k: int, red: Reduction) -> None:
     """Enforce the budget invariant: exactly ``k`` output tokens with valid anchors."""
     count = int(red.index.numel())
     if count != k:
-        raise RuntimeError(f"method {name!r} returned {count} tokens for an image with budget k={k} (bug in the method)")
+        raise RuntimeError(
+            f"method {name!r} returned {count} tokens for an image with budget k={k} (bug in the method)"
+        )
     if red.index.numel() and (int(red.index.max()) >= n or int(red.index.min()) < -1):
         raise RuntimeError(f"method {name!r} returned token indices outside [-1, {n})")
     if red.tokens is None:

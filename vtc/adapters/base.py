@@ -63,6 +63,8 @@ class Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.handles: list[Any] = []
+        #: seconds spent in vtc's own hook computations during the last ``encode``
+        self.signal_seconds = 0.0
 
     # -- installation -------------------------------------------------------------------------------
     def install(self, signals: Sequence[VisionSignal]) -> None:

@@ -12,6 +12,7 @@ ViT-L/14-336 with the ``"default"`` strategy that drops CLS). Images fill the pl
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,7 +61,8 @@ class LlavaAdapter(Adapter):
         tower_type = cfg.vision_config.model_type
         if tower_type not in VISION_TOWERS:
             raise UnsupportedModelError(
-                f"vision tower {tower_type!r} is not supported by the llava adapter; supported: {sorted(VISION_TOWERS)}"
+                f"vision tower {tower_type!r} is not supported by the llava adapter; "
+                f"supported: {sorted(VISION_TOWERS)}"
             )
         blocks_path, self._attn_attr, self.prefix = VISION_TOWERS[tower_type]
         blocks = module_at(base.vision_tower, blocks_path)
@@ -74,6 +76,7 @@ class LlavaAdapter(Adapter):
         self.feature_block = _feature_block(layer if isinstance(layer, int) else max(layer), len(blocks))
         self.image_token_id = int(cfg.image_token_id)
         self._capture: dict[str, list[torch.Tensor]] | None = None
+        self.signal_seconds = 0.0  # time spent computing vision signals in the current call
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -124,6 +127,7 @@ class LlavaAdapter(Adapter):
         def finish(module, args, output):
             if self._capture is None:
                 return
+            start = time.perf_counter()
             q, k = stash.pop("q"), stash.pop("k")
             for sig in sigs:
                 if sig.kind == "cls_attention":
@@ -137,6 +141,7 @@ class LlavaAdapter(Adapter):
                 else:
                     value = kernels.head_mean_keys(k, self.num_heads)
                 self._capture.setdefault(sig.name, []).append(value)
+            self.signal_seconds += time.perf_counter() - start
 
         self.handles.append(attn.q_proj.register_forward_hook(keep("q")))
         self.handles.append(attn.k_proj.register_forward_hook(keep("k")))
@@ -158,6 +163,7 @@ class LlavaAdapter(Adapter):
     @contextlib.contextmanager
     def _capturing(self):
         self._capture = {}
+        self.signal_seconds = 0.0
         try:
             yield self._capture
         finally:

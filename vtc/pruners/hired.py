@@ -38,7 +38,7 @@ class HiREDConfig(MethodConfig):
 
 @register_method("hired", config=HiREDConfig, kind="pruner", stages=(Stage.VISION, Stage.PRE_LLM))
 class HiREDPruner(Method):
-    """Per-partition top-k by final-layer ViT CLS attention (budget split across partitions by early-layer attention)."""
+    """Per-partition top-k by final-layer ViT CLS attention; partitions share the budget by early-layer attention."""
 
     def _final(self, has_cls: bool) -> VisionSignal:
         # CLS-free towers (SigLIP, Qwen ViT): attention received stands in for the CLS row (spec §3.1).

@@ -42,8 +42,10 @@ class PoolMerger(Method):
             groups[members.to(device)] = row
         use_vision = self.config.space == "vision"
         if use_vision and (image.vision_tokens is None or image.project is None):
-            raise ValueError("pool(space='vision') needs pre-projector features, which this model family does not "
-                             "expose; use space='llm'")
+            raise ValueError(
+                "pool(space='vision') needs pre-projector features, which this model family does not "
+                "expose; use space='llm'"
+            )
         source = image.vision_tokens if use_vision else image.tokens
         ones = torch.ones(image.n, device=device)
         pooled, _ = kernels.weighted_merge(source, ones, groups, num_groups=len(regions))

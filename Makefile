@@ -1,0 +1,28 @@
+# Two entry points (README): `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vtc-installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch + torchvision pinned to the pair that installs from these machines' local disk (CPU use; see README)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[all,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/vtc demo --method all --budget 0.2 --out kept.png
+
+test: setup
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

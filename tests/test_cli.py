@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vtc.cli import main
+
+
+def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
+    out = tmp_path / "kept.png"
+    assert main(["demo", "--method", "hired", "--budget", "0.25", "--repeats", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| uncompressed | 576 |" in text and "| hired | 144 |" in text
+    picture = Image.open(out).convert("L")
+    lo, hi = picture.getextrema()
+    assert hi - lo > 50  # not blank
+    # dropped cells are dimmed: the picture is darker than the bundled photo seen by the model
+    from vtc.demo import IMAGE_SIZE, default_image
+    from vtc.viz import fit_square
+
+    photo = fit_square(default_image(), IMAGE_SIZE).convert("L")
+    assert np.asarray(picture).mean() < 0.8 * np.asarray(photo).mean()
+
+
+def test_methods_lists_json(capsys):
+    assert main(["methods"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"hired", "divprune"} <= {r["name"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    "args", [["demo", "--budget", "1.5"], ["demo", "--method", "nope"], ["demo", "--budget", "x"]]
+)
+def test_bad_arguments_exit_with_a_message(args, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    assert "error" in capsys.readouterr().err
