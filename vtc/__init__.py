@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from . import mergers, pruners  # noqa: F401,E402  (registers the methods)
+from . import flops, mergers, pruners  # noqa: F401,E402  (pruners and mergers register the methods)
 from .api import DEFAULT_METHOD, compress, compressed, is_compressed, last_record, list_methods, restore  # noqa: E402
 from .budget import keep_count, validate_budget  # noqa: E402
 from .config import MethodConfig  # noqa: E402

@@ -22,7 +22,7 @@ import numbers
 
 Budget = float | int
 
-__all__ = ["Budget", "validate_budget", "keep_count", "split_count", "describe_budget"]
+__all__ = ["Budget", "validate_budget", "keep_count", "split_count", "stage_counts", "describe_budget"]
 
 
 def validate_budget(budget: object) -> Budget:
@@ -95,3 +95,20 @@ def split_count(k: int, weights: list[float] | list[int]) -> list[int]:
     for i in order[: k - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def stage_counts(budget: Budget, n: int, stages: int) -> list[int]:
+    """Visual tokens kept after each of ``stages`` geometric stages, ending at ``keep_count(budget, n)``.
+
+    Stage ``s`` (1-based) keeps ``floor(n * r**s)`` with ``r = (k / n) ** (1 / stages)``, and the last stage
+    keeps exactly ``k``. PyramidDrop's official schedule (ratio 0.5 at three stages: n/2, n/4, n/8) is
+    ``budget=0.125``.
+    """
+    if stages < 1:
+        raise ValueError("stages must be >= 1")
+    k = keep_count(budget, n)
+    if n == 0:
+        return [0] * stages
+    ratio = (k / n) ** (1.0 / stages)
+    counts = [max(k, min(n, math.floor(n * ratio**s + 1e-9))) for s in range(1, stages)]
+    return [*counts, k]

@@ -77,3 +77,36 @@ def flops_summary(text_config: Any, full_lengths: Sequence[int], kept_lengths: S
         "prefill_compressed": kept,
         "ratio": kept / full if full else 1.0,
     }
+
+
+def method_flops(
+    text_config: Any,
+    method: str,
+    budget: float | int = 0.2,
+    n_visual: int = 576,
+    n_text: int = 0,
+    formula: str = "exact",
+    **options: Any,
+) -> dict:
+    """Analytic prefill FLOPs of ``method`` for one prompt of ``n_visual`` image tokens and ``n_text`` others.
+
+    Uses the method's per-layer visual-token schedule (``Method.visual_schedule``): constant for pre-LLM
+    methods, ``n`` then ``k`` for FastV, the stage counts for PyramidDrop. Returns the full and compressed
+    FLOPs, their ratio, the schedule and the equivalent (layer-averaged) budget.
+    """
+    from .registry import get_method
+
+    info = get_method(method)
+    impl = info.method_class(info.config_class(budget=budget, **options))
+    layers = int(text_config.num_hidden_layers)
+    schedule = impl.visual_schedule(layers, n_visual)
+    full = prefill_flops(text_config, n_visual + n_text, formula)
+    compressed = prefill_flops(text_config, [v + n_text for v in schedule], formula)
+    return {
+        "formula": formula,
+        "prefill_full": full,
+        "prefill_compressed": compressed,
+        "ratio": compressed / full if full else 1.0,
+        "schedule": schedule,
+        "equivalent_budget": sum(schedule) / layers / n_visual if n_visual else 1.0,
+    }

@@ -16,12 +16,12 @@ No model class is referenced.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 import torch
 
-__all__ = ["Stage", "VisionSignal", "TowerInfo", "Layout", "ImageTokens", "Reduction"]
+__all__ = ["Stage", "VisionSignal", "TowerInfo", "Layout", "ImageTokens", "Reduction", "LayerTokens"]
 
 
 class Stage(str, Enum):
@@ -222,3 +222,47 @@ class Reduction:
         valid = self.index >= 0
         groups[self.index[valid]] = torch.nonzero(valid).flatten()
         return groups
+
+
+@dataclasses.dataclass
+class LayerTokens:
+    """The ``LLM_LAYER`` context: one prune point, whole batch.
+
+    Attributes:
+        layer: the layer about to run; rows dropped now skip it and every later layer.
+        num_layers: decoder depth.
+        hidden: ``[B, L, D]`` hidden states entering ``layer``.
+        visual: per sample, the current rows of its visual tokens (ascending).
+        n_input: per sample, visual tokens the LLM received at layer 0.
+        last: ``[B]`` row of each sample's last prompt token.
+        text_after: per sample, rows of prompt text after its last visual token.
+    """
+
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor
+    visual: list[torch.Tensor]
+    n_input: list[int]
+    last: torch.Tensor
+    text_after: list[torch.Tensor]
+    _attend: Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+
+    def attention(self, rows: Sequence[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+        """Head-mean attention probabilities of the given query rows over all current rows, per sample.
+
+        Computed from ``layer``'s own input norm, q/k projections, RoPE and grouped KV heads (default: the
+        layer about to run), with the causal and padding mask; fp32. Returns ``[R_b, L]`` per sample.
+        """
+        return self._attend(self.layer if layer is None else layer, list(rows))
+
+    def attention_to_visual(self, query: str = "last", layer: int | None = None) -> list[torch.Tensor]:
+        """Per sample ``[n_visual]``: attention the visual tokens receive from the last prompt token
+        (``query="last"``) or, averaged, from the prompt text after the image (``query="text"``)."""
+        if query == "last":
+            rows = [self.last[b : b + 1] for b in range(len(self.visual))]
+        elif query == "text":
+            rows = [t if t.numel() else self.last[b : b + 1] for b, t in enumerate(self.text_after)]
+        else:
+            raise ValueError(f"query must be 'last' or 'text', got {query!r}")
+        probs = self.attention(rows, layer)
+        return [p[:, v].mean(dim=0) for p, v in zip(probs, self.visual, strict=True)]

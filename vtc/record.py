@@ -21,7 +21,8 @@ class ImageRecord:
         kept: for each token fed to the LLM, in LLM order, the input token it stands at (-1: no source token).
         groups: per input token, the output row it ended in (-1: dropped). Merged tokens share a row.
         scores: per input token, the score the method ranked by (None if it used none).
-        counts: tokens per stage, e.g. ``{"input": 576, "pre_llm": 144}``.
+        counts: tokens per stage, e.g. ``{"input": 576, "pre_llm": 144, "llm_layer_2": 72}``.
+        layers: for in-LLM stages, the input tokens still present from each prune layer on (key: layer).
     """
 
     sample: int
@@ -34,6 +35,7 @@ class ImageRecord:
     groups: list[int]
     scores: list[float] | None
     counts: dict[str, int]
+    layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_input(self) -> int:
@@ -57,7 +59,9 @@ class SampleRecord:
         source_positions: for each row of the compressed sequence fed to the LLM (padding included), the
             position in the caller's input it came from; -1 for padding vtc added and for merged or
             CLS tokens with no single source. Logits of a compressed ``forward`` follow these rows.
-        position_ids: the position id of each row fed to the LLM.
+        position_ids: the position id of each row fed to the LLM (empty: the model's own, nothing changed).
+            After in-LLM pruning, ``source_positions`` and ``output_length`` describe the rows that leave
+            the last layer (the rows of a forward's logits).
     """
 
     sample: int
@@ -77,6 +81,17 @@ class Record:
     samples: list[SampleRecord]
     flops: dict[str, Any]
     seconds_in_vtc: float = 0.0
+    #: per sample, visual tokens seen by each LLM layer (layer 0 first)
+    visual_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def equivalent_budget(self) -> float:
+        """Layer-averaged visual tokens over the uncompressed count (FastV/PyramidDrop's fair comparison)."""
+        n = sum(im.num_input for im in self.images)
+        if not n or not self.visual_per_layer:
+            return 1.0
+        layers = len(self.visual_per_layer[0])
+        return sum(sum(row) for row in self.visual_per_layer) / layers / n
 
     def images_of(self, sample: int) -> list[ImageRecord]:
         return [im for im in self.images if im.sample == sample]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import torch
+
+from .budget import keep_count
 from .config import MethodConfig
-from .hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from .hooks import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
 
 __all__ = ["Method", "MethodInfo", "register_method", "get_method", "list_methods"]
 
@@ -36,6 +39,24 @@ class Method:
 
     def reduce(self, image: ImageTokens) -> Reduction:  # PRE_LLM
         raise NotImplementedError(f"{type(self).__name__} does not act at the PRE_LLM stage")
+
+    # -- LLM_LAYER ----------------------------------------------------------------------------------
+    def llm_prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers before which :meth:`prune` runs during prefill (empty for methods without the stage)."""
+        return ()
+
+    def llm_score_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Earlier layers whose attention :meth:`prune` reads (their inputs are kept until the prune)."""
+        return ()
+
+    def prune(self, tokens: LayerTokens) -> list[torch.Tensor]:  # LLM_LAYER
+        """Per sample, the visual rows (a subset of ``tokens.visual[b]``) that go on to later layers."""
+        raise NotImplementedError(f"{type(self).__name__} does not act at the LLM_LAYER stage")
+
+    def visual_schedule(self, num_layers: int, n: int) -> list[int]:
+        """Visual tokens each LLM layer sees for an image of ``n`` tokens (for analytic FLOPs)."""
+        k = keep_count(self.config.budget, n) if Stage.PRE_LLM in self.stages else n
+        return [k] * num_layers
 
 
 @dataclasses.dataclass(frozen=True)

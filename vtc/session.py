@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .adapters.base import padding_side
+from .adapters.llm import LLMHooks, LLMPlan
 from .budget import keep_count
 from .config import MethodConfig
 from .flops import flops_summary
-from .hooks import Reduction
+from .hooks import Reduction, Stage
 from .record import ImageRecord, Record, SampleRecord
 from .registry import Method
-
-_GENERATE_VISUAL_DROP = ("pixel_values", "image_sizes")
 
 
 class Session:
@@ -44,6 +44,9 @@ class Session:
         self.positions = self._resolve_positions()
         self.signals = tuple(method.vision_signals(adapter.tower_info()))
         self.record: Record | None = None
+        self.llm = LLMHooks(adapter.decoder(), method) if Stage.LLM_LAYER in method.stages else None
+        self._full_lengths: list[int] = []
+        self._layer_lengths: list[list[int]] = []
         self.original_class: type = type(model)  # set again at attach()
         self._instance_forward: Callable | None = None
 
@@ -62,6 +65,8 @@ class Session:
         model, session, orig = self.model, self, self.original_class
         try:
             self.adapter.install(self.signals)
+            if self.llm is not None:
+                self.llm.install()
 
             @functools.wraps(orig.forward)
             def forward(this, *args, **kwargs):
@@ -84,6 +89,8 @@ class Session:
 
     def detach(self) -> None:
         self.adapter.uninstall()
+        if self.llm is not None:
+            self.llm.uninstall()
         if self._instance_forward is not None:
             self.model.forward = self._instance_forward
             self._instance_forward = None
@@ -94,7 +101,11 @@ class Session:
         kwargs = _bind(self.original_class.forward, args, kwargs)
         if not self.adapter.has_visual_input(kwargs):
             return inner(**kwargs)
-        return inner(**self.prepare(kwargs, for_generate=False))
+        try:
+            return inner(**self.prepare(kwargs, for_generate=False))
+        finally:
+            if self.llm is not None:
+                self.llm.pending = None
 
     def generate(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
         kwargs = _bind(self.original_class.generate, args, kwargs)
@@ -104,7 +115,11 @@ class Session:
             return inner(**kwargs)
         prompt = kwargs["input_ids"] if kwargs.get("input_ids") is not None else None
         rebuilt = self.prepare(kwargs, for_generate=True)
-        out = inner(**rebuilt)
+        try:
+            out = inner(**rebuilt)
+        finally:
+            if self.llm is not None:
+                self.llm.pending = None
         return _restore_prompt(out, prompt, rebuilt["input_ids"].shape[1])
 
     def prepare(self, kwargs: dict, for_generate: bool) -> dict:
@@ -115,8 +130,9 @@ class Session:
             encoded = adapter.encode(kwargs, self.signals)
             start = time.perf_counter()
             reductions: list[Reduction | None] = []
+            pre_llm = Stage.PRE_LLM in self.method.stages
             for image in encoded.images:
-                image.k = keep_count(self.config.budget, image.n)
+                image.k = keep_count(self.config.budget, image.n) if pre_llm else image.n
                 if image.k >= image.n:
                     reductions.append(None)
                     continue
@@ -124,21 +140,71 @@ class Session:
                 _check_reduction(self.method.name, image.n, image.k, red)
                 reductions.append(red)
             if all(r is None for r in reductions):
-                out = {k: v for k, v in kwargs.items() if k not in _GENERATE_VISUAL_DROP}
-                out.pop("vision_feature_layer", None)
-                out.pop("vision_feature_select_strategy", None)
-                out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
-                self.record = self._make_record(encoded, reductions, None, self._elapsed(start))
-                return out
-            rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
-            self.record = self._make_record(encoded, reductions, rebuilt, self._elapsed(start))
-        return rebuilt.kwargs
+                out, rebuilt = adapter.passthrough(kwargs, encoded), None
+            else:
+                rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
+                out = rebuilt.kwargs
+            self.record = self._make_record(encoded, reductions, rebuilt, kwargs, self._elapsed(start))
+            if self.llm is not None:
+                self.llm.pending = self._llm_plan(out, encoded, reductions, for_generate)
+        return out
+
+    def _llm_plan(self, out: dict, encoded, reductions, for_generate: bool) -> LLMPlan:
+        """Where each image's rows sit in the sequence the LLM receives, for the in-LLM hooks."""
+        ids = out["input_ids"]
+        mask = out.get("attention_mask")
+        visual = self.adapter.visual_rows(ids)
+        row_image = torch.full(ids.shape, -1, dtype=torch.long, device=ids.device)
+        row_token = torch.full_like(row_image, -1)
+        order = sorted(range(len(encoded.images)), key=lambda j: encoded.spans[j])
+        cursor = [0] * ids.shape[0]
+        rows = [torch.nonzero(visual[b]).flatten() for b in range(ids.shape[0])]
+        for j in order:
+            b = encoded.spans[j][0]
+            red = reductions[j]
+            tokens = torch.arange(encoded.images[j].n) if red is None else red.index.cpu()
+            r = rows[b][cursor[b] : cursor[b] + len(tokens)]
+            row_image[b, r] = j
+            row_token[b, r] = tokens.to(ids.device)
+            cursor[b] += len(tokens)
+        source = torch.tensor([s.source_positions for s in self.record.samples], device=ids.device)
+        return LLMPlan(
+            visual=visual,
+            row_source=source,
+            row_image=row_image,
+            row_token=row_token,
+            positions=self.positions,
+            side=padding_side(mask, for_generate),
+            on_prune=self._on_prune,
+        )
+
+    def _on_prune(self, call, layer: int) -> None:
+        """Record what survives an in-LLM prune point (kept tokens, counts, per-layer lengths, FLOPs)."""
+        rec = self.record
+        if rec is None:
+            return
+        valid = call.mask2d & (call.row_image >= 0)
+        for j, im in enumerate(rec.images):
+            tokens = call.row_token[valid & (call.row_image == j)]
+            im.layers[str(layer)] = sorted(tokens.tolist())
+            im.counts[f"llm_layer_{layer}"] = int(tokens.numel())
+        for b, sample in enumerate(rec.samples):  # the rows a forward's logits now stand for
+            sample.source_positions = call.row_source[b].tolist()
+            sample.output_length = int(call.mask2d[b].sum())
+        n_layers = len(rec.visual_per_layer[0]) if rec.visual_per_layer else 0
+        vis = (call.mask2d & call.visual).sum(1).tolist()
+        lengths = call.mask2d.sum(1).tolist()
+        for b in range(len(rec.visual_per_layer)):
+            for layer_idx in range(layer, n_layers):
+                rec.visual_per_layer[b][layer_idx] = int(vis[b])
+                self._layer_lengths[b][layer_idx] = int(lengths[b])
+        rec.flops = flops_summary(self.adapter.text_config(), self._full_lengths, self._layer_lengths)
 
     def _elapsed(self, start: float) -> float:
         """vtc's own time in this call: signal computations inside the tower plus selection and rebuild."""
         return time.perf_counter() - start + self.adapter.signal_seconds
 
-    def _make_record(self, encoded, reductions, rebuilt, seconds: float) -> Record:
+    def _make_record(self, encoded, reductions, rebuilt, kwargs: dict, seconds: float) -> Record:
         images = []
         for image, red in zip(encoded.images, reductions, strict=True):
             n = image.n
@@ -165,12 +231,20 @@ class Session:
         samples = []
         if rebuilt is not None:
             for b, (src, pos) in enumerate(zip(rebuilt.source_positions, rebuilt.position_ids, strict=True)):
-                samples.append(
-                    SampleRecord(b, int(rebuilt.input_lengths[b]), int(rebuilt.output_lengths[b]), src, pos)
-                )
-            flops = flops_summary(self.adapter.text_config(), rebuilt.input_lengths, rebuilt.output_lengths)
+                lengths = int(rebuilt.input_lengths[b]), int(rebuilt.output_lengths[b])
+                samples.append(SampleRecord(b, *lengths, src, pos))
+            full, kept = list(rebuilt.input_lengths), list(rebuilt.output_lengths)
         else:
-            flops = {"formula": "exact", "prefill_full": None, "prefill_compressed": None, "ratio": 1.0}
+            mask = kwargs.get("attention_mask")
+            ids = kwargs["input_ids"]
+            full = (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
+            kept = list(full)
+            rows = list(range(ids.shape[1]))
+            samples = [SampleRecord(b, int(n), int(n), rows, []) for b, n in enumerate(full)]
+        num_layers = int(self.adapter.text_config().num_hidden_layers)
+        self._full_lengths = [int(n) for n in full]
+        self._layer_lengths = [[int(n)] * num_layers for n in kept]
+        visual = [sum(len(im.kept) for im in images if im.sample == b) for b in range(len(full))]
         return Record(
             method=self.method.name,
             config=self.config.to_dict(),
@@ -178,8 +252,9 @@ class Session:
             positions=self.positions,
             images=images,
             samples=samples,
-            flops=flops,
+            flops=flops_summary(self.adapter.text_config(), self._full_lengths, self._layer_lengths),
             seconds_in_vtc=seconds,
+            visual_per_layer=[[v] * num_layers for v in visual],
         )
 
 

@@ -95,6 +95,18 @@ class Adapter:
     ) -> Rebuilt:
         raise NotImplementedError
 
+    def passthrough(self, kwargs: Mapping[str, Any], encoded: Encoded) -> dict[str, Any]:
+        """The call's own inputs with the visual input replaced by the already computed features."""
+        raise NotImplementedError
+
+    def visual_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool: rows of ``input_ids`` that are visual placeholders."""
+        raise NotImplementedError
+
+    def decoder(self) -> Any:
+        """The LLM as a :class:`vtc.adapters.llm.Decoder` (for the ``LLM_LAYER`` stage)."""
+        raise NotImplementedError
+
     def text_config(self) -> Any:
         raise NotImplementedError
 

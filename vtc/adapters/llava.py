@@ -22,6 +22,7 @@ from torch import nn
 from .. import kernels
 from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
 from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError, find_runs, module_at, padding_side, splice
+from .llm import Decoder
 
 #: vision tower model_type -> (path of the block list inside the tower, attention attribute of a block,
 #: number of prefix (CLS) tokens before the patch grid)
@@ -30,6 +31,9 @@ VISION_TOWERS: dict[str, tuple[str, str, int]] = {
     "siglip_vision_model": ("encoder.layers", "self_attn", 0),
     "dinov2": ("encoder.layer", "attention", 1),
 }
+
+
+_VISUAL_KWARGS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
 
 def _feature_block(vision_feature_layer: int, num_blocks: int) -> int:
@@ -43,7 +47,7 @@ def _feature_block(vision_feature_layer: int, num_blocks: int) -> int:
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
-    stages = frozenset({Stage.VISION, Stage.PRE_LLM})
+    stages = frozenset({Stage.VISION, Stage.PRE_LLM, Stage.LLM_LAYER})
     visual_inputs = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
@@ -80,6 +84,17 @@ class LlavaAdapter(Adapter):
 
     def text_config(self) -> Any:
         return self.model.config.text_config
+
+    def decoder(self) -> Decoder:
+        return Decoder(self.base.language_model)
+
+    def visual_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def passthrough(self, kwargs: Mapping[str, Any], encoded: Encoded) -> dict[str, Any]:
+        out = {k: v for k, v in kwargs.items() if k not in _VISUAL_KWARGS}
+        out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
+        return out
 
     def tower_info(self) -> TowerInfo:
         return TowerInfo(has_cls=self.prefix > 0, num_blocks=len(self.blocks))
@@ -278,9 +293,7 @@ class LlavaAdapter(Adapter):
                 features.append(red.tokens.to(im.tokens.dtype))
             else:
                 features.append(im.tokens[red.index])
-        out = dict(kwargs)
-        for key in ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"):
-            out.pop(key, None)
+        out = {k: v for k, v in kwargs.items() if k not in _VISUAL_KWARGS}
         image_output = encoded.encoder_output.__class__(**{**encoded.encoder_output, "pooler_output": features})
         out.update(
             input_ids=ids,

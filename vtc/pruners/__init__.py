@@ -1,3 +1,3 @@
 """Pruning methods (one file each); importing this package registers them."""
 
-from . import divprune, fopru, hired, mmtok, pool, random, uniform, visionzip  # noqa: F401
+from . import divprune, fastv, fopru, hired, mmtok, pdrop, pool, random, todre, uniform, visionzip  # noqa: F401
