@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from .budget import keep_count
 from .config import MethodConfig
 from .flops import flops_summary
 from .hooks import Reduction, Stage
+from .prefix import CachedPrefix
 from .record import ImageRecord, Record, SampleRecord
 from .registry import Method
 
@@ -44,6 +46,9 @@ class Session:
         self.positions = self._resolve_positions()
         self.signals = tuple(method.vision_signals(adapter.tower_info()))
         self.record: Record | None = None
+        #: caches holding a compressed prompt -> how continuations map onto them (vtc.prefix)
+        self.prefixes: weakref.WeakKeyDictionary[Any, CachedPrefix] = weakref.WeakKeyDictionary()
+        self._generating = 0
         self.llm = LLMHooks(adapter.decoder(), method) if Stage.LLM_LAYER in method.stages else None
         self._full_lengths: list[int] = []
         self._layer_lengths: list[list[int]] = []
@@ -99,28 +104,56 @@ class Session:
     # -- calls --------------------------------------------------------------------------------------
     def forward(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
         kwargs = _bind(self.original_class.forward, args, kwargs)
-        if not self.adapter.has_visual_input(kwargs):
+        cache = _cache_of(kwargs)
+        visual = self.adapter.has_visual_input(kwargs)
+        prefix = self.prefixes.get(cache) if cache is not None else None
+        if visual:
+            _check_fresh(cache, prefix)
+        elif prefix is not None and not self._generating:  # continuing a compressed prompt by hand
+            return inner(**prefix.translate_forward(kwargs, cache.get_seq_length()))
+        else:
             return inner(**kwargs)
         try:
-            return inner(**self.prepare(kwargs, for_generate=False))
+            llm_kwargs = self.prepare(kwargs, for_generate=False)
+            out = inner(**llm_kwargs)
         finally:
             if self.llm is not None:
                 self.llm.pending = None
+        out_cache = getattr(out, "cache", None)
+        if out_cache is not None:
+            self.prefixes[out_cache] = _prefix_of(kwargs["input_ids"], llm_kwargs)
+        return out
 
     def generate(self, inner: Callable, args: tuple, kwargs: dict) -> Any:
         kwargs = _bind(self.original_class.generate, args, kwargs)
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
-        if not self.adapter.has_visual_input(kwargs):
+        cache = _cache_of(kwargs)
+        visual = self.adapter.has_visual_input(kwargs)
+        prefix = self.prefixes.get(cache) if cache is not None else None
+        if visual:
+            _check_fresh(cache, prefix)
+        elif prefix is None:
             return inner(**kwargs)
-        prompt = kwargs["input_ids"] if kwargs.get("input_ids") is not None else None
-        rebuilt = self.prepare(kwargs, for_generate=True)
+        caller_ids = kwargs.get("input_ids")
+        if prefix is not None:
+            llm_kwargs = prefix.translate_generate(kwargs)
+        else:
+            llm_kwargs = self.prepare(kwargs, for_generate=True)
+        self._generating += 1  # generate's own forward calls already speak the cache's coordinates
         try:
-            out = inner(**rebuilt)
+            out = inner(**llm_kwargs)
         finally:
+            self._generating -= 1
             if self.llm is not None:
                 self.llm.pending = None
-        return _restore_prompt(out, prompt, rebuilt["input_ids"].shape[1])
+        raw = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = _restore_prompt(out, caller_ids, llm_kwargs["input_ids"].shape[1])
+        out_cache = cache if cache is not None else getattr(out, "cache", None)
+        if out_cache is not None and caller_ids is not None:
+            sequences = restored if isinstance(restored, torch.Tensor) else restored.sequences
+            self.prefixes[out_cache] = _prefix_of(caller_ids, llm_kwargs).extended(sequences, raw)
+        return restored
 
     def prepare(self, kwargs: dict, for_generate: bool) -> dict:
         """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record)."""
@@ -269,6 +302,26 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict:
         raise TypeError(f"got multiple values for argument(s) {sorted(overlap)}")
     out.update(kwargs)
     return out
+
+
+def _cache_of(kwargs: dict) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _check_fresh(cache: Any, prefix: CachedPrefix | None) -> None:
+    if prefix is not None or (cache is not None and cache.get_seq_length() > 0):
+        raise ValueError(
+            "vtc compresses images at prefill: a call with images on a cache that already holds tokens is not "
+            "supported; start from an empty cache, or continue the cached conversation without new images"
+        )
+
+
+def _prefix_of(caller_ids: torch.Tensor, llm_kwargs: dict) -> CachedPrefix:
+    ids = llm_kwargs["input_ids"]
+    mask = llm_kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    return CachedPrefix(caller_ids, ids, mask, llm_kwargs.get("position_ids"))
 
 
 def _check_reduction(name: str, n: int, k: int, red: Reduction) -> None:

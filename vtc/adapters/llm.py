@@ -22,6 +22,7 @@ Layers below the first prune layer are never touched: their cache, mask and posi
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -167,7 +168,8 @@ class LLMHooks:
         self.first = min((*self.prune_layers, *self.score_layers), default=n)
         self.handles: list[Any] = []
         self.pending: LLMPlan | None = None
-        self.call: _Call | None = None
+        self.call: _Call | None = None  # the call in progress
+        self.calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill state
 
     def install(self) -> None:
         self.handles.append(self.decoder.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -181,6 +183,7 @@ class LLMHooks:
             h.remove()
         self.handles.clear()
         self.call = self.pending = None
+        self.calls = weakref.WeakKeyDictionary()
 
     # -- language-model level: which kind of call is this? -----------------------------------------------
     def _lm_pre(self, module, args, kwargs):
@@ -196,20 +199,25 @@ class LLMHooks:
             if mask2d is None:
                 mask2d = torch.ones(bsz, length, dtype=torch.long, device=embeds.device)
             self.call = _Call(plan, cache, mask2d.bool(), length)
+            if cache is not None:
+                self.calls[cache] = self.call
             return None
-        if self.call is not None and cache is not None and cache is self.call.cache and past > 0:
-            self.call.decoding = True
-            self.call.call_mask = mask2d
-            for g in self.call.groups:
+        call = self.calls.get(cache) if cache is not None and past > 0 else None
+        self.call = call  # None: an unrelated call (text only, or another cache): leave it alone
+        if call is not None:
+            call.decoding = True
+            call.call_mask = mask2d
+            for g in call.groups:
                 g.decode_mask = g.decode_pos = None
-            return None
-        self.call = None  # an unrelated call (text only, or another cache): leave it alone
         return None
 
     def _lm_post(self, module, args, output):
         # a forward without a cache argument gets one created inside the LM: remember it for continuation
-        if self.call is not None and self.call.cache is None:
-            self.call.cache = getattr(output, "cache", None)
+        call = self.call
+        if call is not None and call.cache is None:
+            call.cache = getattr(output, "cache", None)
+            if call.cache is not None:
+                self.calls[call.cache] = call
 
     # -- layers -------------------------------------------------------------------------------------
     def _layer_hook(self, idx: int):
