@@ -82,14 +82,14 @@ def prompt_ids(n_visual: int) -> torch.Tensor:
 @dataclass
 class Row:
     name: str
-    visual_tokens: int
-    prompt_tokens: int
+    visual_tokens: int  # after the last stage
+    equivalent: float  # layer-averaged visual tokens / uncompressed
     prefill_ms: float
     flops_ratio: float
     vtc_ms: float
 
 
-def _time_prefill(model: nn.Module, inputs: dict, repeats: int) -> float:
+def _time_prefill(model: nn.Module, inputs: dict) -> float:
     with torch.no_grad():
         start = time.perf_counter()
         model(**inputs, use_cache=True)
@@ -107,36 +107,29 @@ def run(methods: Sequence[str], budget: float | int, out: str | None, repeats: i
     n = (IMAGE_SIZE // PATCH) ** 2
     inputs = {"input_ids": prompt_ids(n), "pixel_values": pixel_values(image)}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    _time_prefill(model, inputs, 1)  # warm-up
+    _time_prefill(model, inputs)  # warm-up
     base_times: list[float] = []
     rows, tiles = [], []
     for name in methods:
         vtc.compress(model, name, budget=budget)
         try:
-            _time_prefill(model, inputs, 1)  # warm-up of this method
+            _time_prefill(model, inputs)  # warm-up of this method
             times = []
             for _ in range(repeats):  # interleave with the uncompressed model so drift hits both alike
-                times.append(_time_prefill(model, inputs, 1))
+                times.append(_time_prefill(model, inputs))
                 vtc.restore(model)
-                base_times.append(_time_prefill(model, inputs, 1))
+                base_times.append(_time_prefill(model, inputs))
                 vtc.compress(model, name, budget=budget)
-            _time_prefill(model, inputs, 1)
+            _time_prefill(model, inputs)
             rec = vtc.last_record(model)
         finally:
             vtc.restore(model)
-        kept = rec.visual_tokens["kept"]
-        rows.append(
-            Row(
-                name,
-                kept,
-                int(rec.samples[0].output_length) if rec.samples else inputs["input_ids"].shape[1],
-                statistics.median(times),
-                rec.flops["ratio"],
-                rec.seconds_in_vtc * 1000,
-            )
-        )
-        tiles.append((f"{name} ({kept}/{n})", kept_overlay(fit_square(image, IMAGE_SIZE), rec.images[0])))
-    base = Row("uncompressed", n, inputs["input_ids"].shape[1], statistics.median(base_times), 1.0, 0.0)
+        final = list(rec.images[0].counts.values())[-1]
+        row = Row(name, final, rec.equivalent_budget, statistics.median(times), rec.flops["ratio"], rec.seconds_in_vtc)
+        row.vtc_ms *= 1000
+        rows.append(row)
+        tiles.append((f"{name} ({final}/{n})", kept_overlay(fit_square(image, IMAGE_SIZE), rec.images[0])))
+    base = Row("uncompressed", n, 1.0, statistics.median(base_times), 1.0, 0.0)
     rows.insert(0, base)
     if out:
         picture = tiles[0][1] if len(tiles) == 1 else contact_sheet(tiles)
@@ -157,12 +150,13 @@ def machine() -> str:
 def table(rows: list[Row]) -> str:
     base = rows[0].prefill_ms
     lines = [
-        "| run | visual tokens | prompt tokens | prefill ms (median) | speed-up | FLOPs ratio | time in vtc ms |",
+        "| run | visual tokens (last stage) | equivalent budget | prefill ms (median) | speed-up | FLOPs ratio "
+        "| time in vtc ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.name} | {r.visual_tokens} | {r.prompt_tokens} | {r.prefill_ms:.1f} | {base / r.prefill_ms:.2f}x "
+            f"| {r.name} | {r.visual_tokens} | {r.equivalent:.3f} | {r.prefill_ms:.1f} | {base / r.prefill_ms:.2f}x "
             f"| {r.flops_ratio:.3f} | {r.vtc_ms:.1f} |"
         )
     return "\n".join(lines)
