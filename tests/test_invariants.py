@@ -40,7 +40,7 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
     seen = {}
 
     def grab(module, args, kwargs):
-        seen["ids"] = kwargs["input_ids"]
+        seen["ids"] = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
 
     handle = model.model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -137,12 +137,15 @@ def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method)
     ids = inputs["input_ids"][0]
     start = int((ids == model.config.image_token_id).nonzero()[0])
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        visual = {key: inputs[key] for key in family.image_keys}
+        feats = model.model.get_image_features(**visual).pooler_output[0]
         embed = model.get_input_embeddings()
         n = im.num_input
         seq = torch.cat([embed(ids[:start]), feats[torch.tensor(im.kept)], embed(ids[start + n :])])[None]
-        pos = torch.tensor(rec.samples[0].position_ids)[None]
-        by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=torch.ones_like(pos)).logits
+        pos = torch.tensor(rec.samples[0].position_ids)
+        pos = pos[None] if pos.dim() == 1 else pos[:, None]  # 1-D, or M-RoPE rows
+        mask = torch.ones(1, seq.shape[1], dtype=torch.long)
+        by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask).logits
     torch.testing.assert_close(out, by_hand, atol=TOL["logits_fp32"], rtol=0)
 
 
@@ -163,7 +166,7 @@ def test_batch_equals_each_sample_alone(model, family, method):
                 single = {
                     "input_ids": alone_inputs["input_ids"][b : b + 1, keep],
                     "attention_mask": alone_inputs["attention_mask"][b : b + 1, keep],
-                    "pixel_values": alone_inputs["pixel_values"][b : b + 1],
+                    **family.sample_visual(alone_inputs, b),
                 }
                 if use_generate:
                     alone = _greedy(model, single)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from .budget import Budget, validate_budget
 
 POSITION_POLICIES = ("compact", "original")
+NEWLINE_POLICIES = ("drop", "keep_rows", "candidates")
 
 
 @dataclasses.dataclass
@@ -27,17 +28,26 @@ class MethodConfig:
             position id from the uncompressed prompt (gaps where tokens were removed). ``None`` uses the
             method's default (the behaviour of its official code), unless the model family requires one
             (Qwen2-VL's M-RoPE always uses ``"original"``).
+        newlines: what happens to row-separator tokens (LLaVA-NeXT / OneVision) before the LLM:
+            ``"drop"`` the method chooses among patch tokens only and no separator reaches the LLM (HiRED,
+            VisionZip, MMTok official NeXT paths); ``"keep_rows"`` additionally keeps the separator of every
+            row that still has a kept token, on top of the ``k`` tokens; ``"candidates"`` separators are
+            ordinary tokens the method may keep (DivPrune). ``None``: the method's default. ``k`` is always
+            computed on all the image's tokens, separators included.
     """
 
     method: ClassVar[str] = ""
 
     budget: Budget = 0.2
     positions: str | None = None
+    newlines: str | None = None
 
     def __post_init__(self) -> None:
         self.budget = validate_budget(self.budget)
         if self.positions is not None and self.positions not in POSITION_POLICIES:
             raise ValueError(f"positions must be one of {POSITION_POLICIES} or None, got {self.positions!r}")
+        if self.newlines is not None and self.newlines not in NEWLINE_POLICIES:
+            raise ValueError(f"newlines must be one of {NEWLINE_POLICIES} or None, got {self.newlines!r}")
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -93,12 +93,15 @@ class Layout:
         prefix: number of prefix slots per partition (CLS).
         partition: ``[n]`` partition of each token, -1 if none.
         slot: ``[n]`` slot of each token in its partition, -1 if none.
+        arrangement: ``(g_h, g_w)`` when partition 0 is the whole image and partitions 1.. are its crops in a
+            ``g_h x g_w`` row-major grid (LLaVA-NeXT anyres); None otherwise.
     """
 
     grids: tuple[tuple[int, int], ...]
     prefix: int
     partition: torch.Tensor
     slot: torch.Tensor
+    arrangement: tuple[int, int] | None = None
 
     @classmethod
     def grid(cls, rows: int, cols: int, prefix: int = 0, include_prefix: bool = False) -> Layout:
@@ -114,6 +117,14 @@ class Layout:
     @property
     def num_partitions(self) -> int:
         return len(self.grids)
+
+    def is_newline(self) -> torch.Tensor:
+        """``[n]`` bool: tokens with no vision slot (LLaVA-NeXT / OneVision newline tokens)."""
+        return self.slot < 0
+
+    def subset(self, index: torch.Tensor) -> Layout:
+        """The layout of the tokens ``index`` (in that order)."""
+        return Layout(self.grids, self.prefix, self.partition[index], self.slot[index], self.arrangement)
 
     def is_patch(self) -> torch.Tensor:
         """``[n]`` bool: the token is a grid patch (not a prefix/CLS or newline token)."""
@@ -182,6 +193,18 @@ class ImageTokens:
                 f"(captured: {sorted(self.signals)})"
             ) from None
 
+    def subset(self, index: torch.Tensor) -> ImageTokens:
+        """The same image restricted to the tokens ``index`` (``k`` capped at their number)."""
+        index = index.to(self.tokens.device)
+        cpu = index.cpu()
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[index],
+            layout=self.layout.subset(cpu),
+            k=min(self.k, int(index.numel())),
+            vision_tokens=None if self.vision_tokens is None else self.vision_tokens[index],
+        )
+
     def token_signal(self, spec: VisionSignal, fill: float = float("nan")) -> torch.Tensor:
         """The signal gathered onto this image's ``n`` tokens: ``[n, ...]``, ``fill`` for slot-less tokens."""
         raw = self.signal(spec)
@@ -214,6 +237,18 @@ class Reduction:
     def keep(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
         """A pure selection: keep ``index`` (returned in ascending order)."""
         return cls(index=torch.sort(index.long()).values, scores=scores)
+
+    def lift(self, index: torch.Tensor, n: int) -> Reduction:
+        """Map a reduction computed on the subset ``index`` of an image's ``n`` tokens back to all of them."""
+        index = index.to(self.index.device)
+        anchors = torch.where(self.index >= 0, index[self.index.clamp_min(0)], self.index)
+        groups = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
+        groups[index] = self.resolve_groups(int(index.numel()))
+        scores = None
+        if self.scores is not None:
+            scores = torch.full((n,), float("nan"), device=self.scores.device)
+            scores[index.to(self.scores.device)] = self.scores.float()
+        return Reduction(index=anchors, tokens=self.tokens, groups=groups, scores=scores)
 
     def resolve_groups(self, n: int) -> torch.Tensor:
         if self.groups is not None:

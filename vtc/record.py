@@ -36,6 +36,8 @@ class ImageRecord:
     scores: list[float] | None
     counts: dict[str, int]
     layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    #: separator (newline) tokens among ``counts``' input and pre-LLM tokens, when the layout has any
+    newlines: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_input(self) -> int:

@@ -29,6 +29,8 @@ class Method:
     stages: ClassVar[tuple[Stage, ...]] = ()
     #: position policy of the official implementation (see MethodConfig.positions)
     default_positions: ClassVar[str] = "compact"
+    #: newline-token policy of the official implementation (see MethodConfig.newlines)
+    default_newlines: ClassVar[str] = "drop"
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -169,9 +169,7 @@ class Session:
                 if image.k >= image.n:
                     reductions.append(None)
                     continue
-                red = self.method.reduce(image)
-                _check_reduction(self.method.name, image.n, image.k, red)
-                reductions.append(red)
+                reductions.append(self._reduce(image))
             if all(r is None for r in reductions):
                 out, rebuilt = adapter.passthrough(kwargs, encoded), None
             else:
@@ -181,6 +179,21 @@ class Session:
             if self.llm is not None:
                 self.llm.pending = self._llm_plan(out, encoded, reductions, for_generate)
         return out
+
+    def _reduce(self, image) -> Reduction:
+        """Run the method on one image under the newline policy (MethodConfig.newlines)."""
+        newline = image.layout.is_newline().to(image.tokens.device)
+        policy = self.config.newlines or self.method.default_newlines
+        if policy == "candidates" or not bool(newline.any()):
+            red = self.method.reduce(image)
+            _check_reduction(self.method.name, image.n, image.k, red)
+            return red
+        patches = torch.nonzero(~newline).flatten()
+        part = image.subset(patches)
+        red = self.method.reduce(part)
+        _check_reduction(self.method.name, part.n, part.k, red)
+        red = red.lift(patches, image.n)
+        return _keep_rows(red, newline) if policy == "keep_rows" else red
 
     def _llm_plan(self, out: dict, encoded, reductions, for_generate: bool) -> LLMPlan:
         """Where each image's rows sit in the sequence the LLM receives, for the in-LLM hooks."""
@@ -259,6 +272,7 @@ class Session:
                     groups=groups,
                     scores=scores,
                     counts={"input": n, "pre_llm": len(kept)},
+                    newlines=_newline_counts(image, kept),
                 )
             )
         samples = []
@@ -322,6 +336,29 @@ def _prefix_of(caller_ids: torch.Tensor, llm_kwargs: dict) -> CachedPrefix:
     mask = llm_kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     return CachedPrefix(caller_ids, ids, mask, llm_kwargs.get("position_ids"))
+
+
+def _newline_counts(image, kept: list[int]) -> dict[str, int]:
+    """Separator tokens in the input and among the kept tokens (budgets with and without them)."""
+    newline = image.layout.is_newline()
+    if not bool(newline.any()):
+        return {}
+    return {"input": int(newline.sum()), "pre_llm": sum(1 for i in kept if i >= 0 and bool(newline[i]))}
+
+
+def _keep_rows(red: Reduction, newline: torch.Tensor) -> Reduction:
+    """Add the separator after every row that still has a kept token (``newlines="keep_rows"``)."""
+    if red.tokens is not None:
+        raise ValueError("newlines='keep_rows' needs a method that selects tokens; this one merges them")
+    kept = torch.zeros_like(newline)
+    kept[red.index] = True
+    extra, start = [], 0
+    for i in torch.nonzero(newline).flatten().tolist():
+        if bool(kept[start:i].any()):
+            extra.append(i)
+        start = i + 1
+    index = torch.sort(torch.cat([red.index, torch.tensor(extra, dtype=torch.long, device=red.index.device)])).values
+    return Reduction(index=index, scores=red.scores)
 
 
 def _check_reduction(name: str, n: int, k: int, red: Reduction) -> None:

@@ -74,16 +74,7 @@ def tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    # random init of a tiny CLIP gives nearly uniform attention: sharpen the query/key weights so
-    # attention-based selections are well separated (no near-ties between sdpa and eager)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
-        for layer in model.model.vision_tower.encoder.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.6)
-        for param in model.parameters():
-            if param.dim() >= 1 and not torch.isfinite(param).all():
-                raise RuntimeError("non-finite weight in tiny model")
+    _sharpen(model.model.vision_tower.encoder.layers, seed)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model.to(dtype).eval()
 
@@ -110,16 +101,11 @@ def llava_inputs(
             ids += [IMAGE_TOKEN] * n
         ids += torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist()
         rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
-        input_ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
+    out = _pad(rows, padding_side)
     size = cfg.vision_config.image_size
     pixel_values = torch.randn(len(rows) * images_per_sample, 3, size, size, generator=gen)
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values.to(model.dtype)}
+    out["pixel_values"] = pixel_values.to(model.dtype)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +115,12 @@ class TinyFamily:
     name: str
     build: Callable[..., nn.Module]
     inputs: Callable[..., dict[str, Any]]
+    #: input keys get_image_features takes (besides its main one), for tests that call it directly
+    image_keys: tuple[str, ...] = ("pixel_values",)
+
+    def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
+        """The visual inputs of sample ``b`` alone (one image per sample)."""
+        return {key: inputs[key][b : b + 1] for key in self.image_keys}
 
 
 FAMILIES: dict[str, TinyFamily] = {
@@ -146,3 +138,99 @@ def compressed_inputs(model: nn.Module, inputs: dict[str, Any], for_generate: bo
     if model not in _SESSIONS:
         raise ValueError("model is not compressed")
     return _SESSIONS[model].prepare(dict(inputs), for_generate)
+
+
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A LLaVA-NeXT-layout model: CLIP tiles of 32 px / 8 px patches (4 x 4 tokens), anyres up to 2 x 2 crops."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(),
+        image_token_id=IMAGE_TOKEN,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=PAD_TOKEN,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    _sharpen(model.model.vision_tower.encoder.layers, seed)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+def _sharpen(layers, seed: int) -> None:
+    """Random init of a tiny CLIP gives near-uniform attention: scale q/k so selections are well separated."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.6)
+
+
+#: original (H, W) of the images llava_next_inputs uses, cycled per image: a wide one (cropped to 1 x 2
+#: tiles, with unpadding), a square one (2 x 2 tiles) and a tall one
+NEXT_SIZES = ((40, 70), (64, 64), (70, 36))
+
+
+def llava_next_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    images_per_sample: int = 1,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch for :func:`tiny_llava_next` with images of different sizes (hence token counts)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    tile = cfg.vision_config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [NEXT_SIZES[(seed + i) % len(NEXT_SIZES)] for i in range(len(prompt_lengths) * images_per_sample)]
+    tiles = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, tile) for s in sizes]
+    pixel_values = torch.zeros(len(sizes), max(tiles), 3, tile, tile)
+    for i, t in enumerate(tiles):
+        pixel_values[i, :t] = torch.randn(t, 3, tile, tile, generator=gen)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values.to(model.dtype), image_sizes=image_sizes)
+    counts = [f.shape[0] for f in feats.pooler_output]
+    rows, image = [], 0
+    for before, after in prompt_lengths:
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
+        for _ in range(images_per_sample):
+            ids += [IMAGE_TOKEN] * counts[image]
+            image += 1
+        ids += torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist()
+        rows.append(ids)
+    out = _pad(rows, padding_side)
+    out.update(pixel_values=pixel_values.to(model.dtype), image_sizes=image_sizes)
+    return out
+
+
+def _pad(rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        input_ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+FAMILIES["llava_next"] = TinyFamily("llava_next", tiny_llava_next, llava_next_inputs, ("pixel_values", "image_sizes"))

@@ -9,9 +9,10 @@ from torch import nn
 from ..hooks import Stage
 from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
 #: model_type -> adapter class
-ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter, LlavaNextAdapter) for t in cls.model_types}
 
 __all__ = ["Adapter", "ADAPTERS", "UnsupportedModelError", "adapter_for", "families_supporting"]
 

@@ -56,9 +56,9 @@ class LlavaAdapter(Adapter):
         needed = ("vision_tower", "multi_modal_projector", "language_model", "get_image_features")
         if base is None or not all(hasattr(base, a) for a in needed) or not hasattr(model, "generate"):
             raise UnsupportedModelError(
-                f"{type(model).__name__} has model_type 'llava' but is not a LlavaForConditionalGeneration-like "
-                f"model (needs .model.vision_tower, .multi_modal_projector, .language_model and .generate); "
-                f"pass the full LlavaForConditionalGeneration"
+                f"{type(model).__name__} has model_type {model.config.model_type!r} but is not the full "
+                f"...ForConditionalGeneration model (needs .model.vision_tower, .multi_modal_projector, "
+                f".language_model and .generate); pass the model that has generate()"
             )
         self.base = base
         cfg = model.config
@@ -214,31 +214,25 @@ class LlavaAdapter(Adapter):
             )
         features = list(out.pooler_output)
         captured = {name: torch.cat(parts) for name, parts in cap.items()}
-        rows, cols = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
-        include_prefix = strategy == "full"
-        layout = Layout.grid(rows, cols, prefix=self.prefix, include_prefix=include_prefix)
+        proj_in = captured.pop("projector_input")
+        layouts = self.layouts(kwargs, strategy)
         input_ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask")
         spans = _assign(input_ids == self.image_token_id, [f.shape[0] for f in features])
         embed = self.model.get_input_embeddings()
         images = []
-        for i, (feat, (sample, start)) in enumerate(zip(features, spans, strict=True)):
+        for i, (feat, (sample, start), (layout, rows)) in enumerate(zip(features, spans, layouts, strict=True)):
             if feat.shape[0] != layout.num_tokens:
-                raise ValueError(
-                    f"image {i} has {feat.shape[0]} features but a {rows}x{cols} grid implies {layout.num_tokens}"
-                )
+                raise ValueError(f"image {i} has {feat.shape[0]} features but its layout implies {layout.num_tokens}")
             text_ids = _text_after(input_ids[sample], mask[sample] if mask is not None else None, start, feat.shape[0])
             text_ids = text_ids[text_ids != self.image_token_id]
-            proj_in = captured.get("projector_input")
             images.append(
                 ImageTokens(
                     tokens=feat,
                     layout=layout,
                     k=feat.shape[0],
-                    signals={
-                        n: v[i : i + 1] for n, v in captured.items() if n != "projector_input" and v.shape[0] > i
-                    },
-                    vision_tokens=None if proj_in is None else proj_in[i],
+                    signals={name: value[rows] for name, value in captured.items()},
+                    vision_tokens=_vision_tokens(proj_in[rows], layout, strategy == "full"),
                     text_ids=text_ids,
                     text_embeds=embed(text_ids),
                     project=self.base.multi_modal_projector,
@@ -247,6 +241,13 @@ class LlavaAdapter(Adapter):
                 )
             )
         return Encoded(images=images, spans=spans, encoder_output=out)
+
+    def layouts(self, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, list[int]]]:
+        """Per image: its layout, and the rows of the vision-tower batch that are its partitions."""
+        pixel_values = kwargs["pixel_values"]
+        rows, cols = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
+        layout = Layout.grid(rows, cols, prefix=self.prefix, include_prefix=strategy == "full")
+        return [(layout, [i]) for i in range(pixel_values.shape[0])]
 
     def base_positions(self, kwargs: Mapping[str, Any], mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
         """The 1-D positions the stock model would give the full prompt."""
@@ -330,6 +331,18 @@ def _assign(placeholders: torch.Tensor, lengths: Sequence[int]) -> list[tuple[in
         if offset == length:
             run, offset = run + 1, 0
     return spans
+
+
+def _vision_tokens(proj_in: torch.Tensor, layout: Layout, full: bool) -> torch.Tensor:
+    """Pre-projector features ``[n, C]`` aligned with the image's tokens (zeros for separators).
+
+    ``proj_in``: ``[P, T, C]`` projector input of the image's partitions (T excludes CLS unless ``full``).
+    """
+    out = proj_in.new_zeros(layout.num_tokens, proj_in.shape[-1])
+    has = layout.slot >= 0
+    cols = layout.slot[has] - (0 if full else layout.prefix)
+    out[has.to(out.device)] = proj_in[layout.partition[has], cols]
+    return out
 
 
 def _text_after(ids: torch.Tensor, mask: torch.Tensor | None, start: int, n: int) -> torch.Tensor:

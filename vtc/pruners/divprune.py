@@ -33,6 +33,8 @@ class DivPruneConfig(MethodConfig):
 class DivPrunePruner(Method):
     """Greedy max-min cosine diversity over the projected visual tokens."""
 
+    default_newlines = "candidates"  # the official code selects over the whole packed image sequence
+
     def reduce(self, image: ImageTokens) -> Reduction:
         chosen = kernels.greedy_maxmin(image.tokens, image.k)
         return Reduction.keep(chosen)
