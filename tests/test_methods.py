@@ -41,7 +41,7 @@ def test_hired_keeps_top_final_layer_cls_attention():
     )
     sig = VisionSignal("cls_attention", "feature", heads="sum")
     m = method("hired")
-    assert m.vision_signals(TOWER) == (sig,)
+    assert m.vision_signals(TOWER) == (sig, VisionSignal("cls_attention", 0, heads="sum"))
     red = m.reduce(image(k=4, signals={sig.name: scores[None]}))
     # slot 0 is CLS (0.5, never a candidate); patches are slots 1..16 -> tokens 0..15
     assert red.index.tolist() == [1, 3, 6, 7]  # slots 2 (0.9), 4 (0.8), 7 (0.7), 8 (0.6)
@@ -49,8 +49,8 @@ def test_hired_keeps_top_final_layer_cls_attention():
 
 def test_hired_on_a_cls_free_tower_uses_attention_received():
     m = method("hired")
-    (sig,) = m.vision_signals(TowerInfo(has_cls=False, num_blocks=4))
-    assert sig.kind == "attention_received"
+    final, early = m.vision_signals(TowerInfo(has_cls=False, num_blocks=4))
+    assert final.kind == early.kind == "attention_received" and early.layer == 0
 
 
 @pytest.mark.parametrize("significance", ["received", "cls"])
@@ -199,3 +199,20 @@ def test_layout_helpers():
     assert lay.partition_tokens(0).tolist() == list(range(6))
     full = Layout.grid(2, 3, prefix=1, include_prefix=True)
     assert full.num_tokens == 7 and full.is_patch().tolist() == [False] + [True] * 6
+
+
+def test_hired_allocation_by_hand():
+    from vtc.pruners.hired import hired_allocation
+
+    early = torch.zeros(16)
+    early[[0, 1, 2, 3, 4, 5, 8, 12]] = torch.arange(8, 0, -1).float()  # the 8 = floor(16 * 0.5) salient cells
+    caps = [16, 16, 16, 16]
+    # code mapping: chunks of 4 raster cells -> counts [4, 2, 1, 1]; B0 = 5, B_sub = 5
+    # quotas 2.5, 1.25, .625, .625 -> floors 2, 1, 0, 0; leftover 2 to the largest remainders (crops 2, 3)
+    assert hired_allocation(10, 0.5, early, (4, 4), (2, 2), 16, caps, "code") == [5, 2, 1, 1, 1]
+    # spatial mapping: quadrants -> counts [4, 2, 2, 0]; floors 2, 1, 1, 0; leftover 1 to crop 0
+    assert hired_allocation(10, 0.5, early, (4, 4), (2, 2), 16, caps, "spatial") == [5, 3, 1, 1, 0]
+    # a crop with little room after unpadding passes its share to the others; the sum stays k
+    assert hired_allocation(10, 0.5, early, (4, 4), (2, 2), 16, [1, 16, 16, 16], "code") == [5, 1, 2, 1, 1]
+    # crops too small for their share: the rest goes back to the full image
+    assert sum(hired_allocation(30, 0.5, early, (4, 4), (2, 2), 16, [2, 2, 2, 2], "code")) == 24
