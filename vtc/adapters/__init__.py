@@ -10,9 +10,12 @@ from ..hooks import Stage
 from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_vl import QwenVLAdapter
 
 #: model_type -> adapter class
-ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter, LlavaNextAdapter) for t in cls.model_types}
+ADAPTERS: dict[str, type[Adapter]] = {
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
+}
 
 __all__ = ["Adapter", "ADAPTERS", "UnsupportedModelError", "adapter_for", "families_supporting"]
 
