@@ -135,7 +135,7 @@ def _inv_norms(x: torch.Tensor, block_r: int, block_d: int) -> torch.Tensor:
 def _flat_mask(mask: torch.Tensor | None, lead: torch.Size, length: int) -> torch.Tensor | None:
     if mask is None:
         return None
-    return mask.bool().expand(*lead, length).reshape(-1, length).to(torch.int8).contiguous()  # [B, L]
+    return mask.bool().expand(*lead, length).reshape(lead.numel(), length).to(torch.int8).contiguous()  # [B, L]
 
 
 def cosine_argmax(
@@ -168,9 +168,9 @@ def cosine_argmax(
     a, b = float_input(a), float_input(b)
     if a.dtype != b.dtype:
         a, b = a.float(), b.float()
-    a3 = a.expand(*lead, m, d).reshape(-1, m, d)  # [B, M, D], a view whenever the strides allow
-    b3 = b.expand(*lead, n, d).reshape(-1, n, d)  # [B, N, D]
-    bsz = a3.shape[0]
+    bsz = lead.numel()
+    a3 = a.expand(*lead, m, d).reshape(bsz, m, d)  # [B, M, D], a view whenever the strides allow
+    b3 = b.expand(*lead, n, d).reshape(bsz, n, d)  # [B, N, D]
     val = new_empty((bsz, m), torch.float32, a.device)  # [B, M]
     idx = new_empty((bsz, m), torch.int64, a.device)  # [B, M]
     if val.numel() == 0:

@@ -87,7 +87,7 @@ def topk_sorted(
     lead = scores.shape[:-1]
     if scores.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         scores = scores.float()
-    s2 = scores.reshape(-1, n)  # [R, N], a view whenever the strides allow
+    s2 = scores.reshape(lead.numel(), n)  # [R, N], a view whenever the strides allow
     rows = s2.shape[0]
     out = new_empty((rows, k), torch.int64, scores.device)  # [R, k]
     if out.numel() == 0:
