@@ -19,6 +19,7 @@ import torch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+
 def pytest_ignore_collect(collection_path, config):
     if not INTERPRETING:
         return True  # needs its own process: see the module docstring

@@ -49,4 +49,4 @@ def assert_argmax_contract(val, idx, a, b, row_mask=None, col_mask=None, tol=1e-
         close = torch.zeros_like(finite)
     ok = (idx == ref_idx) | (close & ((chosen - ref_val).abs() <= tol))
     bad = finite & ~ok
-    assert not bad.any(), f"{int(bad.sum())} rows chose another index: got {idx[bad].tolist()}, ref {ref_idx[bad].tolist()}"
+    assert not bad.any(), f"rows chose another index: got {idx[bad].tolist()}, reference {ref_idx[bad].tolist()}"

@@ -111,7 +111,8 @@ def test_shapes_leading_dims_and_empty_inputs(gen):
     assert val.shape == (2, 3, 5)
     one_val, one_idx = cosine_argmax(a[:1], b[:1])  # M = N = 1
     assert_argmax_contract(one_val, one_idx, a[:1], b[:1])
-    for shape_a, shape_b in [((2, 0, 6), (2, 9, 6)), ((0, 4, 6), (0, 9, 6)), ((2, 4, 6), (2, 0, 6)), ((2, 4, 0), (2, 5, 0))]:
+    empties = [((2, 0, 6), (2, 9, 6)), ((0, 4, 6), (0, 9, 6)), ((2, 4, 6), (2, 0, 6)), ((2, 4, 0), (2, 5, 0))]
+    for shape_a, shape_b in empties:
         ea, eb = torch.randn(shape_a, generator=gen), torch.randn(shape_b, generator=gen)
         val, idx = cosine_argmax(ea, eb)
         ref_val, ref_idx = kernels.reference.cosine_argmax(ea, eb)
