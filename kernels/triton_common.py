@@ -49,3 +49,9 @@ def pow2_at_least(n: int, minimum: int = 16, maximum: int | None = None) -> int:
 def float_input(x: torch.Tensor) -> torch.Tensor:
     """Keep fp16/bf16/fp32 as they are (kernels upcast on load); cast anything else to fp32."""
     return x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd would record through one of ``tensors``: the kernels have no backward, so the
+    wrappers hand such calls to the PyTorch reference (MERGERS.md §5.6 item 9)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import float_input, interpreting, new_empty, pow2_at_least
+from . import reference
+from .triton_common import float_input, interpreting, needs_grad, new_empty, pow2_at_least
 
 _EPS = tl.constexpr(1e-12)  # the reference's F.normalize eps
 _BIG = tl.constexpr(2**30)  # index sentinel, larger than any column
@@ -151,7 +152,7 @@ def cosine_argmax(
     """Best cosine match in ``b`` for every row of ``a``, tiled, without an ``M x N`` buffer.
 
     Same contract as ``reference.cosine_argmax``; ``block_*`` override the tile sizes (tests use tiny tiles
-    to cover several tiles on small inputs).
+    to cover several tiles on small inputs). Inputs that require grad go to the reference (no backward here).
 
     Args:
         a: ``[..., M, D]``; b: ``[..., N, D]`` (leading dims broadcast); fp16/bf16/fp32, any strides.
@@ -161,6 +162,8 @@ def cosine_argmax(
     Returns:
         ``(value [..., M] fp32, index [..., M] int64)``.
     """
+    if needs_grad(a, b):
+        return reference.cosine_argmax(a, b, row_mask, col_mask)
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"feature dims differ: a {tuple(a.shape)} vs b {tuple(b.shape)}")
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import interpreting, new_empty, pow2_at_least
+from . import reference
+from .triton_common import interpreting, needs_grad, new_empty, pow2_at_least
 
 _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
@@ -58,7 +59,8 @@ def weighted_merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted mean of the tokens of each group (fp32 accumulation, fixed order, no atomics).
 
-    Same contract as ``reference.weighted_merge``. ``block_c`` overrides the channel block (tests).
+    Same contract as ``reference.weighted_merge``. ``block_c`` overrides the channel block (tests). Inputs that
+    require grad go to the reference (no backward here; training-time ToMe needs one).
 
     Args:
         x: ``[T, C]`` tokens, fp16/bf16/fp32, any strides; sizes: ``[T]``; groups: ``[T]`` output row of each
@@ -68,6 +70,8 @@ def weighted_merge(
     Returns:
         ``(merged [G, C] in x.dtype, sizes [G] fp32)``.
     """
+    if needs_grad(x, sizes):
+        return reference.weighted_merge(x, sizes, groups, num_groups)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, C], got {tuple(x.shape)}")
     t, c = x.shape

@@ -127,3 +127,9 @@ def test_deterministic_and_dispatched(gen):
     assert dispatch.implementation("cosine_argmax", x.device) is triton_cosine.cosine_argmax
     val, idx = kernels.cosine_argmax(x[:, ::2], x[:, 1::2])  # public op, default tiles
     assert_argmax_contract(val, idx, x[:, ::2], x[:, 1::2], tol=SIM_TOL[torch.float16])
+
+
+def test_inputs_that_need_grad_fall_back_to_the_reference(gen):
+    a = torch.randn(2, 6, 4, generator=gen, requires_grad=True)
+    val, _ = cosine_argmax(a, torch.randn(2, 5, 4, generator=gen))
+    assert val.requires_grad  # graph from the reference; the kernel has no backward

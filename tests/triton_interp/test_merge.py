@@ -77,3 +77,10 @@ def test_dispatched(gen):
     _assert_merge(got, x, sizes, groups, 15)
     ref = reference.weighted_merge(x, sizes, groups, 15)
     torch.testing.assert_close(got[0], ref[0], rtol=MERGE_RTOL[torch.bfloat16], atol=1e-6)
+
+
+def test_inputs_that_need_grad_fall_back_to_the_reference(gen):
+    x = torch.randn(8, 5, generator=gen, requires_grad=True)
+    merged, _ = weighted_merge(x, torch.ones(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, -1]))
+    merged.sum().backward()  # the reference's autograd graph
+    assert x.grad is not None and (x.grad[:6] == 0.5).all() and (x.grad[7] == 0).all()
