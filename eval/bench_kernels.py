@@ -76,8 +76,8 @@ def _inputs(op: str, n: int, d: int, dtype: torch.dtype, device: torch.device) -
     raise ValueError(op)
 
 
-def _time_cpu(fn: Callable[[], object], min_time: float = 0.3, max_reps: int = 7) -> float:
-    """Median wall time in ms over a few runs (one warm-up)."""
+def _time_cpu(fn: Callable[[], object], min_time: float = 0.5, max_reps: int = 200) -> float:
+    """Median wall time in ms over at least 3 runs and ``min_time`` seconds (one warm-up first)."""
     fn()
     times, start = [], time.perf_counter()
     while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
@@ -155,7 +155,7 @@ def markdown(result: dict) -> str:
         lines += ["| op | N | d | reference ms | reference GB/s |", "|---|---:|---:|---:|---:|"]
         for r in result["rows"]:
             d = "—" if r["d"] is None else r["d"]
-            lines.append(f"| {r['op']} | {r['N']} | {d} | {r['ref_ms']:.3f} | {r['ref_GBps']:.2f} |")
+            lines.append(f"| {r['op']} | {r['N']} | {d} | {r['ref_ms']:.3f} | {r['ref_GBps']:.3g} |")
         return "\n".join(lines) + "\n"
     lines += [
         "| op | N | d | reference ms | Triton ms | speed-up | ref GB/s | Triton GB/s | ref peak MiB "
@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
         d = "—" if r["d"] is None else r["d"]
         lines.append(
             f"| {r['op']} | {r['N']} | {d} | {r['ref_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x "
-            f"| {r['ref_GBps']:.1f} | {r['triton_GBps']:.1f} | {r['ref_peak_MiB']:.1f} | {r['triton_peak_MiB']:.1f} "
+            f"| {r['ref_GBps']:.3g} | {r['triton_GBps']:.3g} | {r['ref_peak_MiB']:.1f} | {r['triton_peak_MiB']:.1f} "
             f"| {'yes' if r['match'] else 'NO'} |"
         )
     acc = result.get("acceptance")
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", default=None, help="comma-separated token counts N")
     p.add_argument("--dims", default=None, help="comma-separated widths d")
     p.add_argument("--out", default=None, help="directory for bench_kernels.json and bench_kernels.md")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU default 1: stable when shared)")
     args = p.parse_args(argv)
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if use_cuda else "float32"))
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(GPU_SIZES if use_cuda else CPU_SIZES)
     dims = [int(s) for s in args.dims.split(",")] if args.dims else list(GPU_DIMS if use_cuda else CPU_DIMS)
+    if args.threads or not use_cuda:
+        torch.set_num_threads(args.threads or 1)
     if not use_cuda:
         print("No CUDA device: timing the PyTorch references only, on reduced sizes (Triton needs a GPU).")
 
