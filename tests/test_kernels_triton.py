@@ -32,3 +32,19 @@ def test_triton_kernels_match_references_under_the_interpreter(name):
     if proc.returncode != 0:
         report = f"{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
         pytest.fail(f"TRITON_INTERPRET=1 {' '.join(cmd[1:])} exited {proc.returncode}:\n{report}", pytrace=False)
+
+
+def test_importing_vtc_never_imports_triton():
+    code = (
+        "import sys\n"
+        "import vtc, vtc.kernels, vtc.kernels.triton_common\n"
+        "assert 'triton' not in sys.modules, 'import vtc pulled in triton'\n"
+        "sys.modules['triton'] = None  # from here on, triton is 'not installed'\n"
+        "import torch\n"
+        "from vtc.kernels import dispatch\n"
+        "assert not dispatch._triton_available()\n"
+        "assert vtc.kernels.topk_sorted(torch.tensor([3.0, 1.0, 2.0]), 2).tolist() == [0, 2]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VTC_KERNEL_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
