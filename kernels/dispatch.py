@@ -22,8 +22,14 @@ class Backend(str, enum.Enum):
 ENV_VAR = "VTC_KERNEL_BACKEND"
 _override: Backend | None = None
 
-#: op name -> "module:function" of its Triton implementation (modules are imported lazily).
-TRITON_OPS: dict[str, str] = {}
+#: op name -> "module:function" of its Triton implementation (modules are imported lazily, so importing
+#: ``vtc.kernels`` never imports triton).
+TRITON_OPS: dict[str, str] = {
+    "cosine_argmax": ".triton_cosine:cosine_argmax",
+    "topk_sorted": ".triton_topk:topk_sorted",
+    "greedy_maxmin": ".triton_greedy:greedy_maxmin",
+    "weighted_merge": ".triton_merge:weighted_merge",
+}
 
 _warned: set[str] = set()
 
