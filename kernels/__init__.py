@@ -11,6 +11,7 @@ reference) and ``TRITON``; override with ``VTC_KERNEL_BACKEND=auto|torch|triton`
 from .attention import attention_received, attention_row, head_mean_keys
 from .dispatch import Backend, get_backend, set_backend
 from .ops import cosine_argmax, greedy_maxmin, topk_sorted, weighted_merge
+from .reference import normalize
 
 __all__ = [
     "Backend",
@@ -20,6 +21,7 @@ __all__ = [
     "topk_sorted",
     "greedy_maxmin",
     "weighted_merge",
+    "normalize",
     "attention_row",
     "attention_received",
     "head_mean_keys",

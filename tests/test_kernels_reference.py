@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
-from vtc.kernels import reference
 
 from vtc import kernels
+from vtc.kernels import reference
 
 
 def test_topk_sorted_ties_go_to_lower_index():

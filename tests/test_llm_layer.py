@@ -9,7 +9,7 @@ import torch
 import vtc
 from vtc.api import _SESSIONS
 from vtc.hooks import Stage
-from vtc.testing import llava_inputs, tiny_llava
+from vtc.testing import FAMILIES, llava_inputs, tiny_llava
 
 from .conftest import TOL
 
@@ -40,12 +40,16 @@ def _positions(mask):
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("name", sorted(LLM_METHODS))
-def test_generate_with_cache_equals_cache_free_forwards(model, name):
+def test_generate_with_cache_equals_cache_free_forwards(family, name):
     """DESIGN invariant 4: greedy tokens and logits of cached decoding equal step-by-step cache-free forwards
     that apply the same kept set (the prefill's selection replayed)."""
     method, opts = _opts(name)
-    inputs = llava_inputs(model, BATCH, padding_side="left", seed=7)
+    tiny = FAMILIES[family]
+    model = tiny.build(seed=4)
+    inputs = tiny.inputs(model, BATCH, padding_side="left", seed=7)
+    mrope = "mm_token_type_ids" in inputs  # M-RoPE: the model derives 3-D positions from the token types
     steps = 8
     with vtc.compressed(model, method, budget=0.25, **opts):
         out = model.generate(
@@ -60,21 +64,18 @@ def test_generate_with_cache_equals_cache_free_forwards(model, name):
         kept = dict(session.llm.call.kept_rows)
         session.method.prune = lambda ctx: kept[ctx.layer]  # replay the prefill's selection
         prompt = inputs["input_ids"]
-        ids, mask = prompt, inputs["attention_mask"]
+        step = dict(inputs)
         for t in range(steps):
+            extra = {} if mrope else {"position_ids": _positions(step["attention_mask"])}
             with torch.no_grad():
-                logits = model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=_positions(mask),
-                    pixel_values=inputs["pixel_values"],
-                    use_cache=False,
-                ).logits[:, -1]
+                logits = model(**step, **extra, use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits, out.logits[t], atol=TOL["logits_fp32"], rtol=0)
             nxt = logits.argmax(-1)
             assert torch.equal(nxt, out.sequences[:, prompt.shape[1] + t]), f"step {t}"
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            step["input_ids"] = torch.cat([step["input_ids"], nxt[:, None]], 1)
+            step["attention_mask"] = torch.cat([step["attention_mask"], torch.ones_like(nxt[:, None])], 1)
+            if mrope:
+                step["mm_token_type_ids"] = torch.cat([step["mm_token_type_ids"], torch.zeros_like(nxt[:, None])], 1)
 
 
 @pytest.mark.parametrize("name", sorted(LLM_METHODS))

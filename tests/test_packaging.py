@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 import vtc.kernels
 
 ROOT = Path(__file__).resolve().parents[1]

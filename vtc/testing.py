@@ -234,3 +234,125 @@ def _pad(rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
 
 
 FAMILIES["llava_next"] = TinyFamily("llava_next", tiny_llava_next, llava_next_inputs, ("pixel_values", "image_sizes"))
+
+
+QWEN_VISION_START, QWEN_VISION_END, VIDEO_TOKEN = 302, 303, 301
+
+
+def _qwen_text() -> dict:
+    return {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        "max_position_embeddings": 4096,
+        "pad_token_id": PAD_TOKEN,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _qwen_ids() -> dict:
+    return {
+        "image_token_id": IMAGE_TOKEN,
+        "video_token_id": VIDEO_TOKEN,
+        "vision_start_token_id": QWEN_VISION_START,
+        "vision_end_token_id": QWEN_VISION_END,
+    }
+
+
+def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Qwen2-VL-layout model: ViT with 4 px patches, temporal patch 2, 2 x 2 merger; M-RoPE decoder."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 4,
+        "patch_size": 4,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "hidden_size": 64,
+        "in_channels": 3,
+        "mlp_ratio": 2,
+    }
+    config = Qwen2VLConfig(text_config=_qwen_text(), vision_config=vision, **_qwen_ids())
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Qwen2.5-VL-layout model: as Qwen2-VL, plus window attention (2 x 2 LLM-token windows) in block 0."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "patch_size": 4,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 64,
+        "window_size": 16,
+        "fullatt_block_indexes": [1],
+        "intermediate_size": 64,
+        "in_channels": 3,
+    }
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(), vision_config=vision, **_qwen_ids())
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+#: ViT patch grids (t, h, w) qwen_inputs cycles through: images of different sizes and aspect ratios
+QWEN_GRIDS = ((1, 8, 8), (1, 4, 8), (1, 8, 4), (1, 6, 10))
+
+
+def qwen_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    images_per_sample: int = 1,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch for the tiny Qwen models, with flattened patches as the Qwen processor returns them."""
+    vcfg = model.config.vision_config
+    merge = vcfg.spatial_merge_size
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    gen = torch.Generator().manual_seed(seed)
+    grids = [QWEN_GRIDS[(seed + i) % len(QWEN_GRIDS)] for i in range(len(prompt_lengths) * images_per_sample)]
+    rows, image = [], 0
+    for before, after in prompt_lengths:
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
+        for _ in range(images_per_sample):
+            t, h, w = grids[image]
+            ids += [QWEN_VISION_START] + [IMAGE_TOKEN] * (t * h * w // merge**2) + [QWEN_VISION_END]
+            image += 1
+        ids += torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist()
+        rows.append(ids)
+    out = _pad(rows, padding_side)
+    out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).long()
+    patches = sum(t * h * w for t, h, w in grids)
+    out["pixel_values"] = torch.randn(patches, patch_dim, generator=gen).to(model.dtype)
+    out["image_grid_thw"] = torch.tensor(grids)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _QwenFamily(TinyFamily):
+    def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
+        """Sample ``b``'s image alone: its rows of the flattened patches, its grid, its token types."""
+        grids = inputs["image_grid_thw"]
+        sizes = grids.prod(-1).tolist()
+        start = sum(sizes[:b])
+        return {"pixel_values": inputs["pixel_values"][start : start + sizes[b]], "image_grid_thw": grids[b : b + 1]}
+
+
+FAMILIES["qwen2_vl"] = _QwenFamily("qwen2_vl", tiny_qwen2_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
+FAMILIES["qwen2_5_vl"] = _QwenFamily("qwen2_5_vl", tiny_qwen2_5_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))

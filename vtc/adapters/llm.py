@@ -238,8 +238,10 @@ class LLMHooks:
             kwargs.update(call.cur)
         cos, sin = kwargs["position_embeddings"]
         if call.pos is None:
-            pos = kwargs.get("position_ids")
-            call.pos = pos.expand(hidden.shape[0], -1) if pos is not None and pos.dim() == 2 else pos
+            pos = kwargs.get("position_ids")  # 1-D (text) positions; M-RoPE models may pass none
+            if pos is None or pos.dim() != 2:
+                pos = (call.mask2d.long().cumsum(-1) - 1).clamp_min(0)
+            call.pos = pos.expand(hidden.shape[0], -1)
         if idx in self.score_layers:
             call.stash[idx] = (hidden, cos, sin, call.mask2d)
         if idx in self.prune_layers:

@@ -210,7 +210,7 @@ class QwenVLAdapter(Adapter):
             token_id = self.image_token_id if modality == "image" else self.video_token_id
             mod_spans = _assign(input_ids == token_id, [f.shape[0] for f in features])
             offset = 0
-            for i, (feat, (sample, start), thw) in enumerate(zip(features, mod_spans, grid.tolist(), strict=True)):
+            for feat, (sample, start), thw in zip(features, mod_spans, grid.tolist(), strict=True):
                 t, h, w = thw
                 rows, cols = h // self.merge, w // self.merge
                 n = feat.shape[0]

@@ -28,7 +28,7 @@ import torch
 
 from ..config import MethodConfig, check_float
 from ..hooks import ImageTokens, Reduction, Stage
-from ..kernels.reference import normalize
+from ..kernels import normalize
 from ..registry import Method, register_method
 
 

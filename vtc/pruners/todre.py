@@ -28,7 +28,7 @@ from .. import kernels
 from ..budget import keep_count
 from ..config import MethodConfig, check_choice, check_float, check_int
 from ..hooks import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..kernels.reference import normalize
+from ..kernels import normalize
 from ..registry import Method, register_method
 
 

@@ -73,9 +73,9 @@ def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tenso
     if others.numel():
         _, best = kernels.cosine_argmax(keys[others], keys[targets])
         member_of[~is_target] = best
-        total = torch.zeros_like(tokens).index_add_(0, best, hidden[others].float())
-        count = torch.bincount(best, minlength=c).float()
-        tokens = tokens + total / count.clamp_min(1.0)[:, None]
+        ones = torch.ones(others.numel(), device=hidden.device)
+        mean, _ = kernels.weighted_merge(hidden[others], ones, best, num_groups=c)  # zeros where nothing joined
+        tokens = tokens + mean.float()
     return tokens.to(hidden.dtype), targets, member_of
 
 
