@@ -17,7 +17,10 @@ Defaults (official): ``alpha = 0.5``, ``tau_tv = 0.02``, ``tau_vv = 0.2``. Devia
 hook point having token ids but no tokenizer: the text is every prompt token after the image (question
 and template tokens alike) instead of the question's keywords after stop-word removal, and there is no
 padding-border exclusion for pad-to-square preprocessing (HF's LLaVA-1.5 processor center-crops). With no
-text tokens, only the vision-coverage rows remain.
+text tokens, only the vision-coverage rows remain. On Qwen2-VL ``Y`` is a 2 x 2 group's four patch
+features concatenated (the merger's input, which is what the adapter exposes) where the official Qwen path
+averages them; on LLaVA-NeXT the greedy runs over all the image's patch tokens at once (the official code
+gives every partition the same count).
 """
 
 from __future__ import annotations
