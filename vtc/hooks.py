@@ -166,6 +166,7 @@ class ImageTokens:
         text_embeds: ``[m, D]`` their input embeddings (the LLM's embedding table, not contextual states).
         project: maps vision-space features ``[..., C]`` through the model's projector to ``[..., D]``.
         sample: index of the sample in the batch; image: index of the image in the whole batch.
+        modality: ``"image"`` or ``"video"`` (a video is one item: its frames are its partitions).
     """
 
     tokens: torch.Tensor
@@ -178,6 +179,7 @@ class ImageTokens:
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     sample: int = 0
     image: int = 0
+    modality: str = "image"
 
     @property
     def n(self) -> int:

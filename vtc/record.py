@@ -36,6 +36,7 @@ class ImageRecord:
     scores: list[float] | None
     counts: dict[str, int]
     layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    modality: str = "image"
     #: separator (newline) tokens among ``counts``' input and pre-LLM tokens, when the layout has any
     newlines: dict[str, int] = dataclasses.field(default_factory=dict)
 

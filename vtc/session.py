@@ -273,6 +273,7 @@ class Session:
                     scores=scores,
                     counts={"input": n, "pre_llm": len(kept)},
                     newlines=_newline_counts(image, kept),
+                    modality=image.modality,
                 )
             )
         samples = []

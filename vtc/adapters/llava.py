@@ -12,6 +12,7 @@ ViT-L/14-336 with the ``"default"`` strategy that drops CLS). Images fill the pl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,9 +32,6 @@ VISION_TOWERS: dict[str, tuple[str, str, int]] = {
     "siglip_vision_model": ("encoder.layers", "self_attn", 0),
     "dinov2": ("encoder.layer", "attention", 1),
 }
-
-
-_VISUAL_KWARGS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
 
 def _feature_block(vision_feature_layer: int, num_blocks: int) -> int:
@@ -87,14 +85,6 @@ class LlavaAdapter(Adapter):
 
     def decoder(self) -> Decoder:
         return Decoder(self.base.language_model)
-
-    def visual_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
-
-    def passthrough(self, kwargs: Mapping[str, Any], encoded: Encoded) -> dict[str, Any]:
-        out = {k: v for k, v in kwargs.items() if k not in _VISUAL_KWARGS}
-        out["mm_encoder_outputs"] = {"image": encoded.encoder_output}
-        return out
 
     def tower_info(self) -> TowerInfo:
         return TowerInfo(has_cls=self.prefix > 0, num_blocks=len(self.blocks))
@@ -184,15 +174,67 @@ class LlavaAdapter(Adapter):
         finally:
             self._capture = None
 
+    # -- modalities -------------------------------------------------------------------------------------
+    def modalities(self) -> list[Modality]:
+        """The visual inputs this family takes (LLaVA-1.5: images only)."""
+        return [Modality("image", "pixel_values", self.image_token_id, ("image_sizes",))]
+
+    def has_visual_input(self, kwargs: Mapping[str, Any]) -> bool:
+        return any(kwargs.get(m.pixels) is not None for m in self.modalities())
+
+    def visual_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.zeros_like(input_ids, dtype=torch.bool)
+        for m in self.modalities():
+            rows |= input_ids == m.token_id
+        return rows
+
+    def features(self, modality: Modality, kwargs: Mapping[str, Any], strategy: str) -> Any:
+        """Run the model's own feature function for one modality (vision tower + projector + packing)."""
+        extra = {key: kwargs[key] for key in modality.extra if kwargs.get(key) is not None}
+        fn = getattr(self.base, f"get_{modality.name}_features")
+        return fn(
+            kwargs[modality.pixels],
+            vision_feature_layer=self.feature_layer,
+            vision_feature_select_strategy=strategy,
+            return_dict=True,
+            **extra,
+        )
+
+    def item_features(self, modality: Modality, output: Any) -> list[torch.Tensor]:
+        """The per-image (per-video) ``[n, D]`` tokens in a feature output."""
+        return list(output.pooler_output)
+
+    def pack_features(self, modality: Modality, output: Any, items: list[torch.Tensor]) -> Any:
+        """A feature output the model's forward accepts as ``mm_encoder_outputs[modality]``."""
+        return output.__class__(**{**output, "pooler_output": items})
+
+    def layouts(self, modality: Modality, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, list[int]]]:
+        """Per image: its layout, and the rows of the vision-tower batch that are its partitions."""
+        pixel_values = kwargs[modality.pixels]
+        rows, cols = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
+        layout = Layout.grid(rows, cols, prefix=self.prefix, include_prefix=strategy == "full")
+        return [(layout, [i]) for i in range(pixel_values.shape[0])]
+
+    def item_signals(
+        self, modality: Modality, captured: dict[str, torch.Tensor], rows: list[int], layout: Layout
+    ) -> dict[str, torch.Tensor]:
+        """The image's signals ``[P, slots, ...]`` from the tower-batch rows of its partitions."""
+        return {name: value[rows] for name, value in captured.items()}
+
+    def item_vision_tokens(
+        self, modality: Modality, proj_in: torch.Tensor, rows: list[int], layout: Layout, full: bool
+    ) -> torch.Tensor:
+        return _vision_tokens(proj_in[rows], layout, full)
+
     # -- per call -----------------------------------------------------------------------------------
     def check_call(self, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get("input_ids") is None:
             raise ValueError(
-                "vtc needs input_ids to find the image placeholders; pass input_ids (not inputs_embeds) "
-                "together with pixel_values"
+                "vtc needs input_ids to find the visual placeholders; pass input_ids (not inputs_embeds) "
+                "together with the pixel values"
             )
         if kwargs.get("mm_encoder_outputs"):
-            raise ValueError("pass pixel_values, not pre-computed mm_encoder_outputs, to a compressed model")
+            raise ValueError("pass pixel values, not pre-computed mm_encoder_outputs, to a compressed model")
         layer = kwargs.get("vision_feature_layer")
         if layer is not None and layer != self.feature_layer:
             raise ValueError(
@@ -201,53 +243,58 @@ class LlavaAdapter(Adapter):
             )
 
     def encode(self, kwargs: Mapping[str, Any], signals: Sequence[VisionSignal]) -> Encoded:
-        pixel_values = kwargs["pixel_values"]
         strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        extra = {} if kwargs.get("image_sizes") is None else {"image_sizes": kwargs["image_sizes"]}
-        with self._capturing() as cap:
-            out = self.base.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=self.feature_layer,
-                vision_feature_select_strategy=strategy,
-                return_dict=True,
-                **extra,
-            )
-        features = list(out.pooler_output)
-        captured = {name: torch.cat(parts) for name, parts in cap.items()}
-        proj_in = captured.pop("projector_input")
-        layouts = self.layouts(kwargs, strategy)
         input_ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask")
-        spans = _assign(input_ids == self.image_token_id, [f.shape[0] for f in features])
         embed = self.model.get_input_embeddings()
-        images = []
-        for i, (feat, (sample, start), (layout, rows)) in enumerate(zip(features, spans, layouts, strict=True)):
-            if feat.shape[0] != layout.num_tokens:
-                raise ValueError(f"image {i} has {feat.shape[0]} features but its layout implies {layout.num_tokens}")
-            text_ids = _text_after(input_ids[sample], mask[sample] if mask is not None else None, start, feat.shape[0])
-            text_ids = text_ids[text_ids != self.image_token_id]
-            images.append(
-                ImageTokens(
-                    tokens=feat,
-                    layout=layout,
-                    k=feat.shape[0],
-                    signals={name: value[rows] for name, value in captured.items()},
-                    vision_tokens=_vision_tokens(proj_in[rows], layout, strategy == "full"),
-                    text_ids=text_ids,
-                    text_embeds=embed(text_ids),
-                    project=self.base.multi_modal_projector,
-                    sample=sample,
-                    image=i,
+        visual = self.visual_rows(input_ids)
+        images, spans, outputs = [], [], {}
+        for modality in self.modalities():
+            if kwargs.get(modality.pixels) is None:
+                continue
+            with self._capturing() as cap:
+                out = self.features(modality, kwargs, strategy)
+            outputs[modality.name] = out
+            captured = {name: torch.cat(parts) for name, parts in cap.items()}
+            proj_in = captured.pop("projector_input")
+            features = self.item_features(modality, out)
+            layouts = self.layouts(modality, kwargs, strategy)
+            mod_spans = _assign(input_ids == modality.token_id, [f.shape[0] for f in features], modality.name)
+            for feat, (sample, start), (layout, rows) in zip(features, mod_spans, layouts, strict=True):
+                if feat.shape[0] != layout.num_tokens:
+                    raise ValueError(
+                        f"a {modality.name} has {feat.shape[0]} features but its layout implies {layout.num_tokens}"
+                    )
+                text_ids = _text_after(input_ids, mask, visual, sample, start + feat.shape[0])
+                images.append(
+                    ImageTokens(
+                        tokens=feat,
+                        layout=layout,
+                        k=feat.shape[0],
+                        signals=self.item_signals(modality, captured, rows, layout),
+                        vision_tokens=self.item_vision_tokens(modality, proj_in, rows, layout, strategy == "full"),
+                        text_ids=text_ids,
+                        text_embeds=embed(text_ids),
+                        project=self.base.multi_modal_projector,
+                        sample=sample,
+                        image=len(images),
+                        modality=modality.name,
+                    )
                 )
-            )
-        return Encoded(images=images, spans=spans, encoder_output=out)
+                spans.append((sample, start))
+        return Encoded(images=images, spans=spans, encoder_output=outputs)
 
-    def layouts(self, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, list[int]]]:
-        """Per image: its layout, and the rows of the vision-tower batch that are its partitions."""
-        pixel_values = kwargs["pixel_values"]
-        rows, cols = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
-        layout = Layout.grid(rows, cols, prefix=self.prefix, include_prefix=strategy == "full")
-        return [(layout, [i]) for i in range(pixel_values.shape[0])]
+    def passthrough(self, kwargs: Mapping[str, Any], encoded: Encoded) -> dict[str, Any]:
+        out = {k: v for k, v in kwargs.items() if k not in self._visual_kwargs()}
+        out["mm_encoder_outputs"] = dict(encoded.encoder_output)
+        return out
+
+    def _visual_kwargs(self) -> set[str]:
+        keys = {"vision_feature_layer", "vision_feature_select_strategy"}
+        for m in self.modalities():
+            keys.add(m.pixels)
+            keys.update(m.extra)
+        return keys
 
     def base_positions(self, kwargs: Mapping[str, Any], mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
         """The 1-D positions the stock model would give the full prompt."""
@@ -273,7 +320,8 @@ class LlavaAdapter(Adapter):
             mask = torch.ones_like(input_ids)
         base = self.base_positions(kwargs, mask, for_generate)
         images = [(s, start, im.n) for (s, start), im in zip(encoded.spans, encoded.images, strict=True)]
-        per_token = {"labels": (kwargs["labels"], -100)} if kwargs.get("labels") is not None else None
+        per_token = {"labels": (kwargs["labels"], -100)} if kwargs.get("labels") is not None else {}
+        per_token["_ids"] = (input_ids, self.pad_token_id())
         ids, new_mask, pos, extra, sources = splice(
             input_ids,
             mask,
@@ -286,23 +334,24 @@ class LlavaAdapter(Adapter):
             side=padding_side(kwargs.get("attention_mask"), for_generate),
             per_token=per_token,
         )
-        features = []
-        for im, red in zip(encoded.images, reductions, strict=True):
-            if red is None:
-                features.append(im.tokens)
-            elif red.tokens is not None:
-                features.append(red.tokens.to(im.tokens.dtype))
-            else:
-                features.append(im.tokens[red.index])
-        out = {k: v for k, v in kwargs.items() if k not in _VISUAL_KWARGS}
-        image_output = encoded.encoder_output.__class__(**{**encoded.encoder_output, "pooler_output": features})
-        out.update(
-            input_ids=ids,
-            attention_mask=new_mask,
-            position_ids=pos,
-            mm_encoder_outputs={"image": image_output},
-            **extra,
-        )
+        ids = extra.pop("_ids")  # visual rows keep their own modality's placeholder id
+        outputs = {}
+        for modality in self.modalities():
+            if modality.name not in encoded.encoder_output:
+                continue
+            items = []
+            for im, red in zip(encoded.images, reductions, strict=True):
+                if im.modality != modality.name:
+                    continue
+                if red is None:
+                    items.append(im.tokens)
+                elif red.tokens is not None:
+                    items.append(red.tokens.to(im.tokens.dtype))
+                else:
+                    items.append(im.tokens[red.index])
+            outputs[modality.name] = self.pack_features(modality, encoded.encoder_output[modality.name], items)
+        out = {k: v for k, v in kwargs.items() if k not in self._visual_kwargs()}
+        out.update(input_ids=ids, attention_mask=new_mask, position_ids=pos, mm_encoder_outputs=outputs, **extra)
         return Rebuilt(
             kwargs=out,
             source_positions=sources,
@@ -312,20 +361,30 @@ class LlavaAdapter(Adapter):
         )
 
 
-def _assign(placeholders: torch.Tensor, lengths: Sequence[int]) -> list[tuple[int, int]]:
+@dataclasses.dataclass(frozen=True)
+class Modality:
+    """One kind of visual input of a family: ``name`` (image / video) selects ``get_<name>_features``."""
+
+    name: str
+    pixels: str  # the call's pixel tensor argument
+    token_id: int  # its placeholder id
+    extra: tuple[str, ...] = ()  # other call arguments the feature function takes
+
+
+def _assign(placeholders: torch.Tensor, lengths: Sequence[int], what: str = "image") -> list[tuple[int, int]]:
     """Give each image (in batch order) the next ``n`` placeholders; returns ``(sample, start)`` per image."""
     total, expected = int(placeholders.sum()), int(sum(lengths))
     if total != expected:
         raise ValueError(
-            f"the prompt has {total} image placeholder tokens but the images give {expected} visual tokens; "
-            f"build inputs with the model's processor so every <image> is expanded"
+            f"the prompt has {total} {what} placeholder tokens but the {what}s give {expected} visual tokens; "
+            f"build inputs with the model's processor so every <{what}> is expanded"
         )
     spans, queue = [], [(b, start, length) for b, runs in enumerate(find_runs(placeholders)) for start, length in runs]
     run, offset = 0, 0
     for n in lengths:
         b, start, length = queue[run]
         if offset + n > length:
-            raise ValueError("an image's placeholder tokens are not contiguous in the prompt")
+            raise ValueError(f"a {what}'s placeholder tokens are not contiguous in the prompt")
         spans.append((b, start + offset))
         offset += n
         if offset == length:
@@ -345,8 +404,11 @@ def _vision_tokens(proj_in: torch.Tensor, layout: Layout, full: bool) -> torch.T
     return out
 
 
-def _text_after(ids: torch.Tensor, mask: torch.Tensor | None, start: int, n: int) -> torch.Tensor:
-    tail = ids[start + n :]
+def _text_after(
+    input_ids: torch.Tensor, mask: torch.Tensor | None, visual: torch.Tensor, sample: int, end: int
+) -> torch.Tensor:
+    """The sample's prompt text after position ``end``: no padding, no visual placeholders."""
+    keep = ~visual[sample, end:]
     if mask is not None:
-        tail = tail[mask[start + n :] != 0]
-    return tail
+        keep &= mask[sample, end:] != 0
+    return input_ids[sample, end:][keep]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..hooks import Layout
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, Modality
 
 
 def anyres_layout(
@@ -78,7 +78,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if kwargs.get("pixel_values") is not None and kwargs["pixel_values"].dim() == 4:
             raise ValueError("LLaVA-NeXT pixel_values must be [batch, tiles, 3, H, W] as its processor returns them")
 
-    def layouts(self, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, list[int]]]:
+    def layouts(self, modality: Modality, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, list[int]]]:
         cfg = self.model.config
         tile = int(cfg.vision_config.image_size)
         rows = cols = tile // self.patch_size

@@ -223,8 +223,7 @@ class QwenVLAdapter(Adapter):
                     # so merged ones can still be projected; scores and keys are the group's mean
                     group = value[sl].flatten(1) if name.startswith("hidden") else value[sl].float().mean(dim=1)
                     sig[name] = group.view(t, rows * cols, *group.shape[1:])
-                text_ids = _text_after(input_ids[sample], mask[sample] if mask is not None else None, start, n)
-                text_ids = text_ids[(text_ids != self.image_token_id) & (text_ids != self.video_token_id)]
+                text_ids = _text_after(input_ids, mask, self.visual_rows(input_ids), sample, start + n)
                 images.append(
                     ImageTokens(
                         tokens=feat,
@@ -237,6 +236,7 @@ class QwenVLAdapter(Adapter):
                         project=self._project,
                         sample=sample,
                         image=len(images),
+                        modality=modality,
                     )
                 )
                 spans.append((sample, start))
