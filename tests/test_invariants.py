@@ -58,8 +58,9 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
         assert list(im.counts.values())[-1] == k  # after the last stage
         assert len(im.kept) == im.counts["pre_llm"] == (k if pre_llm else im.num_input)
     fed = seen["ids"]
-    assert int((fed == ph).sum()) == sum(len(im.kept) for im in rec.images)
-    per_sample = (fed == ph).sum(1).tolist()
+    visual = torch.isin(fed, torch.tensor([ph, getattr(model.config, "video_token_id", ph)]))
+    assert int(visual.sum()) == sum(len(im.kept) for im in rec.images)
+    per_sample = visual.sum(1).tolist()
     assert per_sample == [sum(len(im.kept) for im in rec.images_of(b)) for b in range(len(BATCH))]
     assert all(out.shape[1] == len(s.source_positions) for s in rec.samples)
 
@@ -142,10 +143,11 @@ def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method)
     if sorted(g for g in im.groups if g >= 0) != list(range(len(im.kept))) or -1 in im.kept:
         pytest.skip(f"{method} merges tokens: not a pure selection")
     ids = inputs["input_ids"][0]
-    start = int((ids == model.config.image_token_id).nonzero()[0])
+    placeholder = model.config.video_token_id if family.modality == "video" else model.config.image_token_id
+    start = int((ids == placeholder).nonzero()[0])
     with torch.no_grad():
         visual = {key: inputs[key] for key in family.image_keys}
-        feats = model.model.get_image_features(**visual).pooler_output[0]
+        feats = getattr(model.model, f"get_{family.modality}_features")(**visual).pooler_output[0]
         embed = model.get_input_embeddings()
         n = im.num_input
         seq = torch.cat([embed(ids[:start]), feats[torch.tensor(im.kept)], embed(ids[start + n :])])[None]

@@ -167,6 +167,7 @@ class ImageTokens:
         project: maps vision-space features ``[..., C]`` through the model's projector to ``[..., D]``.
         sample: index of the sample in the batch; image: index of the image in the whole batch.
         modality: ``"image"`` or ``"video"`` (a video is one item: its frames are its partitions).
+        tower: what the vision tower is (CLS or not), as the adapter reports it.
     """
 
     tokens: torch.Tensor
@@ -180,6 +181,8 @@ class ImageTokens:
     sample: int = 0
     image: int = 0
     modality: str = "image"
+    #: the vision tower (set by the session): whether its signals are CLS rows or attention received
+    tower: TowerInfo = TowerInfo(has_cls=True, num_blocks=0)
 
     @property
     def n(self) -> int:

@@ -164,7 +164,9 @@ class Session:
             start = time.perf_counter()
             reductions: list[Reduction | None] = []
             pre_llm = Stage.PRE_LLM in self.method.stages
+            tower = adapter.tower_info()
             for image in encoded.images:
+                image.tower = tower
                 image.k = keep_count(self.config.budget, image.n) if pre_llm else image.n
                 if image.k >= image.n:
                     reductions.append(None)

@@ -115,8 +115,9 @@ class TinyFamily:
     name: str
     build: Callable[..., nn.Module]
     inputs: Callable[..., dict[str, Any]]
-    #: input keys get_image_features takes (besides its main one), for tests that call it directly
+    #: input keys get_<modality>_features takes, for tests that call it directly
     image_keys: tuple[str, ...] = ("pixel_values",)
+    modality: str = "image"
 
     def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
         """The visual inputs of sample ``b`` alone (one image per sample)."""
@@ -356,3 +357,146 @@ class _QwenFamily(TinyFamily):
 
 FAMILIES["qwen2_vl"] = _QwenFamily("qwen2_vl", tiny_qwen2_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
 FAMILIES["qwen2_5_vl"] = _QwenFamily("qwen2_5_vl", tiny_qwen2_5_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
+
+
+def tiny_llava_onevision(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A LLaVA-OneVision-layout model: SigLIP frames of 48 px / 8 px patches (6 x 6), pooled to 3 x 3 per frame."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=48,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        pad_token_id=PAD_TOKEN,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    _sharpen(model.model.vision_tower.encoder.layers, seed)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+def tiny_llava_next_video(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A LLaVA-NeXT-Video-layout model: CLIP frames of 48 px / 8 px patches, 2 x 2 average-pooled to 3 x 3."""
+    from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=48,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        pad_token_id=PAD_TOKEN,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    _sharpen(model.model.vision_tower.encoder.layers, seed)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+def llava_video_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    frames: int = 4,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch of one video per sample for the tiny OneVision / NeXT-Video models."""
+    size = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    videos = torch.randn(len(prompt_lengths), frames, 3, size, size, generator=gen)
+    # neighbouring frames are similar (as in real video), so temporal mergers have something to merge
+    for t in range(1, frames):
+        videos[:, t] = 0.8 * videos[:, t - 1] + 0.2 * videos[:, t]
+    with torch.no_grad():
+        n = model.model.get_video_features(videos[:1].to(model.dtype)).pooler_output[0].shape[0]
+    rows = []
+    for before, after in prompt_lengths:
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist() + [VIDEO_TOKEN] * n
+        rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
+    out = _pad(rows, padding_side)
+    out["pixel_values_videos"] = videos.to(model.dtype)
+    return out
+
+
+def qwen_video_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch of one video per sample for the tiny Qwen models (grids of 2-4 temporal groups)."""
+    vcfg = model.config.vision_config
+    merge = vcfg.spatial_merge_size
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    gen = torch.Generator().manual_seed(seed)
+    grids = [((2 + (seed + i) % 3), 4, 8) for i in range(len(prompt_lengths))]
+    rows = []
+    for (before, after), (t, h, w) in zip(prompt_lengths, grids, strict=True):
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
+        ids += [QWEN_VISION_START] + [VIDEO_TOKEN] * (t * h * w // merge**2) + [QWEN_VISION_END]
+        rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
+    out = _pad(rows, padding_side)
+    out["mm_token_type_ids"] = (out["input_ids"] == VIDEO_TOKEN).long() * 2
+    patches = sum(t * h * w for t, h, w in grids)
+    out["pixel_values_videos"] = torch.randn(patches, patch_dim, generator=gen).to(model.dtype)
+    out["video_grid_thw"] = torch.tensor(grids)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _QwenVideoFamily(TinyFamily):
+    def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
+        grids = inputs["video_grid_thw"]
+        sizes = grids.prod(-1).tolist()
+        start = sum(sizes[:b])
+        return {
+            "pixel_values_videos": inputs["pixel_values_videos"][start : start + sizes[b]],
+            "video_grid_thw": grids[b : b + 1],
+        }
+
+
+#: video entries of the test matrix (images of these families use the LLaVA-NeXT path, tested above)
+VIDEO_FAMILIES: dict[str, TinyFamily] = {
+    "llava_onevision": TinyFamily(
+        "llava_onevision", tiny_llava_onevision, llava_video_inputs, ("pixel_values_videos",), "video"
+    ),
+    "llava_next_video": TinyFamily(
+        "llava_next_video", tiny_llava_next_video, llava_video_inputs, ("pixel_values_videos",), "video"
+    ),
+    "qwen2_vl_video": _QwenVideoFamily(
+        "qwen2_vl_video", tiny_qwen2_vl, qwen_video_inputs, ("pixel_values_videos", "video_grid_thw"), "video"
+    ),
+}
+FAMILIES.update(VIDEO_FAMILIES)

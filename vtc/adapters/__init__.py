@@ -10,11 +10,14 @@ from ..hooks import Stage
 from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_video import LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
 
 #: model_type -> adapter class
 ADAPTERS: dict[str, type[Adapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
+    t: cls
+    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
+    for t in cls.model_types
 }
 
 __all__ = ["Adapter", "ADAPTERS", "UnsupportedModelError", "adapter_for", "families_supporting"]

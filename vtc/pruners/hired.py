@@ -114,7 +114,7 @@ class HiREDPruner(Method):
 
     def reduce(self, image: ImageTokens) -> Reduction:
         layout = image.layout
-        has_cls = layout.prefix > 0
+        has_cls = image.tower.has_cls
         scores = image.token_signal(self._signal(has_cls, self.config.final_layer), fill=float("-inf"))
         scores = scores.masked_fill(~layout.is_patch().to(scores.device), float("-inf"))
         tokens = [layout.partition_tokens(p).to(scores.device) for p in range(layout.num_partitions)]

@@ -82,7 +82,7 @@ class ToDREPruner(Method):
     def reduce(self, image: ImageTokens) -> Reduction:
         patch = image.layout.is_patch().to(image.tokens.device)
         if self.config.pivot == "cls":
-            scores = image.token_signal(self._score(image.layout.prefix > 0), fill=float("-inf"))
+            scores = image.token_signal(self._score(image.tower.has_cls), fill=float("-inf"))
             scores = scores.masked_fill(~patch, float("-inf"))
             first = int(kernels.topk_sorted(scores, 1)[0])
         else:

@@ -90,8 +90,8 @@ class VisionZipMerger(Method):
         layout = image.layout
         if image.project is None:
             raise ValueError("visionzip needs the model's projector (ImageTokens.project)")
-        has_cls = layout.prefix > 0 and self.config.keep_cls
-        score_sig = SCORE_CLS if layout.prefix > 0 else SCORE_RECEIVED
+        has_cls = layout.prefix > 0 and self.config.keep_cls  # a CLS slot to emit (not in pooled video frames)
+        score_sig = SCORE_CLS if image.tower.has_cls else SCORE_RECEIVED
         device = image.tokens.device
         out_index, out_vectors = [], []
         groups = torch.full((image.n,), -1, dtype=torch.long, device=device)
