@@ -18,7 +18,12 @@ LLM_METHODS = {
     "pdrop": {},
     "todre": {"layer": 2, "tau": 1.0},  # tau=1 makes stage 2 fire on the tiny model
     "todre-kept": {"layer": 2, "tau": 0.0},  # stage 2 never fires: visual tokens stay to the end
+    "holitom": {},  # outer merge, then the inner merge at layer round(4 * 18 / 28) = 3
 }
+#: in-LLM methods covered elsewhere: DyCoke's decode-time selection (test_video_mergers.py)
+DECODE_TIME = {"dycoke"}
+#: the ones that take images (the tests below that use the tiny LLaVA-1.5)
+IMAGE_METHODS = sorted(n for n in LLM_METHODS if "image" in vtc.get_method(n.split("-")[0]).method_class.modalities)
 BATCH = ((3, 4), (6, 2))
 
 
@@ -28,7 +33,7 @@ def _opts(name):
 
 def test_every_llm_layer_method_is_covered():
     registered = {m.name for m in vtc.list_methods() if Stage.LLM_LAYER in m.stages}
-    assert registered == {n.split("-")[0] for n in LLM_METHODS}
+    assert registered == {n.split("-")[0] for n in LLM_METHODS} | DECODE_TIME
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,8 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
     that apply the same kept set (the prefill's selection replayed)."""
     method, opts = _opts(name)
     tiny = FAMILIES[family]
+    if tiny.modality not in vtc.get_method(method).method_class.modalities:
+        pytest.skip(f"{method} takes {vtc.get_method(method).method_class.modalities} inputs")
     model = tiny.build(seed=4)
     inputs = tiny.inputs(model, BATCH, padding_side="left", seed=7)
     mrope = "mm_token_type_ids" in inputs  # M-RoPE: the model derives 3-D positions from the token types
@@ -62,7 +69,11 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
         )
         session = _SESSIONS[model]
         kept = dict(session.llm.call.kept_rows)
-        session.method.prune = lambda ctx: kept[ctx.layer]  # replay the prefill's selection
+        if hasattr(session.method, "merge_into"):  # replay the selection, redo the merge on these hidden states
+            impl = session.method
+            session.method.prune = lambda ctx: impl.merge_into(ctx, kept[ctx.layer])
+        else:
+            session.method.prune = lambda ctx: kept[ctx.layer]  # replay the prefill's selection
         prompt = inputs["input_ids"]
         step = dict(inputs)
         for t in range(steps):
@@ -78,7 +89,7 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
                 step["mm_token_type_ids"] = torch.cat([step["mm_token_type_ids"], torch.zeros_like(nxt[:, None])], 1)
 
 
-@pytest.mark.parametrize("name", sorted(LLM_METHODS))
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_kv_cache_lengths_per_layer(model, name):
     method, opts = _opts(name)
     inputs = llava_inputs(model, ((3, 4), (3, 4)), padding_side="left", seed=1)  # equal lengths: no re-padding
@@ -104,7 +115,7 @@ def test_kv_cache_lengths_per_layer(model, name):
         assert lengths == [length - 12] * 3 + [length - 16]  # stage 2 dropped all 4 visual tokens
 
 
-@pytest.mark.parametrize("name", sorted(LLM_METHODS))
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_sdpa_and_eager_choose_the_same_tokens_without_fallback(name, caplog):
     method, opts = _opts(name)
     kept = {}

@@ -21,7 +21,17 @@ from enum import Enum
 
 import torch
 
-__all__ = ["Stage", "VisionSignal", "TowerInfo", "Layout", "ImageTokens", "Reduction", "LayerTokens"]
+__all__ = [
+    "Stage",
+    "VisionSignal",
+    "TowerInfo",
+    "Layout",
+    "ImageTokens",
+    "Reduction",
+    "LayerTokens",
+    "LayerUpdate",
+    "DecodeTokens",
+]
 
 
 class Stage(str, Enum):
@@ -243,6 +253,11 @@ class Reduction:
         """A pure selection: keep ``index`` (returned in ascending order)."""
         return cls(index=torch.sort(index.long()).values, scores=scores)
 
+    @classmethod
+    def keep_ordered(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
+        """A pure selection fed to the LLM in the given order (not sorted)."""
+        return cls(index=index.long(), scores=scores)
+
     def lift(self, index: torch.Tensor, n: int) -> Reduction:
         """Map a reduction computed on the subset ``index`` of an image's ``n`` tokens back to all of them."""
         index = index.to(self.index.device)
@@ -306,3 +321,36 @@ class LayerTokens:
             raise ValueError(f"query must be 'last' or 'text', got {query!r}")
         probs = self.attention(rows, layer)
         return [p[:, v].mean(dim=0) for p, v in zip(probs, self.visual, strict=True)]
+
+
+@dataclasses.dataclass
+class LayerUpdate:
+    """What an ``LLM_LAYER`` method returns when it merges rather than only drops.
+
+    Attributes:
+        kept: per sample, the visual rows that go on (as for a plain prune).
+        hidden: ``[B, L, D]`` hidden states to continue from (merged rows updated), same rows as the input.
+    """
+
+    kept: list[torch.Tensor]
+    hidden: torch.Tensor
+
+
+@dataclasses.dataclass
+class DecodeTokens:
+    """The decode-time context of a method that re-selects cached visual rows at every generated token.
+
+    Attributes:
+        layer: layers from ``layer`` on attend only to the rows the method keeps (all text is always seen).
+        visual: per sample, the cache rows of its visual tokens.
+        attention: per sample ``[n_visual]``: head-mean attention of the current token over those rows at
+            layer ``layer - 1`` (from that layer's cached keys, RoPE and grouped heads applied).
+        n_input: per sample, visual tokens in the cache.
+        state: a dict the method may use to carry state between the decode steps of one generation.
+    """
+
+    layer: int
+    visual: list[torch.Tensor]
+    attention: list[torch.Tensor]
+    n_input: list[int]
+    state: dict

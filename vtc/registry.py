@@ -9,7 +9,7 @@ import torch
 
 from .budget import keep_count
 from .config import MethodConfig
-from .hooks import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
+from .hooks import DecodeTokens, ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
 
 __all__ = ["Method", "MethodInfo", "register_method", "get_method", "list_methods"]
 
@@ -31,6 +31,8 @@ class Method:
     default_positions: ClassVar[str] = "compact"
     #: newline-token policy of the official implementation (see MethodConfig.newlines)
     default_newlines: ClassVar[str] = "drop"
+    #: the inputs the method applies to
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -54,6 +56,14 @@ class Method:
     def prune(self, tokens: LayerTokens) -> list[torch.Tensor]:  # LLM_LAYER
         """Per sample, the visual rows (a subset of ``tokens.visual[b]``) that go on to later layers."""
         raise NotImplementedError(f"{type(self).__name__} does not act at the LLM_LAYER stage")
+
+    def llm_decode_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layer from which decode steps attend to a per-step subset of the cached visual rows (DyCoke)."""
+        return ()
+
+    def decode_select(self, tokens: DecodeTokens) -> list[torch.Tensor] | None:
+        """Per sample, the cached visual rows decode steps may attend to from ``tokens.layer`` on; None: all."""
+        raise NotImplementedError(f"{type(self).__name__} does not select at decode time")
 
     def visual_schedule(self, num_layers: int, n: int) -> list[int]:
         """Visual tokens each LLM layer sees for an image of ``n`` tokens (for analytic FLOPs)."""

@@ -167,6 +167,11 @@ class Session:
             tower = adapter.tower_info()
             for image in encoded.images:
                 image.tower = tower
+                if image.modality not in self.method.modalities:
+                    raise ValueError(
+                        f"method {self.method.name!r} compresses {' and '.join(self.method.modalities)} inputs, "
+                        f"not {image.modality}s"
+                    )
                 image.k = keep_count(self.config.budget, image.n) if pre_llm else image.n
                 if image.k >= image.n:
                     reductions.append(None)
@@ -178,7 +183,9 @@ class Session:
                 rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
                 out = rebuilt.kwargs
             self.record = self._make_record(encoded, reductions, rebuilt, kwargs, self._elapsed(start))
-            if self.llm is not None:
+            # a full budget turns every stage off, in-LLM ones included (budget=1.0 is the untouched model)
+            full = all(keep_count(self.config.budget, image.n) >= image.n for image in encoded.images)
+            if self.llm is not None and not full:
                 self.llm.pending = self._llm_plan(out, encoded, reductions, for_generate)
         return out
 
@@ -195,7 +202,7 @@ class Session:
         red = self.method.reduce(part)
         _check_reduction(self.method.name, part.n, part.k, red)
         red = red.lift(patches, image.n)
-        return _keep_rows(red, newline) if policy == "keep_rows" else red
+        return _keep_rows(red, newline, image.tokens) if policy == "keep_rows" else red
 
     def _llm_plan(self, out: dict, encoded, reductions, for_generate: bool) -> LLMPlan:
         """Where each image's rows sit in the sequence the LLM receives, for the in-LLM hooks."""
@@ -349,19 +356,33 @@ def _newline_counts(image, kept: list[int]) -> dict[str, int]:
     return {"input": int(newline.sum()), "pre_llm": sum(1 for i in kept if i >= 0 and bool(newline[i]))}
 
 
-def _keep_rows(red: Reduction, newline: torch.Tensor) -> Reduction:
-    """Add the separator after every row that still has a kept token (``newlines="keep_rows"``)."""
-    if red.tokens is not None:
-        raise ValueError("newlines='keep_rows' needs a method that selects tokens; this one merges them")
-    kept = torch.zeros_like(newline)
-    kept[red.index] = True
+def _keep_rows(red: Reduction, newline: torch.Tensor, tokens: torch.Tensor) -> Reduction:
+    """Add the separator after every row that still has a kept token (``newlines="keep_rows"``).
+
+    Selections in token order get the separators at their place in the sequence; other outputs (merges,
+    selections in a method's own order) get them appended at the end, which is where OneVision's single
+    video separator sits.
+    """
+    groups = red.resolve_groups(newline.numel())
+    kept = groups >= 0
     extra, start = [], 0
     for i in torch.nonzero(newline).flatten().tolist():
         if bool(kept[start:i].any()):
             extra.append(i)
         start = i + 1
-    index = torch.sort(torch.cat([red.index, torch.tensor(extra, dtype=torch.long, device=red.index.device)])).values
-    return Reduction(index=index, scores=red.scores)
+    extra = torch.tensor(extra, dtype=torch.long, device=red.index.device)
+    if red.tokens is None:
+        index = torch.cat([red.index, extra])
+        ascending = bool((red.index[1:] > red.index[:-1]).all())
+        return Reduction(index=torch.sort(index).values if ascending else index, scores=red.scores)
+    groups = groups.clone()
+    groups[extra] = red.index.numel() + torch.arange(extra.numel(), device=groups.device)
+    return Reduction(
+        index=torch.cat([red.index, extra]),
+        tokens=torch.cat([red.tokens, tokens[extra].to(red.tokens.dtype)]),
+        groups=groups,
+        scores=red.scores,
+    )
 
 
 def _check_reduction(name: str, n: int, k: int, red: Reduction) -> None:

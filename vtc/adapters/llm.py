@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import LayerTokens
+from ..hooks import DecodeTokens, LayerTokens, LayerUpdate
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,6 @@ class _Group:
     start: int  # first layer of the group
     prompt_mask: torch.Tensor  # [B, L_g] valid rows of the prompt as the group's cache holds it
     removed: torch.Tensor  # [B] visual rows dropped before this group (relative to layer 0)
-    decode_mask: Any = None
-    decode_pos: Any = None
 
 
 class _Call:
@@ -138,6 +136,11 @@ class _Call:
         self.cur: dict[str, Any] | None = None  # current replacement kwargs for layers of the last group
         #: per prune layer, the rows each sample kept (coordinates of the sequence entering that layer)
         self.kept_rows: dict[int, list[torch.Tensor]] = {}
+        # decode-time selection (methods with llm_decode_layers)
+        self.method_state: dict[str, Any] = {}
+        self.decode_keep: list[torch.Tensor] | None = None
+        self.decode_drop: torch.Tensor | None = None
+        self.decode_masks: dict[tuple, Any] = {}
 
 
 @dataclasses.dataclass
@@ -165,7 +168,16 @@ class LLMHooks:
         for layer in (*self.prune_layers, *self.score_layers):
             if not 0 <= layer < n:
                 raise ValueError(f"method {method.name!r} acts at LLM layer {layer}, outside 0..{n - 1}")
-        self.first = min((*self.prune_layers, *self.score_layers), default=n)
+        decode = tuple(sorted(set(method.llm_decode_layers(n))))
+        if len(decode) > 1:
+            raise ValueError(f"method {method.name!r}: at most one decode-time selection layer is supported")
+        self.decode_layer = decode[0] if decode else None
+        if self.decode_layer is not None and not 1 <= self.decode_layer < n:
+            raise ValueError(f"method {method.name!r} selects at decode layer {self.decode_layer}, outside 1..{n - 1}")
+        if self.decode_layer is not None and any(p <= self.decode_layer for p in self.prune_layers):
+            raise ValueError("decode-time selection after an in-prefill prune point is not supported")
+        starts = (*self.prune_layers, *self.score_layers, *((self.decode_layer - 1,) if decode else ()))
+        self.first = min(starts, default=n)
         self.handles: list[Any] = []
         self.pending: LLMPlan | None = None
         self.call: _Call | None = None  # the call in progress
@@ -206,9 +218,11 @@ class LLMHooks:
         self.call = call  # None: an unrelated call (text only, or another cache): leave it alone
         if call is not None:
             call.decoding = True
+            if mask2d is None:  # the model's default: every cached and new token is visible
+                bsz, q = embeds.shape[:2]
+                mask2d = torch.ones(bsz, past + q, dtype=torch.long, device=embeds.device)
             call.call_mask = mask2d
-            for g in call.groups:
-                g.decode_mask = g.decode_pos = None
+            call.decode_masks = {}
         return None
 
     def _lm_post(self, module, args, output):
@@ -292,6 +306,8 @@ class LLMHooks:
             _attend=self._attend(idx, hidden, cos, sin),
         )
         kept = self.method.prune(ctx)
+        if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones
+            hidden, kept = kept.hidden, kept.kept
         call.kept_rows[idx] = kept
         for b, (k, v) in enumerate(zip(kept, visual_rows, strict=True)):
             if not bool(torch.isin(k, v).all()) or torch.unique(k).numel() != k.numel():
@@ -351,27 +367,73 @@ class LLMHooks:
 
     def _decode(self, idx: int, args: tuple, kwargs: dict):
         call = self.call
+        hidden = args[0] if args else kwargs["hidden_states"]
+        selecting = self.decode_layer is not None
+        if selecting and idx == self.decode_layer - 1:
+            call.stash[idx] = (hidden, *kwargs["position_embeddings"], None)
+        if selecting and idx == self.decode_layer:
+            self._decode_select(idx, hidden)
         group = None
         for g in call.groups:
             if g.start <= idx:
                 group = g
-        if group is None:
+        masked = selecting and idx >= self.decode_layer and call.decode_keep is not None
+        if group is None and not masked:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if group.decode_mask is None:
-            bsz, q = hidden.shape[:2]
+        bsz, q = hidden.shape[:2]
+        key = (None if group is None else group.start, masked)
+        if key not in call.decode_masks:
             call_mask = call.call_mask
-            if call_mask is None:
-                past = call.cache.get_seq_length()
-                call_mask = torch.ones(bsz, past + q, dtype=torch.long, device=hidden.device)
-            mask2d = torch.cat([group.prompt_mask, call_mask[:, call.full_len :].to(group.prompt_mask)], dim=1)
+            if group is None:
+                mask2d = call_mask.long().clone()
+            else:
+                mask2d = torch.cat([group.prompt_mask, call_mask[:, call.full_len :].to(group.prompt_mask)], dim=1)
+            if masked:  # visual cache rows the decode-time selection left out
+                mask2d[call.decode_drop] = 0
             pos = kwargs.get("position_ids")
             pos = pos.expand(bsz, -1) if pos is not None else None
-            if call.plan.positions == "compact" and pos is not None:
+            decode_pos = None
+            if group is not None and call.plan.positions == "compact" and pos is not None:
                 pos = pos - group.removed[:, None]
-                group.decode_pos = (pos, self.decoder.rotary(hidden, pos))
-            group.decode_mask = self.decoder.mask(hidden, mask2d, call.cache, pos, idx)
-        kwargs["attention_mask"] = group.decode_mask
-        if group.decode_pos is not None:
-            kwargs["position_ids"], kwargs["position_embeddings"] = group.decode_pos
+                decode_pos = (pos, self.decoder.rotary(hidden, pos))
+            call.decode_masks[key] = (self.decoder.mask(hidden, mask2d, call.cache, pos, idx), decode_pos)
+        mask4d, decode_pos = call.decode_masks[key]
+        kwargs["attention_mask"] = mask4d
+        if decode_pos is not None:
+            kwargs["position_ids"], kwargs["position_embeddings"] = decode_pos
         return args, kwargs
+
+    def _decode_select(self, idx: int, hidden: torch.Tensor) -> None:
+        """Decode-time selection (DyCoke's dynamic KV pruning): which cached visual rows layers >= idx see."""
+        call = self.call
+        x, cos, sin, _ = call.stash[idx - 1]
+        block = self.decoder.layers[idx - 1]
+        attn = block.self_attn
+        bsz = x.shape[0]
+        h = block.input_layernorm(x[:, -1:])
+        q = attn.q_proj(h).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
+        q = self.decoder.rope(q, cos.expand(bsz, -1, -1)[:, -1:], sin.expand(bsz, -1, -1)[:, -1:])
+        keys = call.cache.layers[idx - 1].keys  # [B, Hkv, S, d], RoPE already applied
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
+        valid = call.call_mask[:, : keys.shape[-2]].to(logits.device)
+        logits = logits.masked_fill(valid[:, None] == 0, float("-inf"))
+        probs = logits.softmax(-1).mean(1)  # [B, S]
+        visual = [torch.nonzero(call.plan.visual[b]).flatten() for b in range(bsz)]
+        ctx = DecodeTokens(
+            layer=idx,
+            visual=visual,
+            attention=[probs[b, v] for b, v in enumerate(visual)],
+            n_input=[int(v.numel()) for v in visual],
+            state=call.method_state,
+        )
+        keep = self.method.decode_select(ctx)
+        call.decode_masks = {}
+        if keep is None:
+            call.decode_keep = call.decode_drop = None
+            return
+        drop = torch.zeros(bsz, keys.shape[-2], dtype=torch.bool, device=hidden.device)
+        for b, (rows, k) in enumerate(zip(visual, keep, strict=True)):
+            drop[b, rows] = True
+            drop[b, k] = False
+        call.decode_keep, call.decode_drop = keep, drop

@@ -1,1 +1,3 @@
-"""Merging methods (ToMe, HoliTom, temporal mergers); importing this package registers them."""
+"""Merging methods (HoliTom, temporal mergers, ToMe); importing this package registers them."""
+
+from . import dycoke, fastvid, holitom  # noqa: F401
