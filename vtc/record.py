@@ -37,6 +37,8 @@ class ImageRecord:
     counts: dict[str, int]
     layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     modality: str = "image"
+    #: ``[g_h, g_w]`` when partition 0 is the whole image and the others its crops (LLaVA-NeXT), else None
+    arrangement: list[int] | None = None
     #: separator (newline) tokens among ``counts``' input and pre-LLM tokens, when the layout has any
     newlines: dict[str, int] = dataclasses.field(default_factory=dict)
 

@@ -283,6 +283,7 @@ class Session:
                     counts={"input": n, "pre_llm": len(kept)},
                     newlines=_newline_counts(image, kept),
                     modality=image.modality,
+                    arrangement=list(image.layout.arrangement) if image.layout.arrangement else None,
                 )
             )
         samples = []
