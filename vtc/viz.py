@@ -176,28 +176,26 @@ def _title(record: ImageRecord, name: str | None = None) -> str:
 
 
 # -- figures ---------------------------------------------------------------------------------------------
-def show_kept(image: Image.Image, record: ImageRecord | Record, size: int = 336, title: str | None = None):
-    """The image as the model saw it, dropped tokens dimmed, fed tokens outlined. Returns a Figure."""
+def _show(image: Image.Image, record: ImageRecord | Record, size: int, title: str | None, merges: bool):
     record = record.images[0] if isinstance(record, Record) else record
     pics = views(image, record, size)
     fig, axes = _figure(len(pics))
     for ax, (name, picture, parts) in zip(axes, pics, strict=False):
-        ax.imshow(_canvas_overlay(picture, record, parts, merges=False))
+        ax.imshow(_canvas_overlay(picture, record, parts, merges=merges))
         ax.set_title(name if len(pics) > 1 else (title or _title(record)), fontsize=9)
     if len(pics) > 1:
         fig.suptitle(title or _title(record), fontsize=10)
     return fig
 
 
+def show_kept(image: Image.Image, record: ImageRecord | Record, size: int = 336, title: str | None = None):
+    """The image as the model saw it, dropped tokens dimmed, fed tokens outlined. Returns a Figure."""
+    return _show(image, record, size, title, merges=False)
+
+
 def show_merges(image: Image.Image, record: ImageRecord | Record, size: int = 336, title: str | None = None):
     """Each token fed to the LLM and the input tokens it stands for in one colour; dropped ones dark."""
-    record = record.images[0] if isinstance(record, Record) else record
-    pics = views(image, record, size)
-    fig, axes = _figure(len(pics))
-    for ax, (name, picture, parts) in zip(axes, pics, strict=False):
-        ax.imshow(_canvas_overlay(picture, record, parts, merges=True))
-        ax.set_title(name if len(pics) > 1 else (title or _title(record)), fontsize=9)
-    return fig
+    return _show(image, record, size, title, merges=True)
 
 
 def temporal_spans(record: ImageRecord) -> dict[int, list[int]]:

@@ -9,6 +9,7 @@ each image's :class:`~vtc.hooks.Reduction`, rebuilds the call's inputs (``rebuil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -65,6 +66,41 @@ class Adapter:
         self.handles: list[Any] = []
         #: seconds spent in vtc's own hook computations during the last ``encode``
         self.signal_seconds = 0.0
+        #: while a call's vision side runs: signal name -> captured tensors (None otherwise)
+        self._capture: dict[str, list[torch.Tensor]] | None = None
+
+    # -- capture plumbing shared by the families' vision hooks ------------------------------------------
+    @contextlib.contextmanager
+    def _capturing(self):
+        """Collect what the hooks capture while the vision side of one call runs."""
+        self._capture = {}
+        self.signal_seconds = 0.0
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        if self._capture is not None:
+            self._capture.setdefault(name, []).append(value.detach())
+
+    def _store_output(self, names: list[str]):
+        """A forward hook storing a module's output under every name in ``names``."""
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            for name in names:
+                self._keep(name, out)
+
+        return hook
+
+    def _store_input(self, name: str):
+        """A forward pre-hook storing a module's first input under ``name``."""
+
+        def hook(module, args):
+            self._keep(name, args[0])
+
+        return hook
 
     # -- installation -------------------------------------------------------------------------------
     def install(self, signals: Sequence[VisionSignal]) -> None:
@@ -115,6 +151,15 @@ class Adapter:
 
 
 # -- shared helpers ------------------------------------------------------------------------------------
+
+
+def reduced_tokens(image: ImageTokens, red: Reduction | None) -> torch.Tensor:
+    """``[k, D]`` the tokens an image contributes to the LLM after its reduction (all of them for None)."""
+    if red is None:
+        return image.tokens
+    if red.tokens is not None:
+        return red.tokens.to(image.tokens.dtype)
+    return image.tokens[red.index]
 
 
 def find_runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:

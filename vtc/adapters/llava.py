@@ -11,7 +11,6 @@ ViT-L/14-336 with the ``"default"`` strategy that drops CLS). Images fill the pl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,17 @@ from torch import nn
 
 from .. import kernels
 from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
-from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError, find_runs, module_at, padding_side, splice
+from .base import (
+    Adapter,
+    Encoded,
+    Rebuilt,
+    UnsupportedModelError,
+    find_runs,
+    module_at,
+    padding_side,
+    reduced_tokens,
+    splice,
+)
 from .llm import Decoder
 
 #: vision tower model_type -> (path of the block list inside the tower, attention attribute of a block,
@@ -77,8 +86,6 @@ class LlavaAdapter(Adapter):
         self.feature_layer = layer
         self.feature_block = _feature_block(layer if isinstance(layer, int) else max(layer), len(blocks))
         self.image_token_id = int(cfg.image_token_id)
-        self._capture: dict[str, list[torch.Tensor]] | None = None
-        self.signal_seconds = 0.0  # time spent computing vision signals in the current call
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -116,7 +123,9 @@ class LlavaAdapter(Adapter):
             hidden = [s for s in sigs if s.kind == "hidden"]
             if hidden:
                 self.handles.append(block.register_forward_hook(self._store_output([s.name for s in hidden])))
-        self.handles.append(self.base.multi_modal_projector.register_forward_pre_hook(self._store_projector_input))
+        self.handles.append(
+            self.base.multi_modal_projector.register_forward_pre_hook(self._store_input("projector_input"))
+        )
 
     def _hook_attention(self, block: nn.Module, sigs: list[VisionSignal]) -> None:
         attn = getattr(block, self._attn_attr)
@@ -151,28 +160,6 @@ class LlavaAdapter(Adapter):
         self.handles.append(attn.q_proj.register_forward_hook(keep("q")))
         self.handles.append(attn.k_proj.register_forward_hook(keep("k")))
         self.handles.append(attn.register_forward_hook(finish))
-
-    def _store_output(self, names: list[str]):
-        def hook(module, args, output):
-            if self._capture is not None:
-                out = output[0] if isinstance(output, tuple) else output
-                for name in names:
-                    self._capture.setdefault(name, []).append(out.detach())
-
-        return hook
-
-    def _store_projector_input(self, module, args):
-        if self._capture is not None:
-            self._capture.setdefault("projector_input", []).append(args[0].detach())
-
-    @contextlib.contextmanager
-    def _capturing(self):
-        self._capture = {}
-        self.signal_seconds = 0.0
-        try:
-            yield self._capture
-        finally:
-            self._capture = None
 
     # -- modalities -------------------------------------------------------------------------------------
     def modalities(self) -> list[Modality]:
@@ -339,16 +326,11 @@ class LlavaAdapter(Adapter):
         for modality in self.modalities():
             if modality.name not in encoded.encoder_output:
                 continue
-            items = []
-            for im, red in zip(encoded.images, reductions, strict=True):
-                if im.modality != modality.name:
-                    continue
-                if red is None:
-                    items.append(im.tokens)
-                elif red.tokens is not None:
-                    items.append(red.tokens.to(im.tokens.dtype))
-                else:
-                    items.append(im.tokens[red.index])
+            items = [
+                reduced_tokens(im, red)
+                for im, red in zip(encoded.images, reductions, strict=True)
+                if im.modality == modality.name
+            ]
             outputs[modality.name] = self.pack_features(modality, encoded.encoder_output[modality.name], items)
         out = {k: v for k, v in kwargs.items() if k not in self._visual_kwargs()}
         out.update(input_ids=ids, attention_mask=new_mask, position_ids=pos, mm_encoder_outputs=outputs, **extra)

@@ -20,7 +20,6 @@ axes, as ``generate`` extends every row by one per step.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from torch import nn
 
 from .. import kernels
 from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
-from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError, padding_side, splice
+from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError, padding_side, reduced_tokens, splice
 from .llava import _assign, _text_after
 from .llm import Decoder, rotate_half
 
@@ -63,7 +62,6 @@ class QwenVLAdapter(Adapter):
         self.windowed = hasattr(vcfg, "fullatt_block_indexes")
         self.image_token_id = int(model.config.image_token_id)
         self.video_token_id = int(model.config.video_token_id)
-        self._capture: dict[str, list[torch.Tensor]] | None = None
         self._stash: dict[int, dict[str, Any]] = {}
 
     def text_config(self) -> Any:
@@ -103,8 +101,8 @@ class QwenVLAdapter(Adapter):
                 self._hook_attention(idx, block.attn, attention)
             hidden = [s.name for s in sigs if s.kind == "hidden"]
             if hidden:
-                self.handles.append(block.register_forward_hook(self._store(hidden)))
-        self.handles.append(self.visual.merger.register_forward_pre_hook(self._store_merger_input))
+                self.handles.append(block.register_forward_hook(self._store_output(hidden)))
+        self.handles.append(self.visual.merger.register_forward_pre_hook(self._store_input("merger_input")))
 
     def _hook_attention(self, idx: int, attn: nn.Module, sigs: list[VisionSignal]) -> None:
         stash = self._stash.setdefault(idx, {})
@@ -145,27 +143,6 @@ class QwenVLAdapter(Adapter):
         self.handles.append(attn.register_forward_pre_hook(before, with_kwargs=True))
         self.handles.append(attn.qkv.register_forward_hook(keep_qkv))
         self.handles.append(attn.register_forward_hook(finish))
-
-    def _store(self, names: list[str]):
-        def hook(module, args, output):
-            if self._capture is not None:
-                for name in names:
-                    self._capture.setdefault(name, []).append(output.detach())
-
-        return hook
-
-    def _store_merger_input(self, module, args):
-        if self._capture is not None:
-            self._capture.setdefault("merger_input", []).append(args[0].detach())
-
-    @contextlib.contextmanager
-    def _capturing(self):
-        self._capture = {}
-        self.signal_seconds = 0.0
-        try:
-            yield self._capture
-        finally:
-            self._capture = None
 
     def _natural_groups(self, value: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``[T, ...]`` per-patch values in block order -> ``[G, 4, ...]`` per merge group in natural order."""
@@ -313,14 +290,8 @@ class QwenVLAdapter(Adapter):
         for modality, out in encoded.encoder_output.items():
             feats = []
             for _ in out.pooler_output:
-                im, red = encoded.images[cursor], reductions[cursor]
+                feats.append(reduced_tokens(encoded.images[cursor], reductions[cursor]))
                 cursor += 1
-                if red is None:
-                    feats.append(im.tokens)
-                elif red.tokens is not None:
-                    feats.append(red.tokens.to(im.tokens.dtype))
-                else:
-                    feats.append(im.tokens[red.index])
             outputs[modality] = out.__class__(**{**out, "pooler_output": tuple(feats)})
         new = {k: v for k, v in kwargs.items() if k not in _VISUAL_KWARGS}
         new.update(
