@@ -233,11 +233,12 @@ class Session:
             on_prune=self._on_prune,
         )
 
-    def _on_prune(self, call, layer: int) -> None:
-        """Record what survives an in-LLM prune point (kept tokens, counts, per-layer lengths, FLOPs)."""
+    def _on_prune(self, call, layer: int, seconds: float) -> None:
+        """Record what survives an in-LLM prune point (kept tokens, counts, per-layer lengths, FLOPs, time)."""
         rec = self.record
         if rec is None:
             return
+        rec.seconds_in_vtc += seconds
         valid = call.mask2d & (call.row_image >= 0)
         for j, im in enumerate(rec.images):
             tokens = call.row_token[valid & (call.row_image == j)]

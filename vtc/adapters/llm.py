@@ -22,6 +22,7 @@ Layers below the first prune layer are never touched: their cache, mask and posi
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -153,7 +154,7 @@ class LLMPlan:
     row_token: torch.Tensor  # [B, L] token index inside its image, -1 otherwise
     positions: str  # "original" or "compact"
     side: str  # padding side for re-padding
-    on_prune: Callable[[_Call, int], None]  # reports the kept rows after each prune (for the record)
+    on_prune: Callable[[_Call, int, float], None]  # reports the kept rows and vtc's seconds after each prune
 
 
 class LLMHooks:
@@ -284,6 +285,7 @@ class LLMHooks:
         return attend
 
     def _prune(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        start = time.perf_counter()
         call = self.call
         bsz, length, _ = hidden.shape
         valid = call.mask2d
@@ -314,7 +316,7 @@ class LLMHooks:
                 raise RuntimeError(f"method {self.method.name!r} kept rows that are not its visual rows (sample {b})")
         dropped = [v.numel() - k.numel() for k, v in zip(kept, visual_rows, strict=True)]
         if all(d == 0 for d in dropped):
-            call.plan.on_prune(call, idx)
+            call.plan.on_prune(call, idx, time.perf_counter() - start)
             return hidden
         keep_rows = []
         for b in range(bsz):
@@ -362,7 +364,7 @@ class LLMHooks:
         mask4d = self.decoder.mask(new_hidden, new_mask.long(), call.cache, new_pos, idx)
         call.cur = {"attention_mask": mask4d, "position_ids": new_pos, "position_embeddings": (new_cos, new_sin)}
         call.groups.append(_Group(start=idx, prompt_mask=new_mask.long(), removed=call.removed.clone()))
-        call.plan.on_prune(call, idx)
+        call.plan.on_prune(call, idx, time.perf_counter() - start)
         return new_hidden
 
     def _decode(self, idx: int, args: tuple, kwargs: dict):
