@@ -1,4 +1,5 @@
-"""``vtc.video.load_video``: the sampled frames are the intended ones (read back from the pixels), timestamps, errors."""
+"""``vtc.video.load_video``: the sampled frames are the intended ones (read back from the pixels), timestamps,
+errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Synthetic videos (written with PyAV) and a tiny Qwen2-VL checkpoint with an offline processor, for the video tests."""
+"""Synthetic videos (written with PyAV) and a tiny Qwen2-VL checkpoint with an offline processor, for video tests."""
 
 from __future__ import annotations
 

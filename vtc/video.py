@@ -211,9 +211,7 @@ def _decord():
     try:
         import decord
     except ImportError as err:
-        raise ImportError(
-            "reading videos needs decord: pip install 'vtc[video]' (or pip install decord)"
-        ) from err
+        raise ImportError("reading videos needs decord: pip install 'vtc[video]' (or pip install decord)") from err
     return decord
 
 
@@ -225,7 +223,8 @@ def _open(path: str, num_threads: int, width: int = -1, height: int = -1):
         text = str(err)
         if "cannot find video stream" in text:
             raise VideoDecodeError(f"{path}: no video frames (no video stream, or an empty one)") from err
-        raise VideoDecodeError(f"{path}: cannot read the video (corrupt or not a video file): {_first_line(text)}") from err
+        reason = _first_line(text)
+        raise VideoDecodeError(f"{path}: cannot read the video (corrupt or not a video file): {reason}") from err
 
 
 def _frame_shape(reader, path: str) -> tuple[int, int]:
