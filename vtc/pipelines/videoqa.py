@@ -118,6 +118,7 @@ class VideoQA:
         self.timing = timing
         self.max_consecutive_failures = max_consecutive_failures
         self._warm: set[bool] = set()
+        self._timed_samples = 0
         self._forward_kwargs = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
         self._placeholders = _visual_token_ids(model)
 
@@ -179,7 +180,7 @@ class VideoQA:
         }
         return moved, video
 
-    def answer(self, sample: Sample, index: int = 0) -> dict[str, Any]:
+    def answer(self, sample: Sample) -> dict[str, Any]:
         """Run one sample; returns its results row (with ``error`` set for a data error)."""
         row: dict[str, Any] = {"id": sample.id, "video": sample.video, "question": sample.question}
         row.update(answer=sample.answer, prediction=None, raw=None, correct=None, error=None, error_stage=None)
@@ -194,7 +195,8 @@ class VideoQA:
             reply, row["generate_s"] = self._generate(inputs)
             row["visual_tokens_before"] = row["visual_tokens_after"] = self._count_visual(inputs)
         else:
-            uncompressed_first = index % 2 == 0  # alternate the order so drift does not favour one side
+            self._timed_samples += 1  # alternate which side is timed first, so drift favours neither
+            uncompressed_first = self._timed_samples % 2 == 1
             if self.timing and uncompressed_first:
                 row["prefill_s_uncompressed"] = self._timed_forward(inputs, False)
             with api.compressed(self.model, self.method, self.budget, **self.options):
@@ -272,11 +274,11 @@ class VideoQA:
         store = ResultStore(out, rank, world, run=self.setup())
         done_at_start = store.done_at_start()
         done = store.done()
-        todo = [(i, s) for i, s in enumerate(samples) if i % world == rank and s.key not in done]
+        todo = [s for i, s in enumerate(samples) if i % world == rank and s.key not in done]
         failures = 0
         with store.writer() as write:
-            for i, sample in _progress(todo, len(todo), enabled=progress and rank == 0, label=self.label):
-                row = self.answer(sample, index=i)
+            for sample in _progress(todo, len(todo), enabled=progress and rank == 0, label=self.label):
+                row = self.answer(sample)
                 write(row)
                 failures = failures + 1 if row["error"] else 0
                 if failures >= self.max_consecutive_failures:
