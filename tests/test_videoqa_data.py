@@ -135,3 +135,10 @@ def test_summary_counts(tmp_path):
     text = s.text()
     assert "accuracy [hired@0.25]: 50.0% (1/2) | 3/4 samples done, 1 failed, 1 not run yet" in text
     assert "uncompressed 400.0 ms, hired@0.25 150.0 ms (2.67x)" in text and "64.0 -> 16.0" in text
+
+
+def test_simple_progress_without_tqdm(capsys):
+    from vtc.pipelines.videoqa import _simple_progress
+
+    assert list(_simple_progress([1, 2, 3], 3, "random@0.2", every=0.0)) == [1, 2, 3]
+    assert "videoqa random@0.2: 3/3 samples" in capsys.readouterr().err
