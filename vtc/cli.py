@@ -1,4 +1,4 @@
-"""Command line: ``vtc demo``, ``vtc methods``."""
+"""Command line: ``vtc demo``, ``vtc methods``, ``vtc videoqa``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,94 @@ def _budget(text: str) -> float | int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as JSON when it parses (``layer=2``, ``flag=true``), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"options are key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_videoqa(sub, names: list[str]) -> None:
+    qa = sub.add_parser(
+        "videoqa",
+        help="answer a JSONL of video questions with a (compressed) local checkpoint; resumable, torchrun-shardable",
+        description="Answer a JSONL dataset of {id, video, question, options?, answer?} with a local checkpoint, "
+        "compressed with vtc; writes one JSONL row per sample and prints accuracy and mean prefill time with and "
+        "without compression. Re-running resumes; under torchrun every rank takes every WORLD_SIZE-th sample.",
+    )
+    qa.add_argument("--model", required=True, help="local checkpoint folder (model + processor)")
+    qa.add_argument("--data", required=True, help="JSONL dataset; relative video paths are relative to its folder")
+    qa.add_argument("--out", required=True, help="results JSONL (created, or resumed if it exists)")
+    qa.add_argument("--method", default="none", help=f"a vtc method or 'none' (uncompressed): {names}")
+    qa.add_argument("--budget", type=_budget, default=0.2, help="fraction in (0, 1] or tokens per video (default 0.2)")
+    frames = qa.add_mutually_exclusive_group()
+    frames.add_argument("--frames", type=_positive_int, help="frames sampled evenly over each video (default 8)")
+    frames.add_argument("--fps", type=_positive_float, help="frames per second of video time (capped by --max-frames)")
+    qa.add_argument("--max-frames", type=_positive_int, default=64, help="memory guard / fps cap (default 64)")
+    qa.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer length limit (default 16)")
+    qa.add_argument("--compare", action="store_true", help="also answer uncompressed (accuracy with and without)")
+    qa.add_argument("--no-timing", action="store_true", help="skip the two timed prefill forwards per sample")
+    qa.add_argument(
+        "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)"
+    )
+    qa.add_argument("--limit", type=_positive_int, help="only the first N samples of the dataset")
+    qa.add_argument("--device", help="default: cuda:$LOCAL_RANK with a GPU, else cpu")
+    qa.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    qa.add_argument("--shard-timeout", type=_positive_float, default=1800.0, help="rank 0's wait without progress (s)")
+    qa.add_argument("--max-consecutive-failures", type=_positive_int, default=20)
+    qa.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_videoqa(args, parser) -> int:
+    from .pipelines import VideoQA
+
+    options = dict(args.option)
+    if args.method.lower() == "none" and options:
+        parser.error("--option needs a --method")
+    qa = VideoQA(
+        args.model,
+        method=args.method,
+        budget=args.budget,
+        options=options,
+        num_frames=args.frames,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        max_new_tokens=args.max_new_tokens,
+        compare=args.compare,
+        timing=not args.no_timing,
+        device=args.device,
+        dtype=args.dtype,
+        max_consecutive_failures=args.max_consecutive_failures,
+    )
+    qa.run(args.data, args.out, limit=args.limit, progress=not args.no_progress, shard_timeout=args.shard_timeout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import vtc
@@ -40,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--repeats", type=int, default=5, help="timed prefills per run (median reported)")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("methods", help="list the registered methods as JSON")
+    _add_videoqa(sub, names)
     args = parser.parse_args(argv)
+
+    if args.command == "videoqa":
+        if args.method.lower() != "none" and args.method not in names:
+            parser.error(f"unknown method {args.method!r}; choose from {names} or 'none'")
+        return _run_videoqa(args, parser)
 
     if args.command == "methods":
         print(json.dumps([m.to_dict() for m in vtc.list_methods()], indent=2))
