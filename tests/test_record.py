@@ -22,7 +22,7 @@ def test_record_contents_and_json_round_trip():
     top = sorted(range(16), key=lambda i: (-im.scores[i], i))[:4]
     assert sorted(top) == im.kept  # kept = the highest scores
     assert [g >= 0 for g in im.groups].count(True) == 4
-    assert rec.visual_tokens == {"input": 32, "kept": 8}
+    assert rec.visual_tokens == {"input": 32, "kept": 8, "last_stage": 8}
     assert 0 < rec.flops["ratio"] < 1 and rec.flops["prefill_compressed"] < rec.flops["prefill_full"]
     assert rec.samples[0].input_length - rec.samples[0].output_length == 12
     again = vtc.Record.from_json(json.dumps(json.loads(rec.to_json())))

@@ -103,9 +103,12 @@ class Record:
 
     @property
     def visual_tokens(self) -> dict[str, int]:
+        """Visual tokens before compression, fed to the LLM (``kept``), and after the last stage (in-LLM
+        methods keep fewer from their prune layer on)."""
         return {
             "input": sum(im.num_input for im in self.images),
             "kept": sum(im.num_kept for im in self.images),
+            "last_stage": sum(list(im.counts.values())[-1] for im in self.images),
         }
 
     def to_dict(self) -> dict[str, Any]:
