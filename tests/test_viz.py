@@ -100,8 +100,13 @@ def test_show_video_counts_per_frame(name):
     _not_blank(fig)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     for t, title in enumerate(titles):
-        fed = int((viz.kept_mask(im, t) == 1).sum())
-        assert title.startswith(f"frame {t}: {fed}/")
+        fed = sum(1 for token in im.kept if token >= 0 and im.partition[token] == t)
+        covered = int((viz.kept_mask(im, t) == 1).sum())
+        rows, cols = im.grids[t]
+        assert title == f"frame {t}: {fed} fed, {covered}/{rows * cols} covered"
+    assert sum(viz.fed_in_frame(im, t) for t in range(len(im.grids))) == sum(
+        1 for t in im.kept if im.partition[t] >= 0
+    )
     spans = viz.temporal_spans(im)
     assert all(len(frames_) > 1 for frames_ in spans.values())
     with pytest.raises(ValueError, match="frames"):

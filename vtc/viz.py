@@ -198,6 +198,16 @@ def show_merges(image: Image.Image, record: ImageRecord | Record, size: int = 33
     return _show(image, record, size, title, merges=True)
 
 
+def fed_in_frame(record: ImageRecord, partition: int) -> int:
+    """Tokens fed to the LLM whose anchor lies in ``partition`` (a frame, for videos)."""
+    return sum(1 for t in record.kept if t >= 0 and record.partition[t] == partition)
+
+
+def covered(record: ImageRecord, partition: int) -> int:
+    """Cells of ``partition`` whose token reaches the LLM, alone or inside a merged token."""
+    return int((kept_mask(record, partition) == 1).sum())
+
+
 def temporal_spans(record: ImageRecord) -> dict[int, list[int]]:
     """For every output row that stands for tokens of several frames: the frames it covers."""
     frames: dict[int, set[int]] = {}
@@ -208,8 +218,8 @@ def temporal_spans(record: ImageRecord) -> dict[int, list[int]]:
 
 
 def show_video(frames: Sequence[Image.Image | np.ndarray], record: ImageRecord | Record, size: int = 160):
-    """A strip of frames, each with its kept tokens and count; tokens merged across frames are tinted and the
-    frames each merged token spans are listed under the strip."""
+    """A strip of frames, each titled with the tokens fed to the LLM that sit in it and the cells they cover;
+    cells merged across frames are tinted blue and the longest spans are named above the strip."""
     record = record.images[0] if isinstance(record, Record) else record
     n_frames = len(record.grids)
     if len(frames) != n_frames:
@@ -225,8 +235,9 @@ def show_video(frames: Sequence[Image.Image | np.ndarray], record: ImageRecord |
             if groups[r, c] in spans:  # stands for tokens of several frames: tint it
                 drawn[y0:y1, x0:x1] = 0.5 * drawn[y0:y1, x0:x1] + 0.5 * np.array([0, 160, 255])
         ax.imshow(drawn.clip(0, 255).astype(np.uint8))
-        fed = int((kept_mask(record, t) == 1).sum())
-        ax.set_title(f"frame {t}: {fed}/{rows * cols}", fontsize=8)
+        ax.set_title(
+            f"frame {t}: {fed_in_frame(record, t)} fed, {covered(record, t)}/{rows * cols} covered", fontsize=8
+        )
     if spans:
         longest = sorted(spans.values(), key=len, reverse=True)[:4]
         fig.suptitle(
