@@ -116,8 +116,7 @@ def coerce(value: Any, hint: Any) -> Any:
     """
     members = _members(hint)
     if isinstance(value, str):
-        # str last: "none", "2" and "true" mean None, 2 and True wherever the field takes those
-        members = sorted(members, key=lambda m: m is str or m is Any)
+        members = sorted(members, key=_priority)
         for member in members:
             parsed = _parse(value, member)
             if parsed is not _MISSING:
@@ -144,6 +143,14 @@ def _members(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
+def _priority(member: Any) -> int:
+    """Order in which a string is tried against a union's types: "none", "2", "true" before any str."""
+    order = {type(None): 0, bool: 1, int: 2, float: 3}
+    if member in order:
+        return order[member]
+    return 5 if member is str or member is Any else 4
+
+
 def _element(tuple_hint: Any) -> Any:
     args = typing.get_args(tuple_hint)
     return args[0] if args else Any
@@ -166,8 +173,11 @@ def _parse(text: str, member: Any) -> Any:
     if member is str or member is Any:
         return text
     if typing.get_origin(member) is tuple:
-        items = [item for item in re.split(r"[;\s,]+", word.strip("[]()")) if item]
-        return tuple(coerce(item, _element(member)) for item in items)
+        element = _element(member)
+        items = tuple(coerce(item, element) for item in re.split(r"[;\s,]+", word.strip("[]()")) if item)
+        if element in (int, float, bool) and not all(type(item) is element for item in items):
+            return _MISSING
+        return items
     return _MISSING
 
 

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import inspect
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,7 +66,8 @@ class VtcWrapper:
         vtc_args, upstream = split_args(kwargs, _named_params(super().__init__))
         super().__init__(**self.upstream_defaults(upstream))
         self.vtc_args = vtc_args
-        self._visual = [0, 0, 0]  # visual tokens in, visual tokens kept, generate calls with visual input
+        #: visual tokens in and kept, and generate calls with visual input, over the wrapper's life
+        self._visual: Counter[str] = Counter()
         config = vtc_args.config
         if config is None:
             logger.info("vtc: method=none, the model runs uncompressed")
@@ -131,14 +133,14 @@ class VtcWrapper:
             try:
                 out = inner(*args, **kwargs)
             except Exception as exc:
+                tracker.failed()
                 if strict:
                     raise _Abort(exc) from exc
                 raise
             record = _current_record(model)
             if record is not None and record is not before:
                 tracker.generated([s.output_length for s in record.samples])
-                counts = record.visual_tokens
-                self._visual = [self._visual[0] + counts["input"], self._visual[1] + counts["kept"], self._visual[2] + 1]
+                self._visual.update(record.visual_tokens, calls=1)
             else:
                 tracker.generated(_plain_lengths(args, kwargs))
             return out
@@ -153,7 +155,7 @@ class VtcWrapper:
                 model.generate = previous
 
     def _log_visual(self) -> None:
-        total, kept, calls = self._visual
+        total, kept, calls = self._visual["input"], self._visual["kept"], self._visual["calls"]
         if calls and self.vtc_args.config is not None:
             share = kept / total if total else 1.0
             logger.info(
@@ -195,6 +197,10 @@ class _PrefillTracker:
             self.lengths.update(zip(self.pending, lengths, strict=True))
         else:
             self.unmatched += 1
+        self.pending.clear()
+
+    def failed(self) -> None:
+        """The ``generate`` call for the pending requests raised: they get no prefill length."""
         self.pending.clear()
 
     def report(self, results: list) -> list:
