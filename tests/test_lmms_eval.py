@@ -18,27 +18,30 @@ import torch
 
 import vtc
 
-from .tiny_pretrained import QWEN_PIXELS, save_llava, save_qwen2_vl
+from .tiny_pretrained import QWEN_PIXELS, save_llava, save_qwen
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed (pip install -e '.[lmms-eval]')"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("lmms_eval") is None,
+        reason="lmms-eval is not installed (pip install -e '.[lmms-eval]')",
+    ),
+    # upstream qwen2_vl passes min/max_pixels to the processor call, which transformers 5 deprecates
+    pytest.mark.filterwarnings("ignore:Passing `min_pixels` and `max_pixels`:FutureWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "examples" / "lmms_eval_task"
 TASK = "vtc_shapes"
 LIMIT = 3  # documents per run
-N_VISUAL = 16  # visual tokens per image of both tiny checkpoints
+N_VISUAL = 16  # visual tokens per image of every tiny checkpoint
 BUDGET = 0.25
+_QWEN_ARGS = ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}".format(**QWEN_PIXELS)
 
-#: family -> (lmms-eval model name, extra model_args, the two methods run besides method=none)
+#: family -> (lmms-eval model name, extra model_args, the methods run besides method=none)
 CASES = {
-    "llava": ("vtc_llava_hf", "", ("hired", "fastv")),
-    "qwen2_vl": (
-        "vtc_qwen2_vl",
-        ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}",
-        ("divprune", "pool"),
-    ),
+    "llava": ("vtc_llava_hf", "", ("hired", "fastv")),  # chat wrapper
+    "qwen2_vl": ("vtc_qwen2_vl", _QWEN_ARGS, ("divprune", "pool")),  # simple wrapper
+    "qwen2_5_vl": ("vtc_qwen2_5_vl", _QWEN_ARGS, ("visionzip",)),  # chat wrapper, bfloat16 upstream
 }
 
 
@@ -70,12 +73,15 @@ def lmms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    return {"llava": save_llava(root / "llava"), "qwen2_vl": save_qwen2_vl(root / "qwen2_vl")}
+    saved = {"llava": save_llava(root / "llava")}
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        saved[family] = save_qwen(root / family, family)
+    return saved
 
 
 def _model_args(family: str, checkpoints, extra: str = "") -> tuple[str, str]:
     name, family_args, _ = CASES[family]
-    return name, f"pretrained={checkpoints[family]}{family_args.format(**QWEN_PIXELS)}{extra}"
+    return name, f"pretrained={checkpoints[family]}{family_args}{extra}"
 
 
 def _run(lmms, name: str, args: str, force_simple: bool = False):

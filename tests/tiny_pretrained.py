@@ -75,11 +75,15 @@ def save_llava(path: Path) -> Path:
 QWEN_PIXELS = {"min_pixels": 28 * 28, "max_pixels": 32 * 32}
 
 
-def save_qwen2_vl(path: Path) -> Path:
-    """``testing.tiny_qwen2_vl`` with a Qwen2-VL processor, saved to ``path`` (pass :data:`QWEN_PIXELS`)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def save_qwen(path: Path, family: str = "qwen2_vl") -> Path:
+    """A tiny Qwen2-VL / Qwen2.5-VL (``vtc.testing``) with its processor, saved to ``path`` (see QWEN_PIXELS)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    model = testing.tiny_qwen2_vl()
+    model = {"qwen2_vl": testing.tiny_qwen2_vl, "qwen2_5_vl": testing.tiny_qwen2_5_vl}[family]()
+    processor_class = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}[
+        family
+    ]
     vcfg = model.config.vision_config
     tok = tokenizer(
         {
@@ -95,7 +99,7 @@ def save_qwen2_vl(path: Path) -> Path:
         "merge_size": vcfg.spatial_merge_size,
         **QWEN_PIXELS,
     }
-    processor = Qwen2VLProcessor(
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**kw),
         video_processor=Qwen2VLVideoProcessor(**kw),
         tokenizer=tok,
