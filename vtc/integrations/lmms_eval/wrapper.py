@@ -72,6 +72,8 @@ class VtcWrapper:
         if config is None:
             logger.info("vtc: method=none, the model runs uncompressed")
             return
+        if config.budget == 1 and isinstance(config.budget, int):
+            logger.warning("vtc: budget=1 keeps one visual token per image; budget=1.0 keeps all of them")
         compress(self.model, config)
         options = {k: v for k, v in config.to_dict().items() if k != "budget" and v is not None}
         logger.info(f"vtc: compressing with {config.method!r}, budget {describe_budget(config.budget)}, {options}")
