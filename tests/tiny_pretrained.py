@@ -1,0 +1,112 @@
+"""Tiny VLM checkpoints on disk (model + tokenizer + processor) that ``from_pretrained`` loads offline.
+
+The models are :mod:`vtc.testing`'s; the tokenizer is a word-level ``tokenizers`` model whose vocabulary
+puts the image placeholder (and Qwen's vision markers) at the ids the tiny configs use, so the processor's
+expanded placeholders are exactly the tokens the model replaces with image features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vtc import testing
+
+#: renders string contents (simple wrappers) and lists of {"type": "image"|"text"} parts (chat wrappers)
+_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+_WORDS = (
+    "what color shape is the of a in this image answer with single word red green blue yellow square circle triangle"
+)
+
+
+def tokenizer(specials: dict[str, int]):
+    """A ``PreTrainedTokenizerFast`` over ``testing.VOCAB`` ids with ``specials`` (token -> id) pinned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": testing.PAD_TOKEN, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in _WORDS.split():
+        vocab[word] = len(vocab)
+    taken = set(specials.values())
+    filler = (i for i in range(testing.VOCAB) if i not in taken and i not in vocab.values())
+    for i in filler:
+        vocab[f"w{i}"] = i
+    vocab.update(specials)
+    assert sorted(vocab.values()) == list(range(testing.VOCAB))
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(specials),
+    )
+
+
+def save_llava(path: Path) -> Path:
+    """``testing.tiny_llava`` (32 px images, 16 visual tokens) with a LLaVA processor, saved to ``path``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    model = testing.tiny_llava()
+    tok = tokenizer({"<image>": testing.IMAGE_TOKEN})
+    size = model.config.vision_config.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tok,
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped again by the "default" strategy
+        chat_template=_TEMPLATE.replace("IMAGE ", "<image> "),
+    )
+    tok.chat_template = processor.chat_template
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+#: Qwen pixel bounds: images end up 32 x 32 px, 8 x 8 patches of 4 px, 16 visual tokens after the 2 x 2 merge
+QWEN_PIXELS = {"min_pixels": 28 * 28, "max_pixels": 32 * 32}
+
+
+def save_qwen(path: Path, family: str = "qwen2_vl") -> Path:
+    """A tiny Qwen2-VL / Qwen2.5-VL (``vtc.testing``) with its processor, saved to ``path`` (see QWEN_PIXELS)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    model = {"qwen2_vl": testing.tiny_qwen2_vl, "qwen2_5_vl": testing.tiny_qwen2_5_vl}[family]()
+    processor_class = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}[
+        family
+    ]
+    vcfg = model.config.vision_config
+    tok = tokenizer(
+        {
+            "<|image_pad|>": testing.IMAGE_TOKEN,
+            "<|video_pad|>": testing.VIDEO_TOKEN,
+            "<|vision_start|>": testing.QWEN_VISION_START,
+            "<|vision_end|>": testing.QWEN_VISION_END,
+        }
+    )
+    kw = {
+        "patch_size": vcfg.patch_size,
+        "temporal_patch_size": vcfg.temporal_patch_size,
+        "merge_size": vcfg.spatial_merge_size,
+        **QWEN_PIXELS,
+    }
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**kw),
+        video_processor=Qwen2VLVideoProcessor(**kw),
+        tokenizer=tok,
+        chat_template=_TEMPLATE.replace("IMAGE ", "<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    tok.chat_template = processor.chat_template
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tok.save_pretrained(path)  # upstream qwen2_vl also loads AutoTokenizer from the folder
+    return path

@@ -1,0 +1,1 @@
+"""Optional integrations with other tools; each is imported only by the tool that uses it, never by ``import vtc``."""
