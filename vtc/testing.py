@@ -118,6 +118,12 @@ class TinyFamily:
     #: input keys get_<modality>_features takes, for tests that call it directly
     image_keys: tuple[str, ...] = ("pixel_values",)
     modality: str = "image"
+    #: ``config.model_type`` of the built model (the adapter that serves it); default: ``name``
+    adapter_type: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return self.adapter_type or self.name
 
     def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
         """The visual inputs of sample ``b`` alone (one image per sample)."""
@@ -496,7 +502,12 @@ VIDEO_FAMILIES: dict[str, TinyFamily] = {
         "llava_next_video", tiny_llava_next_video, llava_video_inputs, ("pixel_values_videos",), "video"
     ),
     "qwen2_vl_video": _QwenVideoFamily(
-        "qwen2_vl_video", tiny_qwen2_vl, qwen_video_inputs, ("pixel_values_videos", "video_grid_thw"), "video"
+        "qwen2_vl_video",
+        tiny_qwen2_vl,
+        qwen_video_inputs,
+        ("pixel_values_videos", "video_grid_thw"),
+        "video",
+        adapter_type="qwen2_vl",
     ),
 }
 FAMILIES.update(VIDEO_FAMILIES)
