@@ -409,6 +409,8 @@ class TowerMerge:
     origin: torch.Tensor
     #: ``[B, T]`` smallest block-0 index among the members of each current token (its anchor)
     anchor: torch.Tensor
+    #: ``[B, T]`` fp32: how many block-0 tokens each current token stands for
+    size: torch.Tensor
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         raise NotImplementedError

@@ -47,28 +47,34 @@ def tiny_llava(
     text_hidden: int = 64,
     text_layers: int = 4,
     dtype: torch.dtype = torch.float32,
+    tower: str = "clip",
 ) -> nn.Module:
     """A LLaVA-1.5-layout model: CLIP tower (CLS + grid), 2-layer MLP projector, Llama decoder.
 
-    Defaults give a 4x4 grid (16 visual tokens per image) so tests run in milliseconds.
+    Defaults give a 4x4 grid (16 visual tokens per image) so tests run in milliseconds. ``tower="siglip"``
+    gives a SigLIP tower instead (no CLS; every token of the last layer goes to the LLM, ``"full"``).
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-    vision = CLIPVisionConfig(
+    if tower not in ("clip", "siglip"):
+        raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
+    vision_class = CLIPVisionConfig if tower == "clip" else SiglipVisionConfig
+    extra = {"projection_dim": vision_hidden} if tower == "clip" else {"vision_use_head": False}
+    vision = vision_class(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 2,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden,
+        **extra,
     )
     config = LlavaConfig(
         vision_config=vision,
         text_config=_llama_text_config(hidden=text_hidden, layers=text_layers),
         image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=-2 if tower == "clip" else -1,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
         projector_hidden_act="gelu",
         pad_token_id=PAD_TOKEN,
     )

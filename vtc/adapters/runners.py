@@ -234,6 +234,20 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class ClassSwap:
+    """Give one module *instance* a one-off subclass whose ``namespace`` overrides methods; ``remove()`` undoes it."""
+
+    def __init__(self, module: nn.Module, namespace: dict[str, Any], label: str = "Merging"):
+        self.module, self.orig = module, type(module)
+        attrs = {"__module__": self.orig.__module__, **namespace}
+        module.__class__ = type(f"{label}{self.orig.__name__}", (self.orig,), attrs)
+
+    def remove(self) -> None:
+        if self.module is not None:
+            self.module.__class__ = self.orig
+            self.module = None
+
+
 class Runners:
     """Installed runners of one tower; ``remove()`` puts every block back (class and hooks)."""
 
@@ -248,24 +262,17 @@ class Runners:
                     f"token merging cannot run vision block {i}: {why} (supported blocks: {sorted(HOSTS)})"
                 )
             hosts.append(host)
-        self._undo: list[tuple[nn.Module, type]] = []
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # key hooks, then class swaps
         try:
             for i, (block, host) in enumerate(zip(blocks, hosts, strict=True)):
                 if host.keys is not None:
                     self._handles.append(module_at(block, host.keys).register_forward_hook(ctx.key_hook))
-                orig = type(block)
-                namespace = {"forward": host.runner(ctx, i, orig, block), "__module__": orig.__module__}
-                block.__class__ = type(f"Merging{orig.__name__}", (orig,), namespace)
-                self._undo.append((block, orig))
+                self._handles.append(ClassSwap(block, {"forward": host.runner(ctx, i, type(block), block)}))
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
-        for block, orig in reversed(self._undo):
-            block.__class__ = orig
-        self._undo.clear()

@@ -7,7 +7,10 @@ runners (:mod:`vtc.adapters.runners`) on every forward, the tower outputs ``pref
 session records, per image, which patches each output token stands for.
 
 The consumer of a standalone ViT is its own head; ``n`` counts its patch tokens (prefix tokens, which are
-never merged, excluded), so ``k = keep_count(budget, n)`` patch tokens leave the last block.
+never merged, excluded), so ``k = keep_count(budget, n)`` patch tokens leave the last block. A model that
+average-pools its tokens (timm ``global_pool="avg"`` / ``"avgmax"``, open_clip ``pool_type="avg"``) pools
+them weighted by size (MERGERS.md §1.5), so a merged token counts as the patches it stands for; CLS-token
+and attention pooling need nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from ..hooks import Stage, TowerCall, TowerInfo
 from .base import Adapter, UnsupportedModelError
-from .runners import MergeContext, Runners
+from .runners import ClassSwap, MergeContext, Runners
 
 
 def _qualnames(model: nn.Module) -> set[str]:
@@ -80,6 +83,21 @@ class ViTAdapter(Adapter):
         ctx.start, ctx.on_done = start, on_done
         self.handles.append(Runners(self.blocks, ctx))
         self.context = ctx
+        pooling = self.weighted_pooling(ctx)
+        if pooling:
+            self.handles.append(ClassSwap(self.tower, pooling))
+
+    def weighted_pooling(self, ctx: MergeContext) -> dict[str, Any]:
+        """Methods of the tower to override so that average pooling weighs tokens by size (none by default)."""
+        return {}
+
+    def sizes_for(self, ctx: MergeContext, x: torch.Tensor) -> torch.Tensor | None:
+        """``[B, T]`` sizes of the tokens ``x [B, T, C]`` leaving the last merging call, if ``x`` is its output."""
+        state = ctx.state
+        size = getattr(state, "size", None)
+        if size is None or size.shape != x.shape[:2] or bool((size == 1).all()):
+            return None  # not this call's output, or nothing merged: the host's own pooling is exact
+        return size
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -103,6 +121,23 @@ class TimmViTAdapter(ViTAdapter):
 
     def patch_grid(self) -> tuple[int, int]:
         return tuple(self.tower.patch_embed.grid_size)
+
+    def weighted_pooling(self, ctx: MergeContext) -> dict[str, Any]:
+        tower = self.tower
+        if getattr(tower, "attn_pool", None) is not None or tower.global_pool not in ("avg", "avgmax"):
+            return {}
+        orig, adapter = type(tower), self
+
+        def pool(this, x, pool_type=None):
+            kind = this.global_pool if pool_type is None else pool_type
+            size = adapter.sizes_for(ctx, x)
+            if kind not in ("avg", "avgmax") or size is None:
+                return orig.pool(this, x, pool_type)
+            start = 0 if this.pool_include_prefix else this.num_prefix_tokens
+            mean = _weighted_mean(x[:, start:], size[:, start:])
+            return mean if kind == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
+
+        return {"pool": pool}
 
 
 class OpenCLIPAdapter(ViTAdapter):
@@ -133,6 +168,25 @@ class OpenCLIPAdapter(ViTAdapter):
 
     def patch_grid(self) -> tuple[int, int]:
         return tuple(self.tower.grid_size)
+
+    def weighted_pooling(self, ctx: MergeContext) -> dict[str, Any]:
+        if self.tower.pool_type != "avg":
+            return {}
+        orig, adapter = type(self.tower), self
+
+        def _global_pool(this, x):
+            size = adapter.sizes_for(ctx, x)
+            if this.pool_type != "avg" or size is None:
+                return orig._global_pool(this, x)
+            return _weighted_mean(x[:, 1:], size[:, 1:]), x[:, 1:]
+
+        return {"_global_pool": _global_pool}
+
+
+def _weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``sum_i s_i x_i / sum_i s_i`` over the tokens of ``x [B, T, C]`` (fp32 weights), in ``x.dtype``."""
+    w = size.float()[..., None]
+    return ((x.float() * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
 
 
 #: standalone adapters, tried in order when a model has no known ``config.model_type``
