@@ -128,6 +128,7 @@ def test_config():
 def test_listed_families():
     row = next(m.to_dict() for m in vtc.list_methods() if m.name == "tome")
     assert row["stages"] == ["vision", "vision_merge"] and row["families"] == ["llava", "open_clip", "timm"]
+    assert row["modalities"] == ["image"]
 
 
 # -- block runners ------------------------------------------------------------------------------------------

@@ -133,5 +133,5 @@ def last_record(model: nn.Module) -> Record:
 
 
 def list_methods() -> list[MethodInfo]:
-    """Registered methods (name, kind, stages, config class; ``.to_dict()`` adds supported families)."""
+    """Registered methods (name, kind, stages, config class; ``.to_dict()`` adds families and modalities)."""
     return _list_methods()

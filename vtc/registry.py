@@ -103,6 +103,7 @@ class MethodInfo:
             "kind": self.kind,
             "stages": [s.value for s in self.stages],
             "families": families_supporting(self.stages),
+            "modalities": list(self.method_class.modalities),
             "summary": self.summary,
         }
 
