@@ -12,6 +12,8 @@ from .conftest import TOL
 
 METHODS = [m.name for m in vtc.list_methods()]
 PRE_LLM = [m.name for m in vtc.list_methods() if Stage.PRE_LLM in m.stages]
+#: stages after which the LLM receives exactly k tokens per image (VISION_MERGE: the tower outputs them)
+BEFORE_LLM = {Stage.PRE_LLM, Stage.VISION_MERGE}
 
 
 def _llm_stage_active(info, num_layers=4) -> bool:
@@ -20,7 +22,7 @@ def _llm_stage_active(info, num_layers=4) -> bool:
 
 
 #: methods whose whole effect is before the LLM on the tiny 4-layer models (checked against the stock model)
-PRE_LLM_ONLY = [m.name for m in vtc.list_methods() if Stage.PRE_LLM in m.stages and not _llm_stage_active(m)]
+PRE_LLM_ONLY = [m.name for m in vtc.list_methods() if BEFORE_LLM & set(m.stages) and not _llm_stage_active(m)]
 #: budget per method in the matrix (DyCoke keeps one frame in two whole: it cannot go below ~50 % on 2 frames)
 BUDGET = {"dycoke": 0.5}
 ATTENTION_METHODS = [m.name for m in vtc.list_methods() if {Stage.VISION, Stage.LLM_LAYER} & set(m.stages)]
@@ -39,11 +41,18 @@ def model(family):
 
 @pytest.fixture(autouse=True)
 def _applicable(request):
-    """Skip (method, family) pairs where the method does not take the family's inputs (video-only methods)."""
+    """Skip (method, family) pairs where the method does not take the family's inputs (video-only methods)
+    or acts at a stage the family's adapter does not provide (token merging inside the tower)."""
     method = request.node.callspec.params.get("method") if hasattr(request.node, "callspec") else None
     family = request.node.callspec.params.get("family") if hasattr(request.node, "callspec") else None
-    if method and family and FAMILIES[family].modality not in vtc.get_method(method).method_class.modalities:
-        pytest.skip(f"{method} takes {vtc.get_method(method).method_class.modalities} inputs")
+    if not (method and family):
+        return
+    info = vtc.get_method(method)
+    if FAMILIES[family].modality not in info.method_class.modalities:
+        pytest.skip(f"{method} takes {info.method_class.modalities} inputs")
+    missing = set(info.stages) - ADAPTERS[FAMILIES[family].model_type].stages
+    if missing:
+        pytest.skip(f"{method} acts at {sorted(s.value for s in missing)}, which {family} does not provide")
 
 
 def _logits(model, inputs):
@@ -73,7 +82,7 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
         handle.remove()
     ph = model.config.image_token_id
     info = vtc.get_method(method)
-    pre_llm = Stage.PRE_LLM in info.stages
+    pre_llm = bool(BEFORE_LLM & set(info.stages))
     extra_newlines = info.method_class.default_newlines == "keep_rows"  # separators kept on top of k
     for im in rec.images:
         k = vtc.keep_count(budget, im.num_input)

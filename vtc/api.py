@@ -16,6 +16,7 @@ from .record import Record
 from .registry import MethodInfo, get_method
 from .registry import list_methods as _list_methods
 from .session import Session
+from .vit_session import ViTSession
 
 #: The method used when ``method`` is omitted. DivPrune: it needs nothing but the projected visual tokens,
 #: so it works on every family, image and video, with the model on SDPA/FlashAttention and no text; it is
@@ -23,7 +24,7 @@ from .session import Session
 #: the random and pooling baselines that beat many attention-score methods there (PEERS.md §0).
 DEFAULT_METHOD = "divprune"
 
-_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session | ViTSession] = weakref.WeakKeyDictionary()
 
 
 def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[str, Any]) -> MethodConfig:
@@ -45,7 +46,8 @@ def compress(
     """Compress the visual tokens of ``model`` in place and return the same object.
 
     Args:
-        model: a stock Hugging Face VLM (see ``vtc.adapters.ADAPTERS`` for the supported model types).
+        model: a stock Hugging Face VLM (see ``vtc.adapters.ADAPTERS`` for the supported model types), or a
+            standalone timm / open_clip vision transformer (token merging in its blocks: ``method="tome"``).
         method: a registered method name (``vtc.list_methods()``), a method config object, or None for
             :data:`DEFAULT_METHOD`.
         budget: float in (0, 1] (fraction of visual tokens kept) or int >= 1 (tokens kept per image).
@@ -63,7 +65,8 @@ def compress(
             f"method {info.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} adapter "
             f"does not provide"
         )
-    session = Session(model, adapter, info.method_class(config), config)
+    session_class = ViTSession if adapter.standalone else Session
+    session = session_class(model, adapter, info.method_class(config), config)
     if model in _SESSIONS:
         previous = _SESSIONS[model]
         warnings.warn(
@@ -130,5 +133,5 @@ def last_record(model: nn.Module) -> Record:
 
 
 def list_methods() -> list[MethodInfo]:
-    """Registered methods (name, kind, stages, config class; ``.to_dict()`` adds supported families)."""
+    """Registered methods (name, kind, stages, config class; ``.to_dict()`` adds families and modalities)."""
     return _list_methods()

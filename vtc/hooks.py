@@ -9,6 +9,11 @@ Three stages exist (DESIGN.md, "Hook points"):
   :class:`ImageTokens` per image (or video) and returns a :class:`Reduction`.
 * ``LLM_LAYER``: inside the LLM decoder during prefill (in-LLM methods).
 
+``VISION_MERGE`` refines ``VISION`` for methods that merge tokens *between* the tower's blocks (ToMe): the
+adapter's block runners ask the method for a :class:`TowerMerge` when a tower call starts
+(:class:`TowerCall`) and call it in every block; the adapter then hands the session an already reduced
+image (a :class:`Reduction` built from the merge's source map) instead of the session calling ``reduce``.
+
 Everything here is plain data: tensors plus the layout that says where each visual token came from.
 No model class is referenced.
 """
@@ -31,11 +36,17 @@ __all__ = [
     "LayerTokens",
     "LayerUpdate",
     "DecodeTokens",
+    "TowerCall",
+    "TowerMerge",
 ]
 
 
 class Stage(str, Enum):
     VISION = "vision"
+    #: tokens are merged between the vision tower's blocks, so the tower itself outputs fewer tokens (ToMe).
+    #: The adapter runs every block through a *block runner* that calls the method's :class:`TowerMerge`;
+    #: only families whose post-tower code takes a token set rather than a grid can provide it.
+    VISION_MERGE = "vision_merge"
     PRE_LLM = "pre_llm"
     LLM_LAYER = "llm_layer"
 
@@ -354,3 +365,66 @@ class DecodeTokens:
     attention: list[torch.Tensor]
     n_input: list[int]
     state: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerCall:
+    """One run of a vision tower under a ``VISION_MERGE`` method, as the adapter sees it at block 0.
+
+    Attributes:
+        batch: images (tower batch rows) in the call; every row has the same token count.
+        tokens: tokens per row entering block 0, prefix included (LLaVA-1.5: 577; ViT-B/16: 197).
+        prefix: leading tokens that are never merged (CLS, distillation token, registers).
+        blocks: blocks that may merge: up to and including the block whose output the consumer reads
+            (LLaVA's feature block; the last block of a standalone ViT). Later blocks only run on the result.
+        n: tokens the consumer (the LLM, or a standalone ViT's output without the prefix) would get
+            uncompressed; k: what it should get (``vtc.budget.keep_count``). The tower removes ``n - k`` tokens.
+        device: where the tower runs.
+    """
+
+    batch: int
+    tokens: int
+    prefix: int
+    blocks: int
+    n: int
+    k: int
+    device: torch.device = torch.device("cpu")
+
+
+class TowerMerge:
+    """Per-call state of a method that merges tokens inside the vision tower (``Stage.VISION_MERGE``).
+
+    A block runner calls, in every block ``i`` (tokens ``[B, T, C]``, batch first)::
+
+        bias = merge.attention_bias(dtype)        # [B, 1, 1, T] additive attention logits, or None
+        x = x + attention(x, bias)                # the host block's own attention (SDPA kept)
+        x = merge.merge(i, x, metric)             # metric [B, T, d] (head-mean keys) if merge.wants_metric(i)
+        x = x + mlp(x)
+        x = merge.after_block(i, x)
+
+    After the tower, :attr:`origin` and :attr:`anchor` say where every input token went.
+    """
+
+    #: ``[B, T0]`` row of the current tokens that each token entering block 0 is part of
+    origin: torch.Tensor
+    #: ``[B, T]`` smallest block-0 index among the members of each current token (its anchor)
+    anchor: torch.Tensor
+    #: ``[B, T]`` fp32: how many block-0 tokens each current token stands for
+    size: torch.Tensor
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def wants_metric(self, block: int) -> bool:
+        raise NotImplementedError
+
+    def merge(self, block: int, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def consumer_view(self, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(groups [B, T0 - drop], anchors [B, T - drop])`` for a consumer that drops the first ``drop``
+        rows (LLaVA's ``"default"`` strategy drops CLS), in the consumer's token coordinates."""
+        return self.origin[:, drop:] - drop, self.anchor[:, drop:] - drop

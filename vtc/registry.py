@@ -9,7 +9,17 @@ import torch
 
 from .budget import keep_count
 from .config import MethodConfig
-from .hooks import DecodeTokens, ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
+from .hooks import (
+    DecodeTokens,
+    ImageTokens,
+    LayerTokens,
+    Reduction,
+    Stage,
+    TowerCall,
+    TowerInfo,
+    TowerMerge,
+    VisionSignal,
+)
 
 __all__ = ["Method", "MethodInfo", "register_method", "get_method", "list_methods"]
 
@@ -44,6 +54,10 @@ class Method:
     def reduce(self, image: ImageTokens) -> Reduction:  # PRE_LLM
         raise NotImplementedError(f"{type(self).__name__} does not act at the PRE_LLM stage")
 
+    def tower_merge(self, call: TowerCall) -> TowerMerge | None:  # VISION_MERGE
+        """The state that merges tokens between the blocks of one tower call (None: leave the tower alone)."""
+        raise NotImplementedError(f"{type(self).__name__} does not act at the VISION_MERGE stage")
+
     # -- LLM_LAYER ----------------------------------------------------------------------------------
     def llm_prune_layers(self, num_layers: int) -> tuple[int, ...]:
         """Layers before which :meth:`prune` runs during prefill (empty for methods without the stage)."""
@@ -67,7 +81,8 @@ class Method:
 
     def visual_schedule(self, num_layers: int, n: int) -> list[int]:
         """Visual tokens each LLM layer sees for an image of ``n`` tokens (for analytic FLOPs)."""
-        k = keep_count(self.config.budget, n) if Stage.PRE_LLM in self.stages else n
+        reduces = {Stage.PRE_LLM, Stage.VISION_MERGE} & set(self.stages)
+        k = keep_count(self.config.budget, n) if reduces else n
         return [k] * num_layers
 
 
@@ -88,6 +103,7 @@ class MethodInfo:
             "kind": self.kind,
             "stages": [s.value for s in self.stages],
             "families": families_supporting(self.stages),
+            "modalities": list(self.method_class.modalities),
             "summary": self.summary,
         }
 

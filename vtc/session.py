@@ -3,7 +3,8 @@
 The model instance gets a per-instance subclass of its own class (``__class__`` swap; the upstream class
 is never modified) whose ``forward`` and ``generate`` route calls with visual input through the session:
 
-1. the adapter runs the vision tower and projector once, capturing the signals the method asked for;
+1. the adapter runs the vision tower and projector once, capturing the signals the method asked for (a
+   method that merges inside the tower, ``VISION_MERGE``, gets its images back already reduced);
 2. each image's keep count comes from :mod:`vtc.budget`; images with ``k == n`` pass through untouched;
 3. the method reduces every other image (``PRE_LLM``);
 4. the adapter rebuilds the prompt (fewer placeholders, masks, positions) and the stock ``forward`` /
@@ -70,6 +71,8 @@ class Session:
         model, session, orig = self.model, self, self.original_class
         try:
             self.adapter.install(self.signals)
+            if Stage.VISION_MERGE in self.method.stages:
+                self.adapter.install_merge(self.method.tower_merge, self._keep)
             if self.llm is not None:
                 self.llm.install()
 
@@ -91,6 +94,9 @@ class Session:
         except BaseException:
             self.detach()
             raise
+
+    def _keep(self, n: int) -> int:
+        return keep_count(self.config.budget, n)
 
     def detach(self) -> None:
         self.adapter.uninstall()
@@ -165,13 +171,19 @@ class Session:
             reductions: list[Reduction | None] = []
             pre_llm = Stage.PRE_LLM in self.method.stages
             tower = adapter.tower_info()
-            for image in encoded.images:
+            in_tower = encoded.reductions or [None] * len(encoded.images)
+            for image, merged in zip(encoded.images, in_tower, strict=True):
                 image.tower = tower
                 if image.modality not in self.method.modalities:
                     raise ValueError(
                         f"method {self.method.name!r} compresses {' and '.join(self.method.modalities)} inputs, "
                         f"not {image.modality}s"
                     )
+                if merged is not None:  # already reduced inside the vision tower (VISION_MERGE)
+                    image.k = int(merged.index.numel())
+                    _check_reduction(self.method.name, image.n, image.k, merged)
+                    reductions.append(merged)
+                    continue
                 image.k = keep_count(self.config.budget, image.n) if pre_llm else image.n
                 if image.k >= image.n:
                     reductions.append(None)

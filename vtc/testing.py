@@ -47,28 +47,34 @@ def tiny_llava(
     text_hidden: int = 64,
     text_layers: int = 4,
     dtype: torch.dtype = torch.float32,
+    tower: str = "clip",
 ) -> nn.Module:
     """A LLaVA-1.5-layout model: CLIP tower (CLS + grid), 2-layer MLP projector, Llama decoder.
 
-    Defaults give a 4x4 grid (16 visual tokens per image) so tests run in milliseconds.
+    Defaults give a 4x4 grid (16 visual tokens per image) so tests run in milliseconds. ``tower="siglip"``
+    gives a SigLIP tower instead (no CLS; every token of the last layer goes to the LLM, ``"full"``).
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-    vision = CLIPVisionConfig(
+    if tower not in ("clip", "siglip"):
+        raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
+    vision_class = CLIPVisionConfig if tower == "clip" else SiglipVisionConfig
+    extra = {"projection_dim": vision_hidden} if tower == "clip" else {"vision_use_head": False}
+    vision = vision_class(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 2,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden,
+        **extra,
     )
     config = LlavaConfig(
         vision_config=vision,
         text_config=_llama_text_config(hidden=text_hidden, layers=text_layers),
         image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=-2 if tower == "clip" else -1,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
         projector_hidden_act="gelu",
         pad_token_id=PAD_TOKEN,
     )
@@ -118,6 +124,12 @@ class TinyFamily:
     #: input keys get_<modality>_features takes, for tests that call it directly
     image_keys: tuple[str, ...] = ("pixel_values",)
     modality: str = "image"
+    #: ``config.model_type`` of the built model (the adapter that serves it); default: ``name``
+    adapter_type: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return self.adapter_type or self.name
 
     def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
         """The visual inputs of sample ``b`` alone (one image per sample)."""
@@ -496,7 +508,12 @@ VIDEO_FAMILIES: dict[str, TinyFamily] = {
         "llava_next_video", tiny_llava_next_video, llava_video_inputs, ("pixel_values_videos",), "video"
     ),
     "qwen2_vl_video": _QwenVideoFamily(
-        "qwen2_vl_video", tiny_qwen2_vl, qwen_video_inputs, ("pixel_values_videos", "video_grid_thw"), "video"
+        "qwen2_vl_video",
+        tiny_qwen2_vl,
+        qwen_video_inputs,
+        ("pixel_values_videos", "video_grid_thw"),
+        "video",
+        adapter_type="qwen2_vl",
     ),
 }
 FAMILIES.update(VIDEO_FAMILIES)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..hooks import ImageTokens, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
 
 
 class UnsupportedModelError(TypeError):
@@ -32,11 +32,16 @@ class Encoded:
         images: one context per image, in the order the model consumes them (batch order).
         spans: per image, ``(sample, start)``: its placeholder run starts at ``input_ids[sample, start]``.
         encoder_output: the model's own image-feature output object, reused so nothing is encoded twice.
+        reductions: per image, the reduction a ``VISION_MERGE`` method already made inside the vision tower
+            (None: the image left the tower whole, or no such method). The session uses it as the image's
+            result instead of calling ``reduce``; the image's :class:`~vtc.hooks.ImageTokens` keep the
+            uncompressed count ``n`` (its ``tokens`` are the merged rows spread back over the ``n`` inputs).
     """
 
     images: list[ImageTokens]
     spans: list[tuple[int, int]]
     encoder_output: Any
+    reductions: list[Reduction | None] | None = None
 
 
 @dataclasses.dataclass
@@ -60,6 +65,8 @@ class Adapter:
     forced_positions: ClassVar[str | None] = None
     #: call kwargs that carry visual input (their presence makes a call compressible)
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: a vision model with no LLM (timm / open_clip): compressed by :class:`vtc.vit_session.ViTSession`
+    standalone: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -105,6 +112,21 @@ class Adapter:
     # -- installation -------------------------------------------------------------------------------
     def install(self, signals: Sequence[VisionSignal]) -> None:
         """Register the hooks that capture ``signals`` (persistent; handles kept for ``uninstall``)."""
+
+    def install_merge(
+        self,
+        merge: Callable[[TowerCall], TowerMerge | None],
+        keep: Callable[[int], int],
+        on_done: Callable[[TowerMerge], None] | None = None,
+    ) -> None:
+        """Run the vision blocks through block runners driven by ``merge`` (``Stage.VISION_MERGE``).
+
+        Args:
+            merge: the method's :meth:`~vtc.registry.Method.tower_merge`, called when a tower call starts.
+            keep: consumer tokens to keep out of ``n`` (the session's budget, via :mod:`vtc.budget`).
+            on_done: called with the merge state after the tower's last block (standalone towers).
+        """
+        raise NotImplementedError(f"the {self.family} adapter cannot merge tokens inside its vision tower")
 
     def uninstall(self) -> None:
         for handle in self.handles:

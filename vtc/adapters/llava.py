@@ -5,22 +5,29 @@ Vision towers are known as data (block list, attention module, prefix tokens) ke
 the queries and keys the block computes anyway, so attention signals cost no extra projection and the
 tower keeps running SDPA.
 
+Token merging inside the tower (``Stage.VISION_MERGE``, ToMe): the tower's blocks run through block runners
+(:mod:`vtc.adapters.runners`) during vtc's own feature call, so the tower, projector and LLM see the merged
+tokens; each image then comes back with a :class:`~vtc.hooks.Reduction` built from the source map (merged
+rows in the order of their first member, compact positions). Blocks after the feature layer only run on
+the result. Only this family takes a merged token set: LLaVA-NeXT / OneVision pack every tile's full grid.
+
 Placeholders: the HF processor expands ``<image>`` into ``n`` image-token ids per image (576 for CLIP
 ViT-L/14-336 with the ``"default"`` strategy that drops CLS). Images fill the placeholders in batch order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import kernels
-from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
+from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
 from .base import (
     Adapter,
     Encoded,
@@ -33,6 +40,7 @@ from .base import (
     splice,
 )
 from .llm import Decoder
+from .runners import MergeContext, Runners
 
 #: vision tower model_type -> (path of the block list inside the tower, attention attribute of a block,
 #: number of prefix (CLS) tokens before the patch grid)
@@ -54,7 +62,7 @@ def _feature_block(vision_feature_layer: int, num_blocks: int) -> int:
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
-    stages = frozenset({Stage.VISION, Stage.PRE_LLM, Stage.LLM_LAYER})
+    stages = frozenset({Stage.VISION, Stage.VISION_MERGE, Stage.PRE_LLM, Stage.LLM_LAYER})
     visual_inputs = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
@@ -86,6 +94,7 @@ class LlavaAdapter(Adapter):
         self.feature_layer = layer
         self.feature_block = _feature_block(layer if isinstance(layer, int) else max(layer), len(blocks))
         self.image_token_id = int(cfg.image_token_id)
+        self._merge: tuple[MergeContext, Callable[[TowerCall], TowerMerge | None], Callable[[int], int]] | None = None
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -126,6 +135,42 @@ class LlavaAdapter(Adapter):
         self.handles.append(
             self.base.multi_modal_projector.register_forward_pre_hook(self._store_input("projector_input"))
         )
+
+    def install_merge(self, merge, keep, on_done=None) -> None:
+        if not isinstance(self.feature_layer, int):
+            raise ValueError(
+                f"token merging in the vision tower needs one vision_feature_layer; this model concatenates "
+                f"layers {self.feature_layer}, whose merged token sets would differ"
+            )
+        ctx = MergeContext(len(self.blocks))
+        ctx.on_done = on_done
+        self.handles.append(Runners(self.blocks, ctx))
+        self._merge = (ctx, merge, keep)
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        self._merge = None
+
+    @contextlib.contextmanager
+    def _tower_merging(self, strategy: str):
+        """Merge inside the tower for the duration of one of vtc's own feature calls (None: no merging)."""
+        if self._merge is None:
+            yield None
+            return
+        ctx, merge, keep = self._merge
+        drop = 0 if strategy == "full" else self.prefix  # "default" feeds the LLM everything but CLS
+
+        def start(x: torch.Tensor) -> TowerMerge | None:
+            bsz, tokens = int(x.shape[0]), int(x.shape[1])
+            n = tokens - drop
+            call = TowerCall(bsz, tokens, self.prefix, self.feature_block + 1, n, keep(n), x.device)
+            return merge(call)
+
+        ctx.start, ctx.state, ctx.seconds = start, None, 0.0
+        try:
+            yield ctx
+        finally:
+            ctx.start = None
 
     def _hook_attention(self, block: nn.Module, sigs: list[VisionSignal]) -> None:
         attn = getattr(block, self._attn_attr)
@@ -235,23 +280,32 @@ class LlavaAdapter(Adapter):
         mask = kwargs.get("attention_mask")
         embed = self.model.get_input_embeddings()
         visual = self.visual_rows(input_ids)
-        images, spans, outputs = [], [], {}
+        images, spans, outputs, reductions = [], [], {}, []
         for modality in self.modalities():
             if kwargs.get(modality.pixels) is None:
                 continue
-            with self._capturing() as cap:
+            with self._capturing() as cap, self._tower_merging(strategy) as merging:
                 out = self.features(modality, kwargs, strategy)
+                self.signal_seconds += merging.seconds if merging is not None else 0.0
+            merged = merging.state if merging is not None else None
             outputs[modality.name] = out
             captured = {name: torch.cat(parts) for name, parts in cap.items()}
             proj_in = captured.pop("projector_input")
             features = self.item_features(modality, out)
             layouts = self.layouts(modality, kwargs, strategy)
-            mod_spans = _assign(input_ids == modality.token_id, [f.shape[0] for f in features], modality.name)
+            counts = [f.shape[0] for f in features] if merged is None else [lay.num_tokens for lay, _ in layouts]
+            mod_spans = _assign(input_ids == modality.token_id, counts, modality.name)
             for feat, (sample, start), (layout, rows) in zip(features, mod_spans, layouts, strict=True):
-                if feat.shape[0] != layout.num_tokens:
+                vision_tokens, red = None, None
+                if merged is not None:
+                    red, feat, vision_tokens = _merged_item(merged, feat, proj_in, rows, layout, strategy)
+                elif feat.shape[0] != layout.num_tokens:
                     raise ValueError(
                         f"a {modality.name} has {feat.shape[0]} features but its layout implies {layout.num_tokens}"
                     )
+                if vision_tokens is None:
+                    vision_tokens = self.item_vision_tokens(modality, proj_in, rows, layout, strategy == "full")
+                reductions.append(red)
                 text_ids = _text_after(input_ids, mask, visual, sample, start + feat.shape[0])
                 images.append(
                     ImageTokens(
@@ -259,7 +313,7 @@ class LlavaAdapter(Adapter):
                         layout=layout,
                         k=feat.shape[0],
                         signals=self.item_signals(modality, captured, rows, layout),
-                        vision_tokens=self.item_vision_tokens(modality, proj_in, rows, layout, strategy == "full"),
+                        vision_tokens=vision_tokens,
                         text_ids=text_ids,
                         text_embeds=embed(text_ids),
                         project=self.base.multi_modal_projector,
@@ -269,7 +323,8 @@ class LlavaAdapter(Adapter):
                     )
                 )
                 spans.append((sample, start))
-        return Encoded(images=images, spans=spans, encoder_output=outputs)
+        tower_reduced = any(r is not None for r in reductions)
+        return Encoded(images, spans, outputs, reductions if tower_reduced else None)
 
     def passthrough(self, kwargs: Mapping[str, Any], encoded: Encoded) -> dict[str, Any]:
         out = {k: v for k, v in kwargs.items() if k not in self._visual_kwargs()}
@@ -372,6 +427,28 @@ def _assign(placeholders: torch.Tensor, lengths: Sequence[int], what: str = "ima
         if offset == length:
             run, offset = run + 1, 0
     return spans
+
+
+def _merged_item(
+    merged: TowerMerge, feat: torch.Tensor, proj_in: torch.Tensor, rows: list[int], layout: Layout, strategy: str
+) -> tuple[Reduction | None, torch.Tensor, torch.Tensor]:
+    """An image whose tokens were merged inside the tower: ``(reduction, tokens [n, D], vision tokens [n, C])``.
+
+    ``feat [k, D]`` are the merged tokens the LLM gets; the image's ``n`` input tokens each take the row of
+    the group they ended in (what the uncompressed positions now hold), so ``ImageTokens.n`` stays ``n``.
+    """
+    if len(rows) != 1:
+        raise RuntimeError("token merging in the tower needs one tower row per image")
+    (row,) = rows
+    groups, anchors = merged.consumer_view(0 if strategy == "full" else layout.prefix)
+    groups, anchors = groups[row].to(feat.device), anchors[row].to(feat.device)
+    if groups.numel() != layout.num_tokens or anchors.numel() != feat.shape[0]:
+        raise RuntimeError(
+            f"the merged tower output has {feat.shape[0]} tokens for {groups.numel()} inputs, but the image's "
+            f"layout has {layout.num_tokens} (bug in the tower merge)"
+        )
+    red = Reduction(index=anchors, tokens=feat, groups=groups) if feat.shape[0] < layout.num_tokens else None
+    return red, feat[groups], proj_in[row].to(feat.device)[groups]
 
 
 def _vision_tokens(proj_in: torch.Tensor, layout: Layout, full: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..hooks import Layout
+from ..hooks import Layout, Stage
 from .llava import LlavaAdapter, Modality
 
 
@@ -70,6 +70,9 @@ def anyres_layout(
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
+    #: no VISION_MERGE: the model packs every tile's full token grid (unpadding, newlines; OneVision / NeXT-Video
+    #: pool each frame's grid), so a tower that outputs a merged token set cannot feed it
+    stages = LlavaAdapter.stages - {Stage.VISION_MERGE}
 
     def check_call(self, kwargs: Mapping[str, Any]) -> None:
         super().check_call(kwargs)

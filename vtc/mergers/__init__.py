@@ -1,3 +1,3 @@
 """Merging methods (HoliTom, temporal mergers, ToMe); importing this package registers them."""
 
-from . import dycoke, fastvid, holitom  # noqa: F401
+from . import dycoke, fastvid, holitom, tome  # noqa: F401
