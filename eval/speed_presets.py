@@ -44,6 +44,20 @@ class Tower:
     layers: int
     patch_in: int  # inputs of one patch embedding: channels * patch^2 (* temporal patch)
     gated_mlp: bool = False  # SwiGLU MLP (Qwen2.5-VL) instead of fc1/fc2
+    prefix: int = 0  # CLS-like tokens that skip the patch embedding
+
+    @classmethod
+    def of(cls, vision_config: Any) -> Tower:
+        """The tower of a CLIP / SigLIP / Qwen2-VL vision config."""
+        c = vision_config
+        if c.model_type == "qwen2_vl":
+            patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
+            return cls(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.depth, patch_in)
+        if c.model_type in ("clip_vision_model", "siglip_vision_model"):
+            prefix = 1 if c.model_type == "clip_vision_model" else 0
+            patch_in = c.num_channels * c.patch_size**2
+            return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, patch_in, prefix=prefix)
+        raise ValueError(f"no tower formula for vision model_type {c.model_type!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +78,7 @@ def _mlp2(d_in: int, d_hidden: int, d_out: int) -> Callable[[int], float]:
 REAL: dict[str, Reference] = {
     "llava-1.5-7b": Reference(
         "llava-hf/llava-1.5-7b-hf",
-        Tower(hidden=1024, intermediate=4096, layers=24, patch_in=3 * 14 * 14),
+        Tower(hidden=1024, intermediate=4096, layers=24, patch_in=3 * 14 * 14, prefix=1),
         dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, model_type="llama"),
         _mlp2(1024, 4096, 4096),
@@ -100,7 +114,8 @@ def vit_flops(tower: Tower, tokens: int, segments: list[int] | None = None) -> f
     segments = segments or [tokens]
     per_layer = 2 * tokens * 4 * d * d + sum(4 * s * s * d for s in segments)
     per_layer += 2 * tokens * d * m * (3 if tower.gated_mlp else 2)
-    return float(tower.layers * per_layer + 2 * tokens * tower.patch_in * d)
+    patches = tokens - tower.prefix * len(segments)
+    return float(tower.layers * per_layer + 2 * patches * tower.patch_in * d)
 
 
 # -- presets --------------------------------------------------------------------------------------------
@@ -136,7 +151,7 @@ class Preset:
     workload: Workload | None = None
     methods: tuple[str, ...] = ("hired", "visionzip", "divprune")
     budgets: tuple[float | int, ...] = (0.2,)
-    new_tokens: int = 16
+    new_tokens: int = 8
 
 
 PRESETS: dict[str, Preset] = {}
@@ -260,8 +275,8 @@ register(
 
 def qwen2_vl_model(
     seed: int = 0,
-    vision: tuple[int, int, int] = (256, 2, 4),
-    text: tuple[int, int, int, int, int] = (384, 6, 6, 2, 1024),
+    vision: tuple[int, int, int] = (128, 2, 2),
+    text: tuple[int, int, int, int, int] = (384, 8, 6, 2, 1024),
 ) -> nn.Module:
     """Qwen2-VL layout: ViT with 14 px patches, temporal patch 2, full attention per image and a 2 x 2 merger
     (``vision = (width, depth, heads)``, MLP ratio 4); Qwen2 decoder with M-RoPE
@@ -321,7 +336,7 @@ register(
     Preset(
         "qwen2vl",
         "Qwen2-VL layout, one 784 x 1176 px image (grid 1 x 56 x 84: 4704 ViT patches, 1176 visual tokens), "
-        "2 x 256 ViT with full attention, 6 x 384 Qwen2 (GQA 6/2), 64 text tokens",
+        "2 x 128 ViT with full attention, 8 x 384 Qwen2 (GQA 6/2), 64 text tokens",
         build=qwen2_vl_model,
         inputs=qwen_image_inputs,
         reference=REAL["qwen2-vl-7b"],
