@@ -50,7 +50,7 @@ class Tower:
     def of(cls, vision_config: Any) -> Tower:
         """The tower of a CLIP / SigLIP / Qwen2-VL vision config."""
         c = vision_config
-        if c.model_type == "qwen2_vl":
+        if c.model_type in ("qwen2_vl", "qwen2_vl_vision"):
             patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
             return cls(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.depth, patch_in)
         if c.model_type in ("clip_vision_model", "siglip_vision_model"):
