@@ -572,20 +572,29 @@ def _progress_line(name: str, run: dict) -> str:
     )
 
 
-def memory_pass(entries: list[dict], memory: PeakMemory, log: Callable) -> None:
-    """Peak memory of one prefill forward per configuration (after one warm-up forward of the same call)."""
+def _prefill_call(model: nn.Module, inputs: dict) -> Callable[[], None]:
+    def prefill() -> None:
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+
+    return prefill
+
+
+def memory_pass(entries: list[dict], memory: PeakMemory, log: Callable) -> float | None:
+    """Peak memory of one prefill forward per configuration (after one warm-up forward of the same call).
+
+    Returns what the method reads for a known 64 MiB allocation (a calibration printed with the results).
+    """
     import vtc
 
     memory.enable()
+    calibration = memory.measure(lambda: torch.ones(16 * 2**20, device=memory.device).sum())
+    log(f"memory: a 64 MiB tensor made and freed inside the measured call reads as {calibration:.1f} MiB")
     for entry in entries:
         model, inputs = entry.pop("_model", None), entry.pop("_inputs", None)
         if model is None:
             continue
-
-        def prefill():
-            with torch.no_grad():
-                model(**inputs, logits_to_keep=1)
-
+        prefill = _prefill_call(model, inputs)
         prefill()
         entry["baseline"]["peak_mib"] = memory.measure(prefill)
         entry["resident_mib"] = memory.resident_mib()
@@ -596,8 +605,9 @@ def memory_pass(entries: list[dict], memory: PeakMemory, log: Callable) -> None:
                 prefill()
                 run["peak_mib"] = memory.measure(prefill)
         log(f"[{entry['preset']}] memory: baseline {entry['baseline']['peak_mib']:.0f} MiB")
-        del model, inputs
+        del model, inputs, prefill
         gc.collect()
+    return calibration
 
 
 # -- reports -------------------------------------------------------------------------------------------------
@@ -624,13 +634,17 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{s['command']}`",
         "",
-        ("Random weights: timings, token counts and FLOPs are real; generated text is meaningless. "
-         if s["random_weights"] else "")
+        (
+            "Random weights: timings, token counts and FLOPs are real; generated text is meaningless. "
+            if s["random_weights"]
+            else ""
+        )
         + "TTFT = `generate()` call to first-token logits (vision tower + projector + vtc + LLM prefill); decode = "
         "the following `new_tokens - 1` steps of the same calls. On a CPU each is measured on two clocks: wall time "
         "(what a user waits) and the process's CPU time (`time.process_time`, all threads), which time slices "
-        "taken by other processes on a shared machine do not inflate. Medians of {s['repeats']} calls per configuration "
-        f"and {2 * s['repeats']} for the uncompressed baseline, interleaved round-robin in shuffled order. Ideal "
+        "taken by other processes on a shared machine do not inflate. "
+        f"Medians of {s['repeats']} calls per configuration and {2 * s['repeats']} for the uncompressed baseline, "
+        "interleaved round-robin in shuffled order. Ideal "
         "speed-ups: *LLM-only* = analytic LLM prefill FLOPs ratio (`vtc.flops`, as in the record); *end-to-end* = "
         "ratio of the model FLOPs counted while it runs (vision tower + projector + LLM + LM head; the vision tower "
         "runs at full cost for every method here); *real-scale* = end-to-end ratio computed analytically for the "
@@ -638,7 +652,12 @@ def markdown(results: dict) -> str:
         "(`session.prepare` minus the model's own vision encoding, plus vtc's hook computations), in brackets "
         "`record.seconds_in_vtc`. vtc GFLOPs = FLOPs of vtc's own ops (similarities) outside the model.",
         "",
-        f"Peak memory of one prefill: {s['memory_method']}.",
+        f"Peak memory of one prefill: {s['memory_method']}"
+        + (
+            f"; a 64 MiB tensor made and freed inside a measured call reads {s['memory_calibration_mib']:.1f} MiB."
+            if s.get("memory_calibration_mib") is not None
+            else "."
+        ),
     ]
     for entry in results["presets"]:
         lines += ["", f"## {entry['preset']}", "", entry["summary"] + ".", ""]
@@ -659,7 +678,8 @@ def markdown(results: dict) -> str:
         lines += [
             f"{entry['params_m']} M parameters, {entry['prompt_tokens']} prompt tokens, {entry['new_tokens']} new "
             f"tokens per call. Uncompressed prefill {flops['model'] / 1e9:.1f} GFLOPs, vision tower + projector "
-            f"{100 * vision / flops['model']:.1f} %.{ref_text} **Uncompressed: TTFT {_pair(base, 'ttft{}_ms', '.0f')} ms{clocks}, "
+            f"{100 * vision / flops['model']:.1f} %.{ref_text} "
+            f"**Uncompressed: TTFT {_pair(base, 'ttft{}_ms', '.0f')} ms{clocks}, "
             f"decode {_pair(base, 'decode{}_tok_s', '.1f')} tok/s, peak memory {_fmt(base.get('peak_mib'), '.0f')} "
             f"MiB.** Measured in {entry['seconds']:.0f} s; load {entry['load_before']} -> {entry['load_after']}.",
             "",
@@ -689,8 +709,9 @@ def markdown(results: dict) -> str:
         lines += ["", "## Acceptance (issue 9): LLaVA-1.5 preset, budget 0.2 (wall / CPU time)", ""]
         for row in rows:
             lines.append(
-                f"- {row['method']}: speed-up {_pair(row, 'speedup{}', '.2f')}x = {_pair(row, 'of_ideal_e2e{}', '.0%')} "
-                f"of the end-to-end ideal {row['ideal_e2e']:.2f}x (>= 80 %: {_pair(row, 'speed_ok{}', '')}); vtc "
+                f"- {row['method']}: speed-up {_pair(row, 'speedup{}', '.2f')}x = "
+                f"{_pair(row, 'of_ideal_e2e{}', '.0%')} of the end-to-end ideal {row['ideal_e2e']:.2f}x "
+                f"(>= 80 %: {_pair(row, 'speed_ok{}', '')}); vtc "
                 f"{_pair(row, 'vtc_share{}', '.1%')} of TTFT (< 5 %: {_pair(row, 'vtc_ok{}', '')})"
             )
     return "\n".join(lines) + "\n"
@@ -743,7 +764,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
         ax.set_title(f"{entry['preset']} ({entry['prompt_tokens']} prompt tokens)", fontsize=9)
     axes[0][0].legend(fontsize=7)
     m = results["machine"]
-    fig.suptitle(f"vtc prefill speed-up, {m['device_name']}, {m['torch_threads']} thread(s); random weights", fontsize=9)
+    fig.suptitle(
+        f"vtc prefill speed-up, {m['device_name']}, {m['torch_threads']} thread(s); random weights", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -828,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in results["presets"]:
             entry.pop("_model", None), entry.pop("_inputs", None)
     else:
-        memory_pass(results["presets"], memory, log)
+        results["settings"]["memory_calibration_mib"] = memory_pass(results["presets"], memory, log)
     results["acceptance"] = acceptance(results)
     results["settings"].update(load_end=load(), seconds=time.perf_counter() - started)
     out = pathlib.Path(args.out)

@@ -79,24 +79,42 @@ REAL: dict[str, Reference] = {
     "llava-1.5-7b": Reference(
         "llava-hf/llava-1.5-7b-hf",
         Tower(hidden=1024, intermediate=4096, layers=24, patch_in=3 * 14 * 14, prefix=1),
-        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, model_type="llama"),
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            model_type="llama",
+        ),
         _mlp2(1024, 4096, 4096),
         "CLIP ViT-L/14-336 (all 24 blocks run; features from block 23 of 24), Vicuna-7B",
     ),
     "qwen2-vl-7b": Reference(
         "Qwen/Qwen2-VL-7B-Instruct",
         Tower(hidden=1280, intermediate=5120, layers=32, patch_in=3 * 2 * 14 * 14),
-        dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-             num_key_value_heads=4, model_type="qwen2_vl_text"),
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            model_type="qwen2_vl_text",
+        ),
         lambda n: _mlp2(4 * 1280, 4 * 1280, 3584)(n // 4),  # merger: 2 x 2 patches -> one LLM token
         "675 M-parameter ViT with full attention over all patches of an image, Qwen2-7B",
     ),
     "llava-onevision-7b": Reference(
         "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         Tower(hidden=1152, intermediate=4304, layers=26, patch_in=3 * 14 * 14),
-        dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-             num_key_value_heads=4, model_type="qwen2"),
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            model_type="qwen2",
+        ),
         _mlp2(1152, 3584, 3584),
         "SigLIP-so400m/14-384 (26 blocks), Qwen2-7B; video frames 2 x 2 bilinear-pooled to 196 tokens",
     ),
@@ -358,8 +376,12 @@ def onevision_model(
     MLP projector, Qwen2 decoder (``text = (hidden, layers, heads, kv heads, mlp)``); video frames are 2 x 2
     bilinear-pooled after the projector and one newline token closes the video, as in the model's own code.
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
-    from transformers import SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     vh, vm, vl, vheads = vision
     hidden, layers, heads, kv, inter = text
