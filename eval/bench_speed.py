@@ -747,9 +747,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
     entries = [e for e in results["presets"] if "skipped" not in e and any("skipped" not in r for r in e["runs"])]
     if not entries:
         return
-    fig, axes = plt.subplots(1, len(entries), figsize=(5.5 * len(entries), 4.2), squeeze=False)
+    counts = [sum("skipped" not in r for r in e["runs"]) for e in entries]
+    fig, axes = plt.subplots(
+        1, len(entries), figsize=(sum(1.5 + 0.75 * c for c in counts), 4.4), squeeze=False,
+        gridspec_kw={"width_ratios": [1.5 + 0.75 * c for c in counts]},
+    )  # fmt: skip
     for ax, entry in zip(axes[0], entries, strict=True):
         runs = [r for r in entry["runs"] if "skipped" not in r]
+        ref = entry["baseline"].get("reference")
         labels = [f"{r['method']}\n{r['budget']}" for r in runs]
         x = range(len(runs))
         width = 0.2
@@ -758,6 +763,10 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ax.bar([i - 0.5 * width for i in x], [r["speedup_cpu"] for r in runs], width, label="measured (CPU time)")
         ax.bar([i + 0.5 * width for i in x], [r["ideal_e2e"] for r in runs], width, label="ideal, end-to-end FLOPs")
         ax.bar([i + 1.5 * width for i in x], [r["ideal_llm"] for r in runs], width, label="ideal, LLM FLOPs only")
+        if ref and all(r.get("reference") for r in runs):
+            real = [ref["total"] / r["reference"]["total"] for r in runs]
+            ax.scatter([i + 0.5 * width for i in x], real, marker="_", s=120, color="black", zorder=3,
+                       label="ideal end-to-end, real checkpoint")  # fmt: skip
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("speed-up over uncompressed")
