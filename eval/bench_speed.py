@@ -459,6 +459,8 @@ def run_preset(preset: speed_presets.Preset, opts: Options, device: torch.device
         entry["skipped"] = f"skipped: model family not supported by this vtc build ({err})"
         log(f"[{preset.name}] {entry['skipped']}")
         return entry
+    except (ValueError, TypeError):
+        pass  # this method alone does not apply here; each configuration records its own reason
 
     base_flops = count_flops(model, inputs)  # doubles as the first warm-up of the uncompressed model
     base_llm = vtc.flops.prefill_flops(model.config.get_text_config(), entry["prompt_tokens"])
@@ -529,6 +531,9 @@ def _prepare_config(model, inputs, method, budget, clock, base_flops, base_llm) 
         flops = count_flops(model, inputs, base_flops)
         _generate_trial(model, inputs, 2, clock, None)
         rec = vtc.last_record(model)
+    except Exception as err:  # noqa: BLE001  a new family or method failing must not stop the other runs
+        run["skipped"] = f"FAILED on its first call: {type(err).__name__}: {err}"
+        return run
     finally:
         vtc.restore(model)
     if abs(rec.flops["prefill_full"] - base_llm) > 1e-6 * base_llm:

@@ -210,3 +210,18 @@ def test_presets_have_what_the_docs_promise():
         assert preset.reference is not None and preset.workload is not None
     with pytest.raises(ValueError, match="already registered"):
         speed_presets.register(speed_presets.get_preset("tiny"))
+
+
+def test_a_configuration_failing_on_its_first_call_is_reported_and_the_rest_run(monkeypatch):
+    """A method that breaks on a family (e.g. one just added) is marked FAILED; the other configurations run."""
+    from vtc.pruners.divprune import DivPrunePruner
+
+    def broken(self, image):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DivPrunePruner, "reduce", broken)
+    opts = bench_speed.Options(repeats=1, methods=("divprune", "hired"), budgets=(0.5,), new_tokens=2)
+    entry = bench_speed.run_preset(speed_presets.get_preset("tiny"), opts, torch.device("cpu"), lambda _: None)
+    failed, ok = entry["runs"]
+    assert failed["skipped"].startswith("FAILED on its first call: RuntimeError: boom")
+    assert ok["method"] == "hired" and len(ok["trials"]) == 1 and ok["speedup"] > 0
