@@ -286,8 +286,17 @@ def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 4 * b * h * lq * key[-2] * d
 
 
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    node: Any = model
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
 def count_flops(model: nn.Module, inputs: dict, base: dict | None = None) -> dict[str, float]:
-    """FLOPs of one prefill forward, counted while it runs, per module group (``MODULE_GROUPS``).
+    """FLOPs of one prefill (``generate`` of one token), counted while it runs, per module group.
 
     ``model`` is the model's own work and ``vtc`` everything else that ran in the call: selection and
     similarities outside the modules, and vtc's VISION-stage signals, which run in hooks inside the tower
@@ -299,12 +308,16 @@ def count_flops(model: nn.Module, inputs: dict, base: dict | None = None) -> dic
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(**inputs, logits_to_keep=1)
+        model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
     by_module = {key: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()}
-    top = next((k for k in by_module if k != "Global" and "." not in k), "Global")
-    out = {"total": by_module.get(top, by_module.get("Global", 0.0))}
-    for group, suffixes in MODULE_GROUPS.items():
-        out[group] = sum(by_module.get(f"{top}.{s}", 0.0) for s in suffixes)
+    out = {"total": by_module.get("Global", 0.0)}
+    top = type(model).__name__
+    for group, paths in MODULE_GROUPS.items():
+        out[group] = 0.0
+        for path in paths:
+            module = _module_at(model, path)
+            if module is not None:  # named from the top model, or its own root when generate() calls it directly
+                out[group] += by_module.get(f"{top}.{path}", 0.0) + by_module.get(type(module).__name__, 0.0)
     if base is not None:
         out["vision_counted"], out["projector_counted"] = out["vision"], out["projector"]
         out["vision"], out["projector"] = base["vision"], base["projector"]
@@ -462,9 +475,8 @@ def run_preset(preset: speed_presets.Preset, opts: Options, device: torch.device
     except (ValueError, TypeError):
         pass  # this method alone does not apply here; each configuration records its own reason
 
-    base_flops = count_flops(model, inputs)  # doubles as the first warm-up of the uncompressed model
+    base_flops = count_flops(model, inputs)  # also the warm-up call of the uncompressed model
     base_llm = vtc.flops.prefill_flops(model.config.get_text_config(), entry["prompt_tokens"])
-    _generate_trial(model, inputs, min(new_tokens, 2), clock, None)
     for method in methods:
         for budget in budgets:
             run = _prepare_config(model, inputs, method, budget, clock, base_flops, base_llm)
@@ -504,6 +516,11 @@ def run_preset(preset: speed_presets.Preset, opts: Options, device: torch.device
                 t["vtc_share_cpu"] = t["vtc_cpu_ms"] / t["ttft_cpu_ms"]
         keys = ("ttft_ms", "ttft_cpu_ms", "decode_tok_s", "decode_cpu_tok_s", "vtc_ms", "vtc_cpu_ms", "vtc_record_ms")
         run.update(_medians(trials, keys + ("vtc_share", "vtc_share_cpu")))
+        # best-of-N: the fastest call of each side, on the CPU clock where there is one (least disturbed by
+        # other processes: the estimate of an idle machine; medians above are the primary numbers)
+        key = "ttft_cpu_ms" if "ttft_cpu_ms" in trials[0] else "ttft_ms"
+        run["speedup_best"] = min(t[key] for t in base_trials) / min(t[key] for t in trials)
+        run["of_ideal_e2e_best"] = run["speedup_best"] / run["ideal_e2e"] if run["ideal_e2e"] else None
         for suffix in ("", "_cpu"):
             b, c = base.get(f"ttft{suffix}_ms"), run.get(f"ttft{suffix}_ms")
             speedup = b / c if b and c else None
@@ -528,8 +545,7 @@ def _prepare_config(model, inputs, method, budget, clock, base_flops, base_llm) 
         run["skipped"] = f"skipped: {err}"
         return run
     try:
-        flops = count_flops(model, inputs, base_flops)
-        _generate_trial(model, inputs, 2, clock, None)
+        flops = count_flops(model, inputs, base_flops)  # also this configuration's warm-up call
         rec = vtc.last_record(model)
     except Exception as err:  # noqa: BLE001  a new family or method failing must not stop the other runs
         run["skipped"] = f"FAILED on its first call: {type(err).__name__}: {err}"
@@ -586,7 +602,7 @@ def _prefill_call(model: nn.Module, inputs: dict) -> Callable[[], None]:
 
 
 def memory_pass(entries: list[dict], memory: PeakMemory, log: Callable) -> float | None:
-    """Peak memory of one prefill forward per configuration (after one warm-up forward of the same call).
+    """Peak memory of one prefill forward per configuration.
 
     Returns what the method reads for a known 64 MiB allocation (a calibration printed with the results).
     """
@@ -599,15 +615,13 @@ def memory_pass(entries: list[dict], memory: PeakMemory, log: Callable) -> float
         model, inputs = entry.pop("_model", None), entry.pop("_inputs", None)
         if model is None:
             continue
-        prefill = _prefill_call(model, inputs)
-        prefill()
+        prefill = _prefill_call(model, inputs)  # every shape here already ran in the timing phase
         entry["baseline"]["peak_mib"] = memory.measure(prefill)
         entry["resident_mib"] = memory.resident_mib()
         for run in entry["runs"]:
             if "skipped" in run:
                 continue
             with vtc.compressed(model, run["method"], budget=run["budget"]):
-                prefill()
                 run["peak_mib"] = memory.measure(prefill)
         log(f"[{entry['preset']}] memory: baseline {entry['baseline']['peak_mib']:.0f} MiB")
         del model, inputs, prefill
@@ -649,7 +663,8 @@ def markdown(results: dict) -> str:
         "(what a user waits) and the process's CPU time (`time.process_time`, all threads), which time slices "
         "taken by other processes on a shared machine do not inflate. "
         f"Medians of {s['repeats']} calls per configuration and {2 * s['repeats']} for the uncompressed baseline, "
-        "interleaved round-robin in shuffled order. Ideal "
+        "interleaved round-robin in shuffled order; [best] = fastest call over fastest call, on the CPU clock "
+        "(the idle-machine estimate). Ideal "
         "speed-ups: *LLM-only* = analytic LLM prefill FLOPs ratio (`vtc.flops`, as in the record); *end-to-end* = "
         "ratio of the model FLOPs counted while it runs (vision tower + projector + LLM + LM head; the vision tower "
         "runs at full cost for every method here); *real-scale* = end-to-end ratio computed analytically for the "
@@ -688,9 +703,9 @@ def markdown(results: dict) -> str:
             f"decode {_pair(base, 'decode{}_tok_s', '.1f')} tok/s, peak memory {_fmt(base.get('peak_mib'), '.0f')} "
             f"MiB.** Measured in {entry['seconds']:.0f} s; load {entry['load_before']} -> {entry['load_after']}.",
             "",
-            f"| method | budget | visual tokens | equiv. budget | TTFT ms{clocks} | speed-up{clocks} | ideal e2e "
-            f"| ideal LLM-only | % of e2e ideal{clocks} | real-scale ideal | vtc ms{clocks} (record) "
-            f"| vtc % of TTFT{clocks} | decode tok/s{clocks} | peak MiB | vtc GFLOPs |",
+            f"| method | budget | visual tokens | equiv. budget | TTFT ms{clocks} | speed-up{clocks} [best] "
+            f"| ideal e2e | ideal LLM-only | % of e2e ideal{clocks} [best] | real-scale ideal "
+            f"| vtc ms{clocks} (record) | vtc % of TTFT{clocks} | decode tok/s{clocks} | peak MiB | vtc GFLOPs |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for run in entry["runs"]:
@@ -703,8 +718,9 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {run['method']} | {run['budget']} | {run['visual_tokens_kept']} / {run['visual_tokens_in']} "
                 f"| {run['equivalent_budget']:.3f} | {_pair(run, 'ttft{}_ms', '.0f')} "
-                f"| {_pair(run, 'speedup{}', '.2f')} | {run['ideal_e2e']:.2f} | {run['ideal_llm']:.2f} "
-                f"| {_pair(run, 'of_ideal_e2e{}', '.0%')} | {real} "
+                f"| {_pair(run, 'speedup{}', '.2f')} [{run['speedup_best']:.2f}] | {run['ideal_e2e']:.2f} "
+                f"| {run['ideal_llm']:.2f} | {_pair(run, 'of_ideal_e2e{}', '.0%')} [{run['of_ideal_e2e_best']:.0%}] "
+                f"| {real} "
                 f"| {_pair(run, 'vtc{}_ms', '.1f')} ({run['vtc_record_ms']:.1f}) | {_pair(run, 'vtc_share{}', '.1%')} "
                 f"| {_pair(run, 'decode{}_tok_s', '.1f')} | {_fmt(run.get('peak_mib'), '.0f')} "
                 f"| {run['flops']['vtc'] / 1e9:.2f} |"
@@ -714,8 +730,9 @@ def markdown(results: dict) -> str:
         lines += ["", "## Acceptance (issue 9): LLaVA-1.5 preset, budget 0.2 (wall / CPU time)", ""]
         for row in rows:
             lines.append(
-                f"- {row['method']}: speed-up {_pair(row, 'speedup{}', '.2f')}x = "
-                f"{_pair(row, 'of_ideal_e2e{}', '.0%')} of the end-to-end ideal {row['ideal_e2e']:.2f}x "
+                f"- {row['method']}: speed-up {_pair(row, 'speedup{}', '.2f')}x "
+                f"[best-of-N {row['speedup_best']:.2f}x] = {_pair(row, 'of_ideal_e2e{}', '.0%')} "
+                f"[{row['of_ideal_e2e_best']:.0%}] of the end-to-end ideal {row['ideal_e2e']:.2f}x "
                 f"(>= 80 %: {_pair(row, 'speed_ok{}', '')}); vtc "
                 f"{_pair(row, 'vtc_share{}', '.1%')} of TTFT (< 5 %: {_pair(row, 'vtc_ok{}', '')})"
             )
@@ -731,7 +748,7 @@ def acceptance(results: dict) -> list[dict]:
         for run in entry["runs"]:
             if run["method"] not in ("hired", "visionzip", "divprune") or run["budget"] != 0.2 or "skipped" in run:
                 continue
-            row = {"method": run["method"], "ideal_e2e": run["ideal_e2e"]}
+            row = {key: run[key] for key in ("method", "ideal_e2e", "speedup_best", "of_ideal_e2e_best")}
             for suffix in ("", "_cpu"):
                 of_ideal, share = run.get(f"of_ideal_e2e{suffix}"), run.get(f"vtc_share{suffix}")
                 row[f"speedup{suffix}"] = run.get(f"speedup{suffix}")
