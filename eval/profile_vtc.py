@@ -14,6 +14,11 @@ profiles the selection with ``torch.profiler``. Phases:
   analytic FLOPs).
 
     python eval/profile_vtc.py --preset llava15 --method divprune --budget 0.2
+    python eval/profile_vtc.py --preset llava15 --method hired --budget 0.2 --floor   # TTFT decomposition
+
+``--floor`` instead splits a compressed call's TTFT into what FLOPs predict and what they do not: the
+uncompressed and compressed TTFT, the vision tower alone, and text-only LLM prefills at the uncompressed
+length, the compressed length and 8 tokens (the fixed cost of any ``generate()`` call).
 """
 
 from __future__ import annotations
@@ -129,6 +134,53 @@ def profile(preset_name: str, method: str, budget: float | int, repeats: int = 7
     return "\n".join(lines)
 
 
+def floor(preset_name: str, method: str, budget: float | int, repeats: int = 9) -> str:
+    """CPU-time decomposition of TTFT (median / min over ``repeats`` one-token ``generate`` calls)."""
+    import vtc
+
+    preset = speed_presets.get_preset(preset_name)
+    model = preset.build(0)
+    inputs = preset.inputs(model, 0)
+
+    def ttft(**kwargs):
+        return lambda: model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+
+    def timed(fn) -> tuple[float, float]:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append((time.process_time() - start) * 1000.0)
+        return statistics.median(times), min(times)
+
+    def text_only(n: int):
+        ids = torch.randint(3, speed_presets.IMAGE_TOKEN, (1, n), generator=torch.Generator().manual_seed(0))
+        return ttft(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    rows = []
+    with torch.no_grad():
+        rows.append(("uncompressed TTFT", timed(ttft(**inputs))))
+        vtc.compress(model, method, budget=budget)
+        rows.append((f"`{method}` at {budget} TTFT", timed(ttft(**inputs))))
+        kept = vtc.last_record(model).samples[0].output_length
+        vtc.restore(model)
+        if "pixel_values" in visual and "image_grid_thw" not in visual:
+            rows.append(("vision tower + projector alone", timed(lambda: model.model.get_image_features(**visual))))
+        full = int(inputs["input_ids"].shape[1])
+        for n, what in ((full, "uncompressed length"), (kept, "compressed length"), (8, "fixed floor")):
+            rows.append((f"LLM prefill of a text-only prompt, {n} tokens ({what})", timed(text_only(n))))
+    lines = [
+        f"### TTFT decomposition: `{method}` at {budget} on `{preset_name}` (CPU ms, median / min of {repeats})",
+        "",
+        "| part | CPU ms |",
+        "|---|---:|",
+        *[f"| {name} | {med:.0f} / {low:.0f} |" for name, (med, low) in rows],
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -137,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--floor", action="store_true", help="TTFT decomposition instead of vtc's phases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(profile(args.preset, args.method, args.budget, args.repeats))
+    if args.floor:
+        print(floor(args.preset, args.method, args.budget, max(args.repeats, 3)))
+    else:
+        print(profile(args.preset, args.method, args.budget, args.repeats))
     return 0
 
 
