@@ -115,7 +115,6 @@ class _Group:
     removed: torch.Tensor  # [B] visual rows dropped before this group (relative to layer 0)
     decode_mask: Any = None
     decode_pos: Any = None
-    decode_ready: bool = False  # decode_mask/pos built for this step (the mask itself may be None under SDPA)
 
 
 class _Call:
@@ -210,7 +209,6 @@ class LLMHooks:
             call.call_mask = mask2d
             for g in call.groups:
                 g.decode_mask = g.decode_pos = None
-                g.decode_ready = False
         return None
 
     def _lm_post(self, module, args, output):
@@ -360,7 +358,7 @@ class LLMHooks:
         if group is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        if not group.decode_ready:
+        if group.decode_mask is None:
             bsz, q = hidden.shape[:2]
             call_mask = call.call_mask
             if call_mask is None:
@@ -373,7 +371,6 @@ class LLMHooks:
                 pos = pos - group.removed[:, None]
                 group.decode_pos = (pos, self.decoder.rotary(hidden, pos))
             group.decode_mask = self.decoder.mask(hidden, mask2d, call.cache, pos, idx)
-            group.decode_ready = True
         kwargs["attention_mask"] = group.decode_mask
         if group.decode_pos is not None:
             kwargs["position_ids"], kwargs["position_embeddings"] = group.decode_pos
