@@ -271,7 +271,7 @@ register(
         reference=REAL["llava-1.5-7b"],
         workload=Workload(1, 577, 577, 576, TEXT_BEFORE + TEXT_AFTER),
         methods=("hired", "visionzip", "divprune", "fastv"),
-        budgets=(0.1, 0.2, 0.5),
+        budgets=(0.1, 0.2),
     )
 )
 
