@@ -14,6 +14,7 @@ Two formulas, both per decoder layer for a sequence of ``n`` tokens (FLOPs = 2 x
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +65,10 @@ def prefill_flops(text_config: Any, tokens_per_layer: int | Sequence[int], formu
         tokens_per_layer = [tokens_per_layer] * layers
     if len(tokens_per_layer) != layers:
         raise ValueError(f"need one token count per layer ({layers}), got {len(tokens_per_layer)}")
-    return sum(layer_flops(text_config, int(n), formula) for n in tokens_per_layer)
+    # one layer_flops per distinct length: it reads the config's attributes, which are slow to get on a
+    # transformers config, and this runs in every compressed call (the record). Exact: integers below 2^53.
+    counts = Counter(int(n) for n in tokens_per_layer)
+    return sum(c * layer_flops(text_config, n, formula) for n, c in counts.items())
 
 
 def flops_summary(text_config: Any, full_lengths: Sequence[int], kept_lengths: Sequence[Sequence[int] | int]) -> dict:
