@@ -43,7 +43,7 @@ def attention_row(
     q, k = _heads(q, num_heads), _heads(k, num_heads)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    logits = torch.einsum("bhd,bthd->bht", q[:, query_index].float(), k.float()) * scale  # [B, H, T]
+    logits = torch.einsum("bhd,bthd->bht", q[:, query_index].float() * scale, k.float())  # [B, H, T]
     probs = logits.softmax(dim=-1)
     return probs.mean(dim=1) if heads == "mean" else probs.sum(dim=1)
 
@@ -69,7 +69,7 @@ def attention_received(
     kf = k.float()
     total = torch.zeros(bsz, h, k.shape[1], dtype=torch.float32, device=q.device)
     for start in range(0, t, chunk):
-        logits = torch.einsum("bihd,bjhd->bhij", q[:, start : start + chunk].float(), kf) * scale
+        logits = torch.einsum("bihd,bjhd->bhij", q[:, start : start + chunk].float() * scale, kf)
         total += logits.softmax(dim=-1).sum(dim=2)
     total /= t
     return total.mean(dim=1) if heads == "mean" else total.sum(dim=1)

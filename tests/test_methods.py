@@ -41,7 +41,9 @@ def test_hired_keeps_top_final_layer_cls_attention():
     )
     sig = VisionSignal("cls_attention", "feature", heads="sum")
     m = method("hired")
-    assert m.vision_signals(TOWER) == (sig, VisionSignal("cls_attention", 0, heads="sum"))
+    assert m.vision_signals(TOWER) == (sig,)  # one partition: no budget split, no early-layer signal
+    crops = TowerInfo(has_cls=True, num_blocks=4, crops=True)
+    assert m.vision_signals(crops) == (sig, VisionSignal("cls_attention", 0, heads="sum"))
     red = m.reduce(image(k=4, signals={sig.name: scores[None]}))
     # slot 0 is CLS (0.5, never a candidate); patches are slots 1..16 -> tokens 0..15
     assert red.index.tolist() == [1, 3, 6, 7]  # slots 2 (0.9), 4 (0.8), 7 (0.7), 8 (0.6)
@@ -49,7 +51,7 @@ def test_hired_keeps_top_final_layer_cls_attention():
 
 def test_hired_on_a_cls_free_tower_uses_attention_received():
     m = method("hired")
-    final, early = m.vision_signals(TowerInfo(has_cls=False, num_blocks=4))
+    final, early = m.vision_signals(TowerInfo(has_cls=False, num_blocks=4, crops=True))
     assert final.kind == early.kind == "attention_received" and early.layer == 0
 
 

@@ -56,3 +56,20 @@ def test_flops_helper_formulas():
     assert layer_flops(cfg, 10, "fastv") == 4 * 10 * d * d + 2 * 100 * d + 2 * 10 * d * m
     assert prefill_flops(cfg, 10) == cfg.num_hidden_layers * layer_flops(cfg, 10)
     assert prefill_flops(cfg, [10, 10, 5, 5]) < prefill_flops(cfg, 10)
+
+
+def test_time_in_vtc_excludes_the_models_own_computation():
+    import time
+
+    model = tiny_llava(seed=3)
+    inputs = llava_inputs(model, ((3, 4),))
+    with vtc.compressed(model, "hired", budget=0.25):
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(**inputs)
+            total = time.perf_counter() - start
+        rec = vtc.last_record(model)
+        session = vtc.api._SESSIONS[model]
+    assert 0 < rec.seconds_in_vtc < total
+    assert session.adapter.model_seconds > 0  # the vision tower ran, and was not counted as vtc's time
+    assert rec.seconds_in_vtc + session.adapter.model_seconds - session.adapter.signal_seconds < total

@@ -93,10 +93,12 @@ class TowerInfo:
     Attributes:
         has_cls: the tower prepends a CLS token (CLIP, DINOv2) or not (SigLIP, Qwen2-VL's ViT).
         num_blocks: number of transformer blocks.
+        crops: the family splits an image into a full view and crops (``Layout.arrangement``: LLaVA-NeXT).
     """
 
     has_cls: bool
     num_blocks: int
+    crops: bool = False
 
 
 @dataclasses.dataclass

@@ -165,9 +165,10 @@ class Session:
         """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record)."""
         adapter = self.adapter
         adapter.check_call(kwargs)
+        start = time.perf_counter()
+        adapter.signal_seconds = adapter.model_seconds = 0.0
         with torch.no_grad():
             encoded = adapter.encode(kwargs, self.signals)
-            start = time.perf_counter()
             reductions: list[Reduction | None] = []
             pre_llm = Stage.PRE_LLM in self.method.stages
             tower = adapter.tower_info()
@@ -194,7 +195,8 @@ class Session:
             else:
                 rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
                 out = rebuilt.kwargs
-            self.record = self._make_record(encoded, reductions, rebuilt, kwargs, self._elapsed(start))
+            self.record = self._make_record(encoded, reductions, rebuilt, kwargs, 0.0)
+            self.record.seconds_in_vtc = self._elapsed(start)
             # a full budget turns every stage off, in-LLM ones included (budget=1.0 is the untouched model)
             full = all(keep_count(self.config.budget, image.n) >= image.n for image in encoded.images)
             if self.llm is not None and not full:
@@ -269,8 +271,10 @@ class Session:
         rec.flops = flops_summary(self.adapter.text_config(), self._full_lengths, self._layer_lengths)
 
     def _elapsed(self, start: float) -> float:
-        """vtc's own time in this call: signal computations inside the tower plus selection and rebuild."""
-        return time.perf_counter() - start + self.adapter.signal_seconds
+        """vtc's own time in this call: everything since ``start`` (encode set-up, signal computations in the
+        tower's hooks, selection, rebuild, record) except the model's own feature computation."""
+        adapter = self.adapter
+        return time.perf_counter() - start - adapter.model_seconds + adapter.signal_seconds
 
     def _make_record(self, encoded, reductions, rebuilt, kwargs: dict, seconds: float) -> Record:
         images = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -71,21 +72,24 @@ class Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.handles: list[Any] = []
-        #: seconds spent in vtc's own hook computations during the last ``encode``
+        #: seconds spent in vtc's own hook computations during the last ``encode`` (inside the model's time)
         self.signal_seconds = 0.0
+        #: seconds the model's own feature functions ran during the last ``encode`` (hooks included)
+        self.model_seconds = 0.0
         #: while a call's vision side runs: signal name -> captured tensors (None otherwise)
         self._capture: dict[str, list[torch.Tensor]] | None = None
 
     # -- capture plumbing shared by the families' vision hooks ------------------------------------------
     @contextlib.contextmanager
     def _capturing(self):
-        """Collect what the hooks capture while the vision side of one call runs."""
+        """Collect what the hooks capture while the model's vision side runs (and time it)."""
         self._capture = {}
-        self.signal_seconds = 0.0
+        start = time.perf_counter()
         try:
             yield self._capture
         finally:
             self._capture = None
+            self.model_seconds += time.perf_counter() - start
 
     def _keep(self, name: str, value: torch.Tensor) -> None:
         if self._capture is not None:

@@ -102,8 +102,11 @@ class LlavaAdapter(Adapter):
     def decoder(self) -> Decoder:
         return Decoder(self.base.language_model)
 
+    #: images become a full view plus crops (LLaVA-NeXT and its descendants)
+    crops = False
+
     def tower_info(self) -> TowerInfo:
-        return TowerInfo(has_cls=self.prefix > 0, num_blocks=len(self.blocks))
+        return TowerInfo(has_cls=self.prefix > 0, num_blocks=len(self.blocks), crops=self.crops)
 
     def pad_token_id(self) -> int:
         for cfg in (getattr(self.model, "generation_config", None), self.model.config, self.text_config()):

@@ -70,6 +70,7 @@ def anyres_layout(
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
+    crops = True
     #: no VISION_MERGE: the model packs every tile's full token grid (unpadding, newlines; OneVision / NeXT-Video
     #: pool each frame's grid), so a tower that outputs a merged token set cannot feed it
     stages = LlavaAdapter.stages - {Stage.VISION_MERGE}

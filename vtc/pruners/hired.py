@@ -107,6 +107,8 @@ class HiREDPruner(Method):
         return VisionSignal(kind, layer, heads="sum")
 
     def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
+        if not tower.crops:  # the early layer only splits the budget between a full view and its crops
+            return (self._signal(tower.has_cls, self.config.final_layer),)
         return (
             self._signal(tower.has_cls, self.config.final_layer),
             self._signal(tower.has_cls, self.config.early_layer),
