@@ -119,8 +119,10 @@ class Scorer:
         order = sorted(range(len(items)), key=lambda i: (items[i].options is None, len(items[i].question)))
         groups: list[list[int]] = []
         for i in order:
-            if groups and len(groups[-1]) < self.batch_size and (items[groups[-1][0]].options is None) == (
-                items[i].options is None
+            if (
+                groups
+                and len(groups[-1]) < self.batch_size
+                and (items[groups[-1][0]].options is None) == (items[i].options is None)
             ):
                 groups[-1].append(i)
             else:

@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"how many questions ('all' or a number; default {DEFAULT_QUESTIONS}: under 10 minutes on 2 CPU cores)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the easy-VQA question order")
-    p.add_argument("--methods", default="all", help=f"comma-separated, or 'all': {[m.name for m in vtc.list_methods()]}")
+    p.add_argument(
+        "--methods", default="all", help=f"comma-separated, or 'all': {[m.name for m in vtc.list_methods()]}"
+    )
     p.add_argument("--budgets", type=_floats, default=list(BUDGETS), help="comma-separated budgets")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8, help="generate mode (answer-only rows)")
@@ -122,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         blind = [Item(None, it.question, it.answer, it.options, it.meta) for it in items]
         preds = scorer.predict(blind, bar.update if bar else None)
-        floor_row = {"method": "no image", "budget": 0.0, **summarise(blind, preds), "seconds": time.perf_counter() - t0}
+        floor_row = {
+            "method": "no image",
+            "budget": 0.0,
+            **summarise(blind, preds),
+            "seconds": time.perf_counter() - t0,
+        }
     if bar:
         bar.close()
     base = results[0]

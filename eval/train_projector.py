@@ -189,11 +189,10 @@ def evaluate(model, proj, packer, feats, groups, keep: int | None, rng: random.R
 @torch.no_grad()
 def check(model, processor, packer, n: int = 4) -> float:
     """Answer logits of the packed path vs ``model(**processor(...))`` on a few test questions (should be ~1e-5)."""
+    from _easyvqa_features import image_features
     from PIL import Image
 
     from vtc.offline.easyvqa import messages
-
-    from _easyvqa_features import image_features
 
     qs = load_split("test")[:n]
     answer_ids = torch.tensor([packer.first[a] for a in ANSWERS])
@@ -347,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"saved the projector (folded standardisation, fp32) to {os.path.relpath(args.out, REPO)}")
     inner.load_state_dict(state)
     plain = Projector(inner, torch.zeros_like(mean), torch.ones_like(std))
-    log(f"packed training path vs the stock model forward: max |diff| of answer logits {check(model, processor, packer):.2e}")
+    diff = check(model, processor, packer)
+    log(f"packed training path vs the stock model forward: max |diff| of answer logits {diff:.2e}")
     if not args.skip_test:
         t0 = time.perf_counter()
         res = evaluate(model, plain, packer, feats["test"], test_groups, None, random.Random(2))

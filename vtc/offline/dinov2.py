@@ -51,7 +51,9 @@ def _onnx_state_dict(graph) -> dict[str, torch.Tensor]:
     from onnx import numpy_helper
 
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    state = {k[len("backbone.") :]: torch.from_numpy(v.copy()) for k, v in weights.items() if k.startswith("backbone.")}
+    state = {
+        k[len("backbone.") :]: torch.from_numpy(v.copy()) for k, v in weights.items() if k.startswith("backbone.")
+    }
     for node in graph.node:
         if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in weights:
             module = node.name[len("/backbone/") :].removesuffix("/MatMul").replace("/", ".")
