@@ -143,3 +143,21 @@ def test_jsonl_rows_are_validated(tmp_path):
     assert core.normalise(" Yes.\nmore") == "yes"
     summary = core.summarise([item, item], ["yes", "no"])
     assert summary["accuracy"] == 0.5 and summary["yes_share"] == 0.5 and summary["open_n"] == 0
+
+
+@needs_assets
+@pytest.mark.slow
+def test_accuracy_runner_on_a_jsonl_file(checkpoint, tmp_path):
+    accuracy = _load_eval("accuracy")
+    image = ROOT / "vtc" / "assets" / "easyvqa_test_0.png"
+    rows = [
+        {"image": str(image), "question": "What shape is in the image?", "answer": "triangle"},
+        {"image": str(image), "question": "What color is the shape?", "answer": "red", "options": ["red", "blue"]},
+    ]
+    data = tmp_path / "mini.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(checkpoint), "--data", str(data), "--methods", "random", "--budgets", "0.5"]
+    assert accuracy.main(args + ["--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["n"] for r in report["results"]] == [2, 2] and report["floor"] is not None
+    assert report["results"][0]["accuracy"] == 1.0  # generate mode and options mode both right, uncompressed
