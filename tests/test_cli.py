@@ -9,7 +9,8 @@ from vtc.cli import main
 
 def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
     out = tmp_path / "kept.png"
-    assert main(["demo", "--method", "hired", "--budget", "0.25", "--repeats", "1", "--out", str(out)]) == 0
+    args = ["demo", "--model", "tiny", "--method", "hired", "--budget", "0.25", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "| uncompressed | 576 | 1.000 |" in text and "| hired | 144 | 0.250 |" in text
     picture = Image.open(out).convert("L")

@@ -1,9 +1,10 @@
-"""``vtc demo``: compress the embedded default model on the bundled photo and show what changed.
+"""``vtc demo --model tiny``: compress the timing model on the bundled photo and show what changed.
 
-The embedded default is a LLaVA-1.5-layout model built from a ``transformers`` config with seeded random
-weights (nothing is downloaded): a CLIP tower at 336 px with 14 px patches (24 x 24 = 576 visual tokens
-per image, as in LLaVA-1.5), the 2-layer MLP projector and a scaled-down Llama decoder. Its timings and
-token counts are real; its text is meaningless (random weights).
+(The default ``vtc demo`` runs the real offline VLM instead: :mod:`vtc.offline.demo`.) The timing model is a
+LLaVA-1.5-layout model built from a ``transformers`` config with seeded random weights (nothing is
+downloaded): a CLIP tower at 336 px with 14 px patches (24 x 24 = 576 visual tokens per image, as in
+LLaVA-1.5), the 2-layer MLP projector and a scaled-down Llama decoder. Its timings and token counts are
+real; its text is meaningless (random weights).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_model(seed: int = 0) -> nn.Module:
-    """The embedded default (see module docstring): about 30 M random parameters."""
+    """The tiny timing model (see module docstring): about 30 M random parameters."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(

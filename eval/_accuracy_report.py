@@ -1,0 +1,101 @@
+"""Markdown table and plot for ``eval/accuracy.py`` results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _open_label(report: dict) -> str:
+    return "shape+colour acc %" if report["dataset"].startswith("easy-VQA") else "non-yes/no acc %"
+
+
+def markdown(report: dict) -> str:
+    """A pivot (accuracy per method and budget) and the full table (one row per run)."""
+    results = report["results"]
+    base = results[0]
+    budgets = sorted({r["budget"] for r in results[1:]}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in results[1:]))
+    by = {(r["method"], r["budget"]): r for r in results}
+    lines = [
+        f"Model: `{Path(report['model']).name}`; data: {report['dataset']} (n = {report['n']}); "
+        f"scoring: {report['scoring']}; {report['machine']}; {report['seconds'] / 60:.1f} min.",
+        "",
+        f"Uncompressed ({base.get('visual_tokens')} visual tokens): **{_pct(base['accuracy'])} %** ± "
+        f"{_pct(base['se'])}"
+        + (
+            f"; question only (no image): {_pct(report['floor']['accuracy'])} % ± {_pct(report['floor']['se'])}"
+            if report.get("floor")
+            else ""
+        )
+        + ".",
+        "",
+        "Accuracy % (± binomial s.e.) by budget (fraction of visual tokens kept):",
+        "",
+        "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for m in methods:
+        cells = [
+            f"{_pct(by[(m, b)]['accuracy'])} ± {_pct(by[(m, b)]['se'])}" if (m, b) in by else "–" for b in budgets
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    label = _open_label(report)
+    lines += [
+        "",
+        f"| method | budget | visual tokens | accuracy % | s.e. | retention | {label} | yes-share (yes/no qs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = results + ([report["floor"]] if report.get("floor") else [])
+    for r in rows:
+        retention = "–" if r.get("retention") is None else f"{r['retention']:.3f}"
+        tokens = r.get("visual_tokens", 0 if r["method"] == "no image" else "–")
+        yes = "–" if r.get("yes_share") is None else f"{r['yes_share']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['budget']:g} | {tokens} | {_pct(r['accuracy'])} | {_pct(r['se'])} | {retention} "
+            f"| {_pct(r.get('open_accuracy'))} | {yes} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy vs budget (log x), one line per method, uncompressed and no-image levels dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    base = results[0]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    methods = list(dict.fromkeys(r["method"] for r in results[1:]))
+    markers = "osv^<>DpP*Xh"
+    for i, m in enumerate(methods):
+        rows = sorted((r for r in results if r["method"] == m), key=lambda r: r["budget"])
+        ax.errorbar(
+            [r["budget"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            yerr=[100 * r["se"] for r in rows],
+            marker=markers[i % len(markers)],
+            capsize=2,
+            linewidth=1.2,
+            label=m,
+        )
+    ax.axhline(100 * base["accuracy"], color="black", linestyle="--", linewidth=1, label="uncompressed")
+    if report.get("floor"):
+        ax.axhline(100 * report["floor"]["accuracy"], color="gray", linestyle=":", linewidth=1, label="no image")
+    ax.set_xscale("log")
+    budgets = sorted({r["budget"] for r in results[1:]})
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([f"{b:g}" for b in budgets])
+    ax.set_xlabel("budget (fraction of visual tokens kept)")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"{Path(report['model']).name}: {report['dataset']} (n = {report['n']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
