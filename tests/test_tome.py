@@ -1,5 +1,5 @@
 """ToMe (MERGERS.md §1): the algorithm on hand-checked inputs, the block runners of every host, and
-``vtc.compress`` on timm, open_clip and LLaVA (CLIP and SigLIP towers)."""
+``vtc.compress`` on timm, open_clip and LLaVA (CLIP, SigLIP and DINOv2 towers)."""
 
 import math
 
@@ -157,6 +157,11 @@ def _hf_block():
     return model.model.vision_tower.encoder.layers[0]
 
 
+def _dinov2_block():
+    model = tiny_llava(seed=1, tower="dinov2")
+    return model.model.vision_tower.encoder.layer[0]
+
+
 def _timm_block():
     torch.manual_seed(0)
     vit = VisionTransformer(
@@ -183,21 +188,24 @@ def _keys(host, block, x):
             block.ln_1(x), block.attn.in_proj_weight[c : 2 * c], block.attn.in_proj_bias[c : 2 * c]
         )
         return k.view(*x.shape[:2], 4, -1).mean(2)
+    if host == "dinov2":
+        k = block.attention.k_proj(block.norm1(x))
+        return k.view(*x.shape[:2], 4, -1).mean(2)
     k = block.self_attn.k_proj(block.layer_norm1(x))
     return k.view(*x.shape[:2], 4, -1).mean(2)
 
 
-@pytest.mark.parametrize("host", ["timm", "open_clip", "hf"])
+@pytest.mark.parametrize("host", ["timm", "open_clip", "hf", "dinov2"])
 def test_proportional_attention_equals_duplicated_tokens(host):
     """A token of size s under proportional attention acts as s copies of itself in every other token's
     attention: the runner on the compact tokens equals the stock block on the expanded ones."""
-    block = {"timm": _timm_block, "open_clip": _open_clip_block, "hf": _hf_block}[host]()
+    block = {"timm": _timm_block, "open_clip": _open_clip_block, "hf": _hf_block, "dinov2": _dinov2_block}[host]()
     g = torch.Generator().manual_seed(0)
     sizes = torch.tensor([1, 3, 1, 2, 4, 1])
     x = torch.randn(1, len(sizes), 32, generator=g)
     expanded = x.repeat_interleave(sizes, dim=1)
     first = torch.cumsum(sizes, 0) - sizes
-    kwargs = {"attention_mask": None} if host == "hf" else {}
+    kwargs = {"attention_mask": None} if host in ("hf", "dinov2") else {}
     with torch.no_grad():
         stock = block(expanded, **kwargs)
         ctx = MergeContext(1)
@@ -210,7 +218,7 @@ def test_proportional_attention_equals_duplicated_tokens(host):
             runners.remove()
     torch.testing.assert_close(ours, stock[:, first], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state.metrics[0], _keys(host, block, x), atol=1e-5, rtol=1e-5)
-    assert type(block).__name__ in ("Block", "ResidualAttentionBlock", "CLIPEncoderLayer")
+    assert type(block).__name__ in ("Block", "ResidualAttentionBlock", "CLIPEncoderLayer", "Dinov2Layer")
 
 
 # -- timm ---------------------------------------------------------------------------------------------------
@@ -405,10 +413,10 @@ def test_open_clip_tower_alone_with_avg_pooling():
     assert rec.flops["vision_tokens"] == [17, 14, 11, 8]
 
 
-# -- LLaVA: CLIP and SigLIP towers ----------------------------------------------------------------------
+# -- LLaVA: CLIP, SigLIP and DINOv2 towers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("tower", ["clip", "siglip", "dinov2"])
 def test_llava_tower_merge(tower):
     model = tiny_llava(seed=0, tower=tower)
     inputs = llava_inputs(model, ((3, 4), (6, 2)), padding_side="left")

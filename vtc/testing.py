@@ -52,17 +52,27 @@ def tiny_llava(
     """A LLaVA-1.5-layout model: CLIP tower (CLS + grid), 2-layer MLP projector, Llama decoder.
 
     Defaults give a 4x4 grid (16 visual tokens per image) so tests run in milliseconds. ``tower="siglip"``
-    gives a SigLIP tower instead (no CLS; every token of the last layer goes to the LLM, ``"full"``).
+    gives a SigLIP tower instead (no CLS; every token of the last layer goes to the LLM, ``"full"``);
+    ``tower="dinov2"`` a DINOv2 tower (CLS, LayerScale; the offline VLM's layout, last layer, ``"default"``).
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+    from transformers import (
+        CLIPVisionConfig,
+        Dinov2Config,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
-    if tower not in ("clip", "siglip"):
-        raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
-    vision_class = CLIPVisionConfig if tower == "clip" else SiglipVisionConfig
-    extra = {"projection_dim": vision_hidden} if tower == "clip" else {"vision_use_head": False}
+    towers = {
+        "clip": (CLIPVisionConfig, {"projection_dim": vision_hidden, "intermediate_size": vision_hidden * 2}),
+        "siglip": (SiglipVisionConfig, {"vision_use_head": False, "intermediate_size": vision_hidden * 2}),
+        "dinov2": (Dinov2Config, {"mlp_ratio": 2, "layerscale_value": 0.5}),
+    }
+    if tower not in towers:
+        raise ValueError(f"tower must be one of {sorted(towers)}, got {tower!r}")
+    vision_class, extra = towers[tower]
     vision = vision_class(
         hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 2,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
@@ -74,13 +84,14 @@ def tiny_llava(
         text_config=_llama_text_config(hidden=text_hidden, layers=text_layers),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2 if tower == "clip" else -1,
-        vision_feature_select_strategy="default" if tower == "clip" else "full",
+        vision_feature_select_strategy="full" if tower == "siglip" else "default",
         projector_hidden_act="gelu",
         pad_token_id=PAD_TOKEN,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    _sharpen(model.model.vision_tower.encoder.layers, seed)
+    encoder = model.model.vision_tower.encoder
+    _sharpen(encoder.layer if tower == "dinov2" else encoder.layers, seed)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model.to(dtype).eval()
 
@@ -191,7 +202,8 @@ def _sharpen(layers, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            attn = getattr(layer, "self_attn", None) or layer.attention
+            for proj in (attn.q_proj, attn.k_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.6)
 
 

@@ -121,6 +121,25 @@ def _hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Modul
     return forward
 
 
+def _dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
+    """HF DINOv2 layer: ``x + drop_path(layer_scale1(attn(norm1(x))))``, then the same with ``norm2`` / MLP."""
+    heads = int(block.attention.num_attention_heads)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = ctx.begin(index, hidden_states)
+        if state is None:
+            return orig.forward(self, hidden_states, attention_mask, **kwargs)
+        mask = _with_bias(attention_mask, state.attention_bias(hidden_states.dtype))
+        ctx.attend(state, index)
+        attn, _ = self.attention(self.norm1(hidden_states), attention_mask=mask, **kwargs)
+        hidden_states = self.drop_path(self.layer_scale1(attn)) + hidden_states
+        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
+        hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
+        return ctx.finish(state, index, hidden_states)
+
+    return forward
+
+
 def _timm_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """timm ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))`` then ``x + drop_path2(ls2(mlp(norm2(x))))``."""
 
@@ -200,7 +219,8 @@ class Host:
 
 
 def _check_hf(block: nn.Module) -> str | None:
-    impl = getattr(getattr(block.self_attn, "config", None), "_attn_implementation", None) or "eager"
+    attn = getattr(block, "self_attn", None) or block.attention
+    impl = getattr(getattr(attn, "config", None), "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
         return f"its attention is {impl!r}; proportional attention needs an additive mask: load it with sdpa or eager"
     return None
@@ -225,6 +245,7 @@ HOSTS: dict[str, Host] = {
     "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
         _hf_encoder_layer, "self_attn.k_proj", _check_hf
     ),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(_dinov2_layer, "attention.k_proj", _check_hf),
     "timm.models.vision_transformer.Block": Host(_timm_block, "attn.k_norm", _check_timm),
     "open_clip.transformer.ResidualAttentionBlock": Host(_open_clip_block, None, _check_open_clip),
 }
