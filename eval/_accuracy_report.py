@@ -46,18 +46,25 @@ def markdown(report: dict) -> str:
     label = _open_label(report)
     lines += [
         "",
-        f"| method | budget | visual tokens | accuracy % | s.e. | retention | {label} | yes-share (yes/no qs) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Full table (visual tokens: after the last stage, e.g. inside the LLM for fastv / pdrop / todre; "
+        "equiv. budget: layer-averaged fraction of visual tokens the LLM processes):",
+        "",
+        f"| method | budget | visual tokens | equiv. budget | accuracy % | s.e. | retention | {label} "
+        "| yes-share (yes/no qs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = results + ([report["floor"]] if report.get("floor") else [])
     for r in rows:
         retention = "–" if r.get("retention") is None else f"{r['retention']:.3f}"
         tokens = r.get("visual_tokens", 0 if r["method"] == "no image" else "–")
         yes = "–" if r.get("yes_share") is None else f"{r['yes_share']:.2f}"
+        equiv = "–" if r.get("equivalent_budget") is None else f"{r['equivalent_budget']:.3f}"
         lines.append(
-            f"| {r['method']} | {r['budget']:g} | {tokens} | {_pct(r['accuracy'])} | {_pct(r['se'])} | {retention} "
+            f"| {r['method']} | {r['budget']:g} | {tokens} | {equiv} | {_pct(r['accuracy'])} | {_pct(r['se'])} | {retention} "
             f"| {_pct(r.get('open_accuracy'))} | {yes} |"
         )
+    if report.get("skipped"):
+        lines += ["", "Not applicable to this model: " + "; ".join(f"{m} ({why})" for m, why in report["skipped"].items())]
     return "\n".join(lines)
 
 

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model, processor, label = load_model(args.model)
+    methods, skipped = applicable(model, methods, strict=args.methods != "all")
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}")
     scorer = Scorer(model, processor, args.batch_size, args.max_new_tokens)
     runs = [("uncompressed", 1.0)] + [(m, b) for m in methods for b in args.budgets]
     floor = not args.no_floor and all(it.image for it in items)
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         "results": results,
         "floor": floor_row if floor else None,
+        "skipped": skipped,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,34 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy.png'} in {report['seconds']:.0f} s")
     return 0
+
+
+def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict[str, str]]:
+    """The methods that can compress this model, and why each other one cannot.
+
+    ``--methods all`` drops the methods the model cannot take (video-only methods on an image model, a
+    merging stage the family does not provide) and reports why; methods named explicitly must all apply.
+    """
+    import vtc
+
+    modalities = {m.name: m.method_class.modalities for m in vtc.list_methods()}
+    kept, skipped = [], {}
+    for name in methods:
+        if "image" not in modalities[name]:
+            if strict:
+                raise SystemExit(f"method {name!r} compresses {list(modalities[name])} inputs; this benchmark asks about images")
+            skipped[name] = f"compresses {'/'.join(modalities[name])} inputs, not images"
+            continue
+        try:
+            vtc.compress(model, name, budget=0.5)
+        except (ValueError, TypeError) as err:
+            if strict:
+                raise SystemExit(f"method {name!r} cannot compress this model: {err}") from None
+            skipped[name] = str(err)
+        else:
+            vtc.restore(model)
+            kept.append(name)
+    return kept, skipped
 
 
 def _visual_tokens(model, processor, items: list[Item]) -> int | None:
