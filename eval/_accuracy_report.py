@@ -60,11 +60,12 @@ def markdown(report: dict) -> str:
         yes = "–" if r.get("yes_share") is None else f"{r['yes_share']:.2f}"
         equiv = "–" if r.get("equivalent_budget") is None else f"{r['equivalent_budget']:.3f}"
         lines.append(
-            f"| {r['method']} | {r['budget']:g} | {tokens} | {equiv} | {_pct(r['accuracy'])} | {_pct(r['se'])} | {retention} "
-            f"| {_pct(r.get('open_accuracy'))} | {yes} |"
+            f"| {r['method']} | {r['budget']:g} | {tokens} | {equiv} | {_pct(r['accuracy'])} | {_pct(r['se'])} "
+            f"| {retention} | {_pct(r.get('open_accuracy'))} | {yes} |"
         )
     if report.get("skipped"):
-        lines += ["", "Not applicable to this model: " + "; ".join(f"{m} ({why})" for m, why in report["skipped"].items())]
+        why = "; ".join(f"{m} ({reason})" for m, reason in report["skipped"].items())
+        lines += ["", f"Not applicable to this model: {why}"]
     return "\n".join(lines)
 
 
