@@ -177,7 +177,7 @@ def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict
     for name in methods:
         if "image" not in modalities[name]:
             if strict:
-                raise SystemExit(f"method {name!r} compresses {list(modalities[name])} inputs; these questions are on images")
+                raise SystemExit(f"method {name!r} compresses {list(modalities[name])} inputs, not images")
             skipped[name] = f"compresses {'/'.join(modalities[name])} inputs, not images"
             continue
         try:
