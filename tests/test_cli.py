@@ -24,6 +24,26 @@ def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
     assert np.asarray(picture).mean() < 0.8 * np.asarray(photo).mean()
 
 
+@pytest.mark.slow
+def test_demo_all_runs_every_image_method(tmp_path, capsys):
+    """`make demo` runs `--method all`: every image method (video-only mergers are not image methods)."""
+    import vtc
+
+    args = ["demo", "--model", "tiny", "--method", "all", "--repeats", "1", "--out", str(tmp_path / "k.png")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    names = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")} - {"run", "---"}
+    image = {m.name for m in vtc.list_methods() if "image" in m.method_class.modalities}
+    assert names == image | {"uncompressed"} and {"hired", "tome", "fastv"} <= image
+    assert not {"dycoke", "fastvid", "holitom"} & names
+
+
+def test_demo_refuses_a_video_method(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "--model", "tiny", "--method", "dycoke"])
+    assert err.value.code == 2 and "compresses videos" in capsys.readouterr().err
+
+
 def test_methods_lists_json(capsys):
     assert main(["methods"]) == 0
     rows = json.loads(capsys.readouterr().out)

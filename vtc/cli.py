@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "tiny: random-weight LLaVA-1.5 layout with 576 visual tokens, for timing",
     )
     demo.add_argument(
-        "--method", default=vtc.DEFAULT_METHOD, help=f"a method, or 'all' (default {vtc.DEFAULT_METHOD}): {names}"
+        "--method",
+        default=vtc.DEFAULT_METHOD,
+        help=f"a method, or 'all' image methods (default {vtc.DEFAULT_METHOD}): {names}",
     )
     demo.add_argument("--budget", type=_budget, default=0.2, help="fraction in (0, 1] or token count (default 0.2)")
     demo.add_argument("--out", default="kept.png", help="PNG of the kept tokens over the image (default kept.png)")
@@ -205,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "methods":
         print(json.dumps([m.to_dict() for m in vtc.list_methods()], indent=2))
         return 0
-    methods = names if args.method == "all" else [args.method]
+    image_methods = [m.name for m in vtc.list_methods() if "image" in m.method_class.modalities]
+    methods = image_methods if args.method == "all" else [args.method]
     unknown = [m for m in methods if m not in names]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {names} or 'all'")
+    if methods[0] not in image_methods:
+        parser.error(
+            f"method {methods[0]!r} compresses videos and the demo shows images; choose from {image_methods} or "
+            "'all' (notebooks/03_video_merging.ipynb shows the video mergers, `vtc videoqa` runs them)"
+        )
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.model == "tiny" and (args.image or args.question):
