@@ -187,3 +187,40 @@ def test_loglikelihood_logits_are_laid_out_on_input_positions(checkpoints):
     source = torch.tensor(vtc.last_record(model).samples[0].source_positions)
     assert remapped.shape == plain.shape and short.shape[1] == len(source) < plain.shape[1]
     torch.testing.assert_close(remapped[0, source], short[0], rtol=0, atol=0)
+
+
+def _offline_assets_missing() -> bool:
+    from vtc.offline import assets
+
+    return bool(assets.missing_assets())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_offline_assets_missing(), reason="offline VLM assets missing (see tests/test_offline.py)")
+def test_readme_command_on_the_offline_vlm_and_a_local_easyvqa_task(lmms, tmp_path):
+    """The README's lmms-eval command: the real offline VLM, easy-VQA questions as a local JSONL task."""
+    from lmms_eval.tasks import TaskManager
+
+    from vtc.offline import build_offline_vlm
+    from vtc.offline.easyvqa import write_jsonl
+
+    limit = 8
+    assert write_jsonl(str(TASK_DIR / "easyvqa_test.jsonl"), questions=limit) == limit  # the YAML's data file
+    vlm = build_offline_vlm(log=lambda m: None)
+    tasks = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    runs = {}
+    for args in ("method=none", f"method=pool,budget={BUDGET}"):
+        lm = lmms.get_model("vtc_llava_hf").create_from_arg_string(
+            f"pretrained={vlm},{args}", {"batch_size": 1, "device": "cpu"}
+        )
+        hf = lm.model
+        out = lmms.evaluate(model=lm, tasks=["vtc_easyvqa"], task_manager=tasks, limit=limit)
+        samples = sorted(out["samples"]["vtc_easyvqa"], key=lambda s: s["doc_id"])
+        runs[args.split(",")[0]] = (out["results"]["vtc_easyvqa"]["exact_match,none"], samples, hf)
+    base_acc, base_samples, _ = runs["method=none"]
+    pool_acc, pool_samples, pool_model = runs["method=pool"]
+    assert base_acc >= 0.5  # a trained model (about 80 % on easy-VQA), not a babbling one
+    assert vtc.last_record(pool_model).images[0].counts == {"input": 64, "pre_llm": 16}
+    base_tokens = [s["token_counts"][0]["input_tokens"] for s in base_samples]
+    pool_tokens = [s["token_counts"][0]["input_tokens"] for s in pool_samples]
+    assert pool_tokens == [n - 48 for n in base_tokens]

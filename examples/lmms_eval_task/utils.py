@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    """The row's image, opened from this folder."""
+    """The row's image, opened relative to this folder (an absolute path is used as is)."""
     with Image.open(HERE / doc["image"]) as image:
         return [image.convert("RGB")]
 

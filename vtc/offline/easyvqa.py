@@ -60,3 +60,39 @@ def answer_token_ids(tokenizer, answers: tuple[str, ...] = ANSWERS) -> list[int]
     if len(set(ids)) != len(ids):
         raise ValueError("two answers start with the same token: first-token scoring would be ambiguous")
     return ids
+
+
+def write_jsonl(path: str, questions: int | None = None, seed: int = 0) -> int:
+    """Write easy-VQA test questions as ``{"id", "image", "question", "answer"}`` rows (absolute image paths).
+
+    The rows are the first ``questions`` of a seeded shuffle, the same order ``eval/accuracy.py`` uses, so
+    a JSONL run and a default run score the same questions. Returns the number of rows written.
+    """
+    import random
+
+    rows = load_split("test")
+    random.Random(seed).shuffle(rows)
+    rows = rows if questions is None else rows[:questions]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for i, q in enumerate(rows):
+            f.write(json.dumps({"id": i, "image": q.image, "question": q.question, "answer": q.answer}) + "\n")
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vtc.offline.easyvqa --jsonl PATH [--questions N]``: export test questions as JSONL."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export easy-VQA test questions as JSONL (absolute image paths).")
+    parser.add_argument("--jsonl", required=True, help="output file")
+    parser.add_argument("--questions", type=int, default=None, help="first N of the seeded shuffle (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    n = write_jsonl(args.jsonl, args.questions, args.seed)
+    print(f"wrote {n} questions to {args.jsonl}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
