@@ -83,12 +83,79 @@ def test_show_kept_highlights_exactly_the_kept_cells(name):
         assert len(pictures) == 2  # base view + crops, as the model saw them
 
 
-def test_show_merges_colours_groups():
-    record, _ = _record("llava", method="pool")
+def _panels(fig) -> list[np.ndarray]:
+    """The pixel arrays the figure's axes show, in axes order."""
+    return [np.asarray(ax.get_images()[0].get_array()) for ax in fig.axes if ax.get_images()]
+
+
+def _tiles(picture: Image.Image, im, parts):
+    """``(partition, tile box)`` of every partition drawn on a view (one tile, or the crop canvas)."""
+    if len(parts) == 1:
+        return [(parts[0], (0, 0, picture.width, picture.height))]
+    g_h, g_w = im.arrangement
+    tw, th = picture.width // g_w, picture.height // g_h
+    boxes = []
+    for i, p in enumerate(parts):
+        r, c = divmod(i, g_w)
+        boxes.append((p, (c * tw, r * th, (c + 1) * tw, (r + 1) * th)))
+    return boxes
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_show_merges_colours_exactly_the_record_groups(name):
+    """Every cell shows its merge group's colour (tinted over the picture), dropped cells are darkened."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    record, _ = _record(name, method="pool")
     (im,) = record.images
-    groups = viz.group_colours(im)
-    assert set(np.unique(groups).tolist()) == set(range(len(im.kept)))  # every cell is in one pooled token
-    _not_blank(viz.show_merges(default_image(), record, size=96))
+    image = default_image()
+    fig = viz.show_merges(image, record, size=96)
+    _not_blank(fig)
+    panels = _panels(fig)
+    views = viz.views(image, im, size=96)
+    assert len(panels) == len(views)
+    seen_groups = set()
+    for panel, (_, picture, parts) in zip(panels, views, strict=True):
+        base_all = np.asarray(picture.convert("RGB"), dtype=np.float32)
+        for p, (x0, y0, x1, y1) in _tiles(picture, im, parts):
+            groups = viz.group_colours(im, p)
+            rows, cols = groups.shape
+            base, drawn = base_all[y0:y1, x0:x1], panel[y0:y1, x0:x1].astype(np.float32)
+            h, w = base.shape[:2]
+            for r in range(rows):
+                for c in range(cols):
+                    ys, xs = slice(r * h // rows, (r + 1) * h // rows), slice(c * w // cols, (c + 1) * w // cols)
+                    g = groups[r, c]
+                    want = (
+                        0.2 * base[ys, xs] if g < 0 else 0.45 * base[ys, xs] + 0.55 * 255 * np.array(cmap(g % 20)[:3])
+                    )
+                    assert np.abs(drawn[ys, xs] - want).max() <= 1.0, (p, r, c, g)
+                    seen_groups.add(int(g))
+    # pooling: every fed token stands for at least one cell, and only fed tokens colour cells
+    assert {g for g in seen_groups if g >= 0} == set(range(len(im.kept)))
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_compare_draws_each_method_exactly_as_recorded(name):
+    records = {m: _record(name, method=m)[0] for m in ("hired", "random")}
+    image = default_image()
+    fig = viz.compare(image, records, size=96, columns=2)
+    _not_blank(fig)
+    panels = _panels(fig)
+    assert len(panels) == 2
+    for panel, (method, record) in zip(panels, records.items(), strict=True):
+        (im,) = record.images
+        _, picture, parts = viz.views(image, im, size=96)[0]
+        for p, box in _tiles(picture, im, parts):
+            tile = picture.crop(box)
+            x0, y0, x1, y1 = box
+            # the panel is the checked overlay: dimmed exactly where the record dropped tokens
+            assert np.array_equal(panel[y0:y1, x0:x1], viz.overlay(tile, im, p)), method
+            _check_cells(tile, im, p)
+    assert [ax.get_title() for ax in fig.axes if ax.get_images()] == [
+        f"{m}: {len(r.images[0].kept)} of {r.images[0].num_input} tokens" for m, r in records.items()
+    ]
 
 
 @pytest.mark.parametrize("name", VIDEO)
@@ -113,9 +180,7 @@ def test_show_video_counts_per_frame(name):
         viz.show_video(frames[:-1], record)
 
 
-def test_compare_and_budget_curve():
-    records = {m: _record("llava", method=m)[0] for m in ("hired", "random", "uniform")}
-    _not_blank(viz.compare(default_image(), records, size=96, columns=3))
+def test_budget_curve_draws_one_line_per_method_from_the_results():
     rows = [
         {"method": m, "budget": b, "accuracy": a}
         for m, base in (("random", 0.6), ("pool", 0.7))
@@ -125,6 +190,9 @@ def test_compare_and_budget_curve():
     _not_blank(fig)
     (ax,) = fig.axes
     assert sorted(line.get_label() for line in ax.get_lines()) == ["pool", "random"]
+    for line in ax.get_lines():  # the plotted points are the results' rows, sorted by budget
+        expected = sorted((r["budget"], r["accuracy"]) for r in rows if r["method"] == line.get_label())
+        assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == expected
     with pytest.raises(ValueError, match="prefill"):
         viz.budget_curve(rows, metric="prefill")
 
