@@ -223,7 +223,7 @@ def group(questions, index_of: dict[int, int]) -> list[tuple[int, list[tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--images-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
