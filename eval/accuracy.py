@@ -3,7 +3,7 @@
 Default: the offline VLM (``vtc.offline``: DINOv2-S/14 + trained projector + SmolLM2-135M-Instruct, built
 from PyPI packages on first use) on easy-VQA test questions::
 
-    python eval/accuracy.py                           # docs/accuracy.md: all methods x {0.5, 0.25, 0.111, 0.05}
+    python eval/accuracy.py --out docs/accuracy       # README table: every image method x {0.5, 0.25, 0.111, 0.05}
     python eval/accuracy.py --questions 24 --methods random,pool --budgets 0.25   # a smoke run
 
 Any local checkpoint and any JSONL ``{"image", "question", "answer"[, "options"]}`` file::
@@ -31,7 +31,7 @@ from _accuracy_core import Item, Scorer, easyvqa_items, jsonl_items, summarise  
 from _accuracy_report import markdown, plot  # noqa: E402
 
 BUDGETS = (0.5, 0.25, 0.111, 0.05)
-DEFAULT_QUESTIONS = 200
+DEFAULT_QUESTIONS = 80
 
 
 def _floats(text: str) -> list[float]:
