@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from vtc.demo import cpu_name
 from vtc.kernels import reference
 
 GPU_SIZES, GPU_DIMS = (576, 2880, 6272, 12544), (64, 1024, 3584)
@@ -35,12 +36,7 @@ KEEP = 0.2  # fraction kept by topk / greedy (vtc's default budget)
 
 
 def _machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

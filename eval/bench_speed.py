@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtc.demo import cpu_name
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import speed_presets  # noqa: E402
 from speed_probes import MODULE_GROUPS, Clock, PeakMemory, VtcProbe, count_flops, generate_trial  # noqa: E402, F401
@@ -61,12 +63,7 @@ DEFAULT_PRESETS = ("llava15", "qwen2vl", "onevision_video")
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     import transformers
 
     info = {

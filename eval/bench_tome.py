@@ -20,24 +20,19 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
 import torch
 
 import vtc
+from vtc.demo import cpu_name
 
 R_VALUES = (0, 8, 13, 16)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, timm {_timm_version()}, "

@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +97,24 @@ def _time_prefill(model: nn.Module, inputs: dict) -> float:
         return (time.perf_counter() - start) * 1000
 
 
+def interleaved_times(
+    model: nn.Module, method: str, budget: float | int, repeats: int, time_call: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """``(compressed, uncompressed)`` times of ``time_call``, taken in turn so load drift hits both alike.
+
+    The model comes in compressed with ``method`` and leaves compressed the same way.
+    """
+    import vtc
+
+    times, base = [], []
+    for _ in range(repeats):
+        times.append(time_call())
+        vtc.restore(model)
+        base.append(time_call())
+        vtc.compress(model, method, budget=budget)
+    return times, base
+
+
 def run(methods: Sequence[str], budget: float | int, out: str | None, repeats: int = 5, seed: int = 0) -> list[Row]:
     """Measure the uncompressed model and each method on the bundled photo; write the kept-token picture."""
     import vtc
@@ -115,12 +133,8 @@ def run(methods: Sequence[str], budget: float | int, out: str | None, repeats: i
         vtc.compress(model, name, budget=budget)
         try:
             _time_prefill(model, inputs)  # warm-up of this method
-            times = []
-            for _ in range(repeats):  # interleave with the uncompressed model so drift hits both alike
-                times.append(_time_prefill(model, inputs))
-                vtc.restore(model)
-                base_times.append(_time_prefill(model, inputs))
-                vtc.compress(model, name, budget=budget)
+            times, base = interleaved_times(model, name, budget, repeats, lambda: _time_prefill(model, inputs))
+            base_times += base
             _time_prefill(model, inputs)
             rec = vtc.last_record(model)
         finally:
@@ -138,14 +152,19 @@ def run(methods: Sequence[str], budget: float | int, out: str | None, repeats: i
     return rows
 
 
-def machine() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return cpu
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def table(rows: list[Row]) -> str:

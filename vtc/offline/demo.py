@@ -85,6 +85,7 @@ def run_offline(
     """Answers, kept tokens and prefill time for the uncompressed model and each method (builds on first use)."""
     import vtc
 
+    from ..demo import interleaved_times
     from ..viz import contact_sheet, fit_square, kept_overlay
     from .build import IMAGE_SIZE, load_offline_vlm
 
@@ -102,12 +103,8 @@ def run_offline(
         try:
             answers = _answers(model, processor, inputs)
             rec = vtc.last_record(model)
-            times = []
-            for _ in range(repeats):  # interleaved with the uncompressed model so drift hits both alike
-                times.append(_prefill_ms(model, inputs))
-                vtc.restore(model)
-                base_times.append(_prefill_ms(model, inputs))
-                vtc.compress(model, name, budget=budget)
+            times, base = interleaved_times(model, name, budget, repeats, lambda: _prefill_ms(model, inputs))
+            base_times += base
         finally:
             vtc.restore(model)
         final = list(rec.images[0].counts.values())[-1]
