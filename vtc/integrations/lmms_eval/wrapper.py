@@ -147,14 +147,8 @@ class VtcWrapper:
                 tracker.generated(_plain_lengths(args, kwargs))
             return out
 
-        model.generate = generate
-        try:
+        with _instance_override(model, "generate", generate):
             yield
-        finally:
-            if previous is _MISSING:
-                model.__dict__.pop("generate", None)
-            else:
-                model.generate = previous
 
     def _log_visual(self) -> None:
         total, kept, calls = self._visual["input"], self._visual["kept"], self._visual["calls"]
@@ -252,6 +246,20 @@ def _plain_lengths(args: tuple, kwargs: dict[str, Any]) -> list[int]:
 
 
 @contextlib.contextmanager
+def _instance_override(model: nn.Module, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """Set ``model.<name>`` on the instance for the duration; put back the instance's own, or none."""
+    previous = model.__dict__.get(name, _MISSING)
+    setattr(model, name, fn)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            model.__dict__.pop(name, None)
+        else:
+            setattr(model, name, previous)
+
+
+@contextlib.contextmanager
 def _logits_in_input_rows(model: nn.Module) -> Iterator[None]:
     """While active, a compressed ``forward`` returns logits laid out on the caller's input positions."""
     previous = model.__dict__.get("forward", _MISSING)
@@ -274,11 +282,5 @@ def _logits_in_input_rows(model: nn.Module) -> Iterator[None]:
         out.logits = full
         return out
 
-    model.forward = forward
-    try:
+    with _instance_override(model, "forward", forward):
         yield
-    finally:
-        if previous is _MISSING:
-            model.__dict__.pop("forward", None)
-        else:
-            model.forward = previous
