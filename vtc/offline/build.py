@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,12 +43,72 @@ IMAGE_TOKEN = "<image>"
 PARITY_TOL = 1e-4
 PROJECTOR_ASSET = "offline_projector.safetensors"
 
+
+@dataclass(frozen=True)
+class Variant:
+    """One offline checkpoint: the same pretrained parts, its own input size and trained weights.
+
+    Attributes:
+        name: ``"easyvqa"`` (the first model, the demo default) or ``"scenes"``.
+        image_size: input side in pixels; ``(image_size // 14) ** 2`` visual tokens per image.
+        projector: file name of the trained projector under ``vtc/assets``.
+        lora: file name of low-rank adapters merged into the language model's weights at build time
+            (``<module>.lora_A`` / ``.lora_B`` with the scale folded into B), or None.
+        trained_by: the script that writes the assets.
+    """
+
+    name: str
+    image_size: int
+    projector: str
+    lora: str | None = None
+    trained_by: str = "eval/train_projector.py"
+    family: str = "llava"  # or "llava_onevision" (video)
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens per image (per frame before OneVision's 2 x 2 pooling)."""
+        return (self.image_size // PATCH) ** 2
+
+
+VARIANTS: dict[str, Variant] = {
+    "easyvqa": Variant("easyvqa", IMAGE_SIZE, PROJECTOR_ASSET),
+    "scenes": Variant(
+        "scenes",
+        168,
+        "offline_scenes_projector.safetensors",
+        "offline_scenes_lora.safetensors",
+        "eval/train_scenes.py",
+    ),
+    "video": Variant(
+        "video",
+        112,
+        "offline_video_projector.safetensors",
+        "offline_video_lora.safetensors",
+        "eval/train_video.py",
+        family="llava_onevision",
+    ),
+}
+VIDEO_TOKEN = "<video>"
+#: OneVision's image tiling for the video model: the 112 px base view plus up to 2 x 2 tiles of 112 px
+VIDEO_MODEL_PINPOINTS = [[112, 112], [112, 224], [224, 112], [224, 224]]
+
+
+def variant(name: str | Variant) -> Variant:
+    """The :class:`Variant` called ``name`` (error lists the known ones)."""
+    if isinstance(name, Variant):
+        return name
+    if name not in VARIANTS:
+        raise ValueError(f"unknown offline model {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
 #: ChatML (SmolLM2's format) without SmolLM2's default system prompt; an image item renders as <image>\n
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'video' %}<video>\n"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -61,46 +122,59 @@ def cache_root() -> Path:
     return Path(os.environ.get("VTC_CACHE") or Path.home() / ".cache" / "vtc")
 
 
-def projector_asset() -> Path | None:
-    """The shipped projector weights, or None before the first training."""
+def asset_file(name: str | None) -> Path | None:
+    """A shipped file under ``vtc/assets`` (None when ``name`` is None or the file is absent)."""
     import importlib.resources
 
-    path = Path(str(importlib.resources.files("vtc") / "assets" / PROJECTOR_ASSET))
+    if name is None:
+        return None
+    path = Path(str(importlib.resources.files("vtc") / "assets" / name))
     return path if path.is_file() else None
 
 
-def _projector_tag(path: Path | None) -> str:
+def projector_asset(model: str | Variant = "easyvqa") -> Path | None:
+    """The shipped projector weights of an offline model, or None before its first training."""
+    return asset_file(variant(model).projector)
+
+
+def _projector_tag(path: Path | None, lora: Path | None = None) -> str:
     if path is None:
         return "untrained"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256(path.read_bytes())
+    if lora is not None:
+        digest.update(lora.read_bytes())
+    return digest.hexdigest()[:10]
 
 
-def checkpoint_path(root: Path | None = None, projector: Path | None = None) -> Path:
+def checkpoint_path(root: Path | None = None, projector: Path | None = None, model: str | Variant = "easyvqa") -> Path:
     """Where :func:`build_offline_vlm` puts (or finds) the checkpoint for the given projector file."""
-    projector = projector if projector is not None else projector_asset()
-    return (root or cache_root()) / f"offline-vlm-{BUILD_VERSION}-{_projector_tag(projector)}"
+    spec = variant(model)
+    lora = asset_file(spec.lora) if projector is None else None
+    projector = projector if projector is not None else projector_asset(spec)
+    prefix = "offline-vlm" if spec.name == "easyvqa" else f"offline-{spec.name}"
+    return (root or cache_root()) / f"{prefix}-{BUILD_VERSION}-{_projector_tag(projector, lora)}"
 
 
 def is_built(path: Path) -> bool:
     return (path / "vtc_build.json").is_file() and (path / "config.json").is_file()
 
 
-def _tokenizer(paths: AssetPaths):
+def _tokenizer(paths: AssetPaths, video: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(paths.gguf_dir, gguf_file=paths.gguf_file)
-    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tok.add_tokens([IMAGE_TOKEN, VIDEO_TOKEN] if video else [IMAGE_TOKEN], special_tokens=True)
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
 
 
-def _processor(tokenizer):
+def _processor(tokenizer, image_size: int = IMAGE_SIZE):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
@@ -116,6 +190,40 @@ def _processor(tokenizer):
     )
 
 
+def _onevision_processor(tokenizer, image_size: int):
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    stats = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_convert_rgb": True}
+    side = {"height": image_size, "width": image_size}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=VIDEO_MODEL_PINPOINTS, **stats),
+        video_processor=LlavaOnevisionVideoProcessor(size=side, **stats),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // PATCH) ** 2 + 1,  # with the CLS token, as the processor counts
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
+    )
+
+
+def _fixed_size_tower(vit, image_size: int):
+    """The tower with its position table resampled to ``image_size`` once (what Dinov2 does on every call).
+
+    OneVision reads the frame grid from ``vision_config.image_size``; Dinov2 skips its own resampling when
+    the table already has the input's size, so the outputs are unchanged.
+    """
+    import copy
+
+    tower = copy.deepcopy(vit)
+    with torch.no_grad():
+        dummy = torch.zeros(1, (image_size // PATCH) ** 2 + 1, vit.config.hidden_size)
+        table = vit.embeddings.interpolate_pos_encoding(dummy, image_size, image_size).clone()
+    tower.embeddings.position_embeddings = torch.nn.Parameter(table)
+    tower.config.image_size = image_size
+    return tower
+
+
 def _text_config(lm_config, vocab_size: int):
     from transformers import LlamaConfig
 
@@ -126,8 +234,31 @@ def _text_config(lm_config, vocab_size: int):
     return LlamaConfig(**data)
 
 
+def merge_lora(language_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """``W += B @ A`` for every adapter pair ``<module>.lora_A`` / ``.lora_B`` (scale folded into B).
+
+    Returns how many weights changed; a key that names no linear layer of ``language_model`` is an error.
+    """
+    modules = dict(language_model.named_modules())
+    merged = 0
+    for key in sorted(k for k in state if k.endswith(".lora_A")):
+        name = key[: -len(".lora_A")]
+        linear = modules.get(name)
+        if not isinstance(linear, torch.nn.Linear) or f"{name}.lora_B" not in state:
+            raise ValueError(f"adapter {name!r} names no linear layer of the language model (or lacks lora_B)")
+        delta = state[f"{name}.lora_B"].float() @ state[key].float()  # [out, in]
+        with torch.no_grad():
+            linear.weight += delta.to(linear.weight.dtype)
+        merged += 1
+    return merged
+
+
 def assemble(
-    projector: Path | None = None, log: Log = print, seed: int = 0
+    projector: Path | None = None,
+    log: Log = print,
+    seed: int = 0,
+    model: str | Variant = "easyvqa",
+    lora: Path | None = None,
 ) -> tuple[torch.nn.Module, object, dict[str, float]]:
     """Build the model and processor in memory. Returns ``(model, processor, onnx_parity)``.
 
@@ -135,9 +266,18 @@ def assemble(
         projector: safetensors with ``linear_1.*`` / ``linear_2.*``; None leaves a seeded random projector.
         log: progress messages.
         seed: seed of the random projector (only used when ``projector`` is None).
+        model: which offline model (:data:`VARIANTS`): sets the input size.
+        lora: adapters merged into the language model (see :func:`merge_lora`), or None.
     """
+    spec = variant(model)
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        AutoModelForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     from ..demo import default_image
 
@@ -152,74 +292,113 @@ def assemble(
     if max(parity["last_block"], parity["final_layernorm"]) > PARITY_TOL:
         raise RuntimeError(f"converted DINOv2 differs from the ONNX graph by more than {PARITY_TOL}: {parity}")
     log(f"  loading the tokenizer and SmolLM2-135M-Instruct from {paths.gguf_file} (dequantising Q4_1 to fp32)")
-    tokenizer = _tokenizer(paths)
+    video = spec.family == "llava_onevision"
+    tokenizer = _tokenizer(paths, video=video)
     lm = AutoModelForCausalLM.from_pretrained(paths.gguf_dir, gguf_file=paths.gguf_file, dtype=torch.float32)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id != lm.config.vocab_size:
         raise RuntimeError(f"expected <image> to get id {lm.config.vocab_size}, got {image_token_id}")
-    config = LlavaConfig(
-        vision_config=vit.config,
-        text_config=_text_config(lm.config, vocab_size=image_token_id + 1),
-        image_token_id=image_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    added = 2 if video else 1
+    common = {
+        "text_config": _text_config(lm.config, vocab_size=lm.config.vocab_size + added),
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": True,
+    }
+    if video:
+        vit = _fixed_size_tower(vit, spec.image_size)
+        config = LlavaOnevisionConfig(
+            vision_config=vit.config,
+            image_token_index=image_token_id,
+            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+            image_grid_pinpoints=VIDEO_MODEL_PINPOINTS,
+            **common,
+        )
+        config.pad_token_id = tokenizer.pad_token_id
+        model_class = LlavaOnevisionForConditionalGeneration
+    else:
+        config = LlavaConfig(
+            vision_config=vit.config,
+            image_token_id=image_token_id,
+            image_seq_length=spec.visual_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+        model_class = LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
-    base = model.model
+    vlm = model_class._from_config(config, dtype=torch.float32).eval()
+    base = vlm.model
     base.vision_tower.load_state_dict(vit.state_dict())
     text_state = {k.removeprefix("model."): v for k, v in lm.state_dict().items() if k.startswith("model.")}
     embed = text_state["embed_tokens.weight"]
-    text_state["embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
+    text_state["embed_tokens.weight"] = torch.cat([embed] + [embed.mean(0, keepdim=True)] * added)
     base.language_model.load_state_dict(text_state)
-    model.tie_weights()
-    if model.lm_head.weight.data_ptr() != base.language_model.embed_tokens.weight.data_ptr():
+    vlm.tie_weights()
+    if vlm.lm_head.weight.data_ptr() != base.language_model.embed_tokens.weight.data_ptr():
         raise RuntimeError("lm_head is not tied to the input embeddings")
     if projector is not None:
-        base.multi_modal_projector.load_state_dict(load_file(str(projector)))
-    gen = model.generation_config
+        state = load_file(str(projector))
+        if video:  # OneVision's newline embedding (appended once per video) is trained with the projector
+            base.image_newline.data.copy_(state.pop("image_newline"))
+        base.multi_modal_projector.load_state_dict(state)
+    if lora is not None:
+        n = merge_lora(base.language_model, load_file(str(lora)))
+        log(f"  merged {n} low-rank adapters from {lora.name} into the language model")
+    gen = vlm.generation_config
     gen.bos_token_id, gen.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
-    gen.suppress_tokens = [image_token_id]
+    gen.suppress_tokens = list(range(image_token_id, image_token_id + added))
     gen.do_sample = False
-    return model, _processor(tokenizer), parity
+    processor = _onevision_processor(tokenizer, spec.image_size) if video else _processor(tokenizer, spec.image_size)
+    return vlm, processor, parity
 
 
 def build_offline_vlm(
-    root: Path | str | None = None, projector: Path | None = None, force: bool = False, log: Log = print
+    root: Path | str | None = None,
+    projector: Path | None = None,
+    force: bool = False,
+    log: Log = print,
+    model: str | Variant = "easyvqa",
 ) -> Path:
     """Build the checkpoint once (about a minute on 2 CPU cores) and return its folder; reuse it afterwards.
 
     Args:
         root: cache folder (default :func:`cache_root`).
-        projector: projector weights (default: the shipped ``vtc/assets/offline_projector.safetensors``).
+        projector: projector weights (default: the model's shipped projector and adapters; an explicit
+            projector is used without adapters).
         force: rebuild even if the folder exists.
         log: progress messages (``print`` by default).
+        model: which offline model: ``"easyvqa"`` (64 visual tokens, the demo default) or ``"scenes"``
+            (144 visual tokens, trained on multi-object scenes; see :mod:`vtc.offline.scenes`).
     """
-    projector = projector if projector is not None else projector_asset()
+    spec = variant(model)
+    shipped = projector is None
+    lora = asset_file(spec.lora) if shipped else None
+    projector = projector_asset(spec) if shipped else projector
+    if shipped and spec.lora is not None and projector is not None and lora is None:
+        raise FileNotFoundError(f"the {spec.name} model's adapters vtc/assets/{spec.lora} are missing")
     root = Path(root) if root is not None else cache_root()
-    final = checkpoint_path(root, projector)
+    final = checkpoint_path(root, None if shipped else projector, spec)
     if is_built(final) and not force:
         return final
-    log(f"building the offline VLM (one time) into {final}")
+    log(f"building the offline VLM {spec.name!r} (one time) into {final}")
     start = time.perf_counter()
-    model, processor, parity = assemble(projector, log)
+    vlm, processor, parity = assemble(projector, log, model=spec, lora=lora)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
         log("  saving config, safetensors, tokenizer and processor")
-        model.save_pretrained(tmp)
+        vlm.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = {
             "build_version": BUILD_VERSION,
-            "projector": _projector_tag(projector),
-            "image_size": IMAGE_SIZE,
-            "visual_tokens": (IMAGE_SIZE // PATCH) ** 2,
+            "model": spec.name,
+            "projector": _projector_tag(projector, lora),
+            "lora": spec.lora if lora is not None else None,
+            "image_size": spec.image_size,
+            "visual_tokens": spec.visual_tokens,
             "onnx_parity_max_abs_diff": parity,
             "packages": asset_versions(),
             "build_seconds": round(time.perf_counter() - start, 1),
@@ -236,10 +415,10 @@ def build_offline_vlm(
     return final
 
 
-def load_offline_vlm(path: Path | str | None = None, log: Log = print):
+def load_offline_vlm(path: Path | str | None = None, log: Log = print, model: str | Variant = "easyvqa"):
     """``(model, processor)`` from the checkpoint folder (built first if needed), plain ``from_pretrained``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path) if path is not None else build_offline_vlm(log=log)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    path = Path(path) if path is not None else build_offline_vlm(log=log, model=model)
+    vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return vlm, AutoProcessor.from_pretrained(path)

