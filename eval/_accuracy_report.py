@@ -63,10 +63,83 @@ def markdown(report: dict) -> str:
             f"| {r['method']} | {r['budget']:g} | {tokens} | {equiv} | {_pct(r['accuracy'])} | {_pct(r['se'])} "
             f"| {retention} | {_pct(r.get('open_accuracy'))} | {yes} |"
         )
+    lines += _family_tables(report) + _paired_tables(report)
     if report.get("skipped"):
         why = "; ".join(f"{m} ({reason})" for m, reason in report["skipped"].items())
         lines += ["", f"Not applicable to this model: {why}"]
     return "\n".join(lines)
+
+
+def _interval(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    return f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def _family_tables(report: dict) -> list[str]:
+    """Accuracy per question family: floors, then every method at each budget."""
+    results = report["results"]
+    families = sorted(results[0].get("families") or {})
+    if not families:
+        return []
+    floor = report.get("floor") or {}
+    lines = [
+        "",
+        "Accuracy % per question family (majority answer: always the most frequent answer of the family):",
+        "",
+        "| method | budget | " + " | ".join(families) + " | all |",
+        "|---|---:|" + "---:|" * (len(families) + 1),
+    ]
+    rows = results[:1] + ([floor] if floor else []) + results[1:]
+    for r in rows:
+        cells = [_pct(r["families"].get(f, {}).get("accuracy")) for f in families]
+        lines.append(f"| {r['method']} | {r['budget']:g} | " + " | ".join(cells) + f" | {_pct(r['accuracy'])} |")
+    lines.append(f"| majority answer | – | {' | '.join('–' for _ in families)} | {_pct(report.get('majority'))} |")
+    return lines
+
+
+def beats_random(report: dict, budget: float) -> tuple[list[str], list[str], list[str]]:
+    """Methods whose interval vs random at ``budget`` lies above 0, below 0, or covers 0."""
+    above, below, tied = [], [], []
+    for r in report["results"]:
+        d = r.get("vs_random")
+        if r["budget"] != budget or d is None:
+            continue
+        (above if d["low"] > 0 else below if d["high"] < 0 else tied).append(r["method"])
+    return above, below, tied
+
+
+def _paired_tables(report: dict) -> list[str]:
+    """Per budget: every method minus random and minus uncompressed, with 95 % bootstrap intervals."""
+    results = report["results"]
+    if not any("vs_uncompressed" in r for r in results):
+        return []
+    clusters = report.get("pictures", "–")
+    lines = [
+        "",
+        f"Paired differences in accuracy points, 95 % bootstrap interval over pictures ({clusters} pictures, "
+        f"{report['n']} questions; a picture is resampled with all its questions):",
+        "",
+        "| budget | method | accuracy % | minus random | minus uncompressed |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for budget in sorted({r["budget"] for r in results[1:]}, reverse=True):
+        rows = sorted((r for r in results[1:] if r["budget"] == budget), key=lambda r: -r["accuracy"])
+        for r in rows:
+            lines.append(
+                f"| {budget:g} | {r['method']} | {_pct(r['accuracy'])} | {_interval(r.get('vs_random'))} "
+                f"| {_interval(r.get('vs_uncompressed'))} |"
+            )
+    for budget in sorted({r["budget"] for r in results[1:]}, reverse=True):
+        above, below, tied = beats_random(report, budget)
+        if above or below or tied:
+            lines += [
+                "",
+                f"At budget {budget:g}: better than random (interval above 0): {', '.join(above) or 'none'}; "
+                f"worse than random: {', '.join(below) or 'none'}; not distinguishable from random: "
+                f"{', '.join(tied) or 'none'}.",
+            ]
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

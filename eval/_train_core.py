@@ -233,7 +233,8 @@ def fmt(r: dict[str, float]) -> str:
 def train(
     model,
     packer: Packer,
-    sources: list[tuple[Source, float]],
+    sources: list[Source],
+    shares: Callable[[int], Sequence[float]],
     groups: list[dict],
     args,
     log: Log,
@@ -241,7 +242,8 @@ def train(
 ) -> None:
     """The optimisation loop shared by the scripts.
 
-    Each step takes ``args.images_per_step`` items, each from a source drawn with its share; every item keeps
+    Each step takes ``args.images_per_step`` items, each from a source drawn with the step's ``shares(step)``
+    (a curriculum can move weight from easy to hard sources); every item keeps
     a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
     probability ``args.full_prob``) and at most ``args.max_questions`` of its questions. AdamW with the
     parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``.
@@ -250,7 +252,6 @@ def train(
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     queues: list[list[int]] = [[] for _ in sources]
-    shares = [share for _, share in sources]
 
     def lr_scale(step: int) -> float:
         if step < args.warmup:
@@ -263,9 +264,10 @@ def train(
     for step in range(args.steps):
         items, visual = [], []
         full_prob = 1.0 if step < args.full_only_steps else args.full_prob
+        weights = list(shares(step))
         for _ in range(args.images_per_step):
-            s = rng.choices(range(len(sources)), shares)[0]
-            src = sources[s][0]
+            s = rng.choices(range(len(sources)), weights)[0]
+            src = sources[s]
             if not queues[s]:
                 queues[s] = [i for i, q in enumerate(src.qas) if q]
                 rng.shuffle(queues[s])
@@ -301,7 +303,7 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--images-per-step", type=int, default=images_per_step, help="images or clips per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
-    parser.add_argument("--lora-lr", type=float, default=6e-4)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=8, help="0 trains the projector alone")
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)

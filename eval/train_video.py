@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             r = evaluate(model, packer, val_src, keep, seed=1)
             log(f"  step {step} validation, {'all tokens' if keep is None else f'random {keep} tokens'}: {fmt(r)}")
 
-    train(model, packer, [(train_src, 1.0)], groups, args, log, validate)
+    train(model, packer, [train_src], lambda step: [1.0], groups, args, log, validate)
 
     from safetensors.torch import save_file
 

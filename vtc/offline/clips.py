@@ -28,8 +28,10 @@ The mover crosses most of the frame over the whole clip; in ``order`` the two ob
 frames apart and then stay; in ``change`` the shape switches colour once between frames 4 and 11 and the
 question asks for the colour after the switch; in ``count`` each counted shape is visible for its own
 stretch of frames. ``python -m vtc.offline.clips --out DIR`` writes ``clips/*.mp4`` (H.264 through PyAV)
-and ``questions.jsonl`` rows ``{"id", "video", "question", "answer", "options", "family"}`` for
-``vtc videoqa``.
+and ``questions.jsonl`` rows ``{"id", "video", "question", "answer", "family", "candidates"}`` for
+``vtc videoqa`` (open-ended: the answer is one word, scored by exact match; ``candidates`` lists the answers
+a question allows and is not shown to the model; an ``options`` field would make ``vtc videoqa`` ask a
+lettered multiple-choice question instead).
 """
 
 from __future__ import annotations
@@ -305,8 +307,8 @@ def write(out: str, split: str = "test", n_clips: int = 150, seed: int = 0, fram
             name = os.path.join("clips", f"{split}_{clip.index:05d}.mp4")
             clip.write(os.path.join(out, name))
             for q in clip.questions:
-                row = {"id": qid, "video": name, "question": q.question, "answer": q.answer}
-                f.write(json.dumps({**row, "options": list(q.options), "family": q.family}) + "\n")
+                row = {"id": qid, "video": name, "question": q.question, "answer": q.answer, "family": q.family}
+                f.write(json.dumps({**row, "candidates": list(q.options)}) + "\n")
                 qid += 1
     return path
 

