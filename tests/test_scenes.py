@@ -62,11 +62,13 @@ def test_digit_images_of_the_splits_are_disjoint():
 
     pools = {split: {i for rows in scenes.digit_pool(split).values() for i in rows} for split in scenes.SPLITS}
     assert len(pools["train"]) == 3500 and len(pools["val"]) == 500 and len(pools["test"]) == 1000
-    assert not pools["train"] & pools["test"] and not pools["train"] & pools["val"] and not pools["val"] & pools["test"]
+    assert not pools["train"] & pools["test"] and not pools["train"] & pools["val"]
+    assert not pools["val"] & pools["test"]
     used = {o.source for s in scenes.generate("test", 60) for o in s.objects if o.kind in scenes.DIGITS}
     assert used <= pools["test"]
     _, labels = scenes.mnist_digits()
-    assert all(str(labels[o.source]) == o.kind for s in scenes.generate("train", 30) for o in s.objects if o.source >= 0)
+    digits = [o for s in scenes.generate("train", 30) for o in s.objects if o.source >= 0]
+    assert digits and all(str(labels[o.source]) == o.kind for o in digits)
 
 
 def test_every_answer_follows_from_the_scene(test_set):
