@@ -241,3 +241,30 @@ def test_cli_argument_errors(workspace, tmp_path, extra, capsys):
     with pytest.raises(SystemExit) as err:
         main(["videoqa", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), *extra])
     assert err.value.code == 2 and "error" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_real_torchrun_launch_merges_to_the_single_process_results(workspace, tmp_path):
+    """``torchrun --nproc_per_node=2`` (two CPU processes, c10d rendezvous on localhost) = one process."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--model", str(workspace["model"]), "--data", str(workspace["data"]), "--frames", "8"]
+    common += ["--max-new-tokens", "3", "--no-progress", "--method", "uniform", "--budget", "0.25"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    dist = subprocess.run(
+        [*launch, "-m", "vtc.cli", "videoqa", *common, "--out", str(tmp_path / "dist.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert dist.returncode == 0, dist.stderr[-2000:]
+    assert main(["videoqa", *common, "--out", str(tmp_path / "single.jsonl")]) == 0
+    compared = ("id", "prediction", "raw", "correct", "error", "visual_tokens_before", "visual_tokens_after")
+    merged, single = read_rows(tmp_path / "dist.jsonl"), read_rows(tmp_path / "single.jsonl")
+    assert [{k: r.get(k) for k in compared} for r in merged] == [{k: r.get(k) for k in compared} for r in single]
+    assert len(merged) == 6 and not list(tmp_path.glob("dist.jsonl.shard-*"))
+    assert "accuracy" in dist.stdout  # rank 0 printed the summary line
