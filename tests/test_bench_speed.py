@@ -108,11 +108,11 @@ def test_unsupported_family_is_marked_skipped():
     """A model vtc cannot compress gives a 'skipped' entry and nothing is timed."""
     from transformers import LlamaForCausalLM
 
-    from vtc.testing import _llama_text_config
+    from vtc.testing import llama_text_config
 
     def build(seed):
         torch.manual_seed(seed)
-        return LlamaForCausalLM._from_config(_llama_text_config()).eval()
+        return LlamaForCausalLM._from_config(llama_text_config()).eval()
 
     preset = speed_presets.Preset(
         "plain_llm", "a text-only model", build, lambda m, s: {"input_ids": torch.ones(1, 4).long()}

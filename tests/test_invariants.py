@@ -5,7 +5,7 @@ import torch
 
 import vtc
 from vtc.adapters import ADAPTERS
-from vtc.hooks import Stage
+from vtc.contexts import Stage
 from vtc.testing import FAMILIES, compressed_inputs
 
 from .conftest import TOL

@@ -8,7 +8,7 @@ import torch
 
 import vtc
 from vtc.api import _SESSIONS
-from vtc.hooks import Stage
+from vtc.contexts import Stage
 from vtc.testing import FAMILIES, llava_inputs, tiny_llava
 
 from .conftest import TOL

@@ -9,7 +9,7 @@ import torch
 import vtc
 from vtc.adapters import UnsupportedModelError
 from vtc.adapters.runners import MergeContext, Runners
-from vtc.hooks import TowerMerge
+from vtc.contexts import TowerMerge
 from vtc.mergers.tome import (
     ToMeConfig,
     bipartite_soft_matching,

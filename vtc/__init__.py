@@ -11,7 +11,7 @@ from . import flops, mergers, pruners  # noqa: F401,E402  (pruners and mergers r
 from .api import DEFAULT_METHOD, compress, compressed, is_compressed, last_record, list_methods, restore  # noqa: E402
 from .budget import keep_count, validate_budget  # noqa: E402
 from .config import MethodConfig  # noqa: E402
-from .hooks import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noqa: E402
+from .contexts import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noqa: E402
 from .record import ImageRecord, Record, SampleRecord  # noqa: E402
 from .registry import get_method, register_method  # noqa: E402
 

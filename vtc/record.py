@@ -17,7 +17,7 @@ class ImageRecord:
     Attributes:
         sample: sample index in the batch; image: image index in the whole batch.
         grids: ``[rows, cols]`` of each partition (in LLM tokens); prefix: CLS-like slots per partition.
-        partition, slot: per input token, its partition and slot (see :class:`vtc.hooks.Layout`).
+        partition, slot: per input token, its partition and slot (see :class:`vtc.contexts.Layout`).
         kept: for each token fed to the LLM, in LLM order, the input token it stands at (-1: no source token).
         groups: per input token, the output row it ended in (-1: dropped). Merged tokens share a row.
         scores: per input token, the score the method ranked by (None if it used none).

@@ -31,8 +31,8 @@ from .adapters.base import padding_side
 from .adapters.llm import LLMHooks, LLMPlan
 from .budget import keep_count
 from .config import MethodConfig
+from .contexts import Reduction, Stage
 from .flops import flops_summary
-from .hooks import Reduction, Stage
 from .prefix import CachedPrefix
 from .record import ImageRecord, Record, SampleRecord
 from .registry import Method

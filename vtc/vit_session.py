@@ -17,7 +17,7 @@ from torch import nn
 from .adapters.vit import ViTAdapter
 from .budget import keep_count
 from .config import MethodConfig
-from .hooks import Stage, TowerMerge
+from .contexts import Stage, TowerMerge
 from .record import ImageRecord, Record
 from .registry import Method
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..hooks import Stage
+from ..contexts import Stage
 from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter

@@ -2,8 +2,8 @@
 
 An adapter knows one model family: where the vision tower, its blocks, the projector and the LLM are,
 how many visual tokens each image becomes and where they sit in the prompt, and how positions are
-numbered. It turns a model call into per-image :class:`~vtc.hooks.ImageTokens` (``encode``) and, given
-each image's :class:`~vtc.hooks.Reduction`, rebuilds the call's inputs (``rebuild``) so that the stock
+numbered. It turns a model call into per-image :class:`~vtc.contexts.ImageTokens` (``encode``) and, given
+each image's :class:`~vtc.contexts.Reduction`, rebuilds the call's inputs (``rebuild``) so that the stock
 ``forward`` / ``generate`` run on the shorter sequence.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..hooks import ImageTokens, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
+from ..contexts import ImageTokens, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
 
 
 class UnsupportedModelError(TypeError):
@@ -35,7 +35,7 @@ class Encoded:
         encoder_output: the model's own image-feature output object, reused so nothing is encoded twice.
         reductions: per image, the reduction a ``VISION_MERGE`` method already made inside the vision tower
             (None: the image left the tower whole, or no such method). The session uses it as the image's
-            result instead of calling ``reduce``; the image's :class:`~vtc.hooks.ImageTokens` keep the
+            result instead of calling ``reduce``; the image's :class:`~vtc.contexts.ImageTokens` keep the
             uncompressed count ``n`` (its ``tokens`` are the merged rows spread back over the ``n`` inputs).
     """
 

@@ -7,7 +7,7 @@ tower keeps running SDPA.
 
 Token merging inside the tower (``Stage.VISION_MERGE``, ToMe): the tower's blocks run through block runners
 (:mod:`vtc.adapters.runners`) during vtc's own feature call, so the tower, projector and LLM see the merged
-tokens; each image then comes back with a :class:`~vtc.hooks.Reduction` built from the source map (merged
+tokens; each image then comes back with a :class:`~vtc.contexts.Reduction` built from the source map (merged
 rows in the order of their first member, compact positions). Blocks after the feature layer only run on
 the result. Only this family takes a merged token set: LLaVA-NeXT / OneVision pack every tile's full grid.
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
+from ..contexts import ImageTokens, Layout, Reduction, Stage, TowerCall, TowerInfo, TowerMerge, VisionSignal
 from .base import (
     Adapter,
     Encoded,

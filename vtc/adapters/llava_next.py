@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..hooks import Layout, Stage
+from ..contexts import Layout, Stage
 from .llava import LlavaAdapter, Modality
 
 

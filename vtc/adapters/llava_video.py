@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..hooks import Layout
+from ..contexts import Layout
 from .llava import Modality
 from .llava_next import LlavaNextAdapter, anyres_layout
 

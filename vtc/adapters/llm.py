@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import DecodeTokens, LayerTokens, LayerUpdate
+from ..contexts import DecodeTokens, LayerTokens, LayerUpdate
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

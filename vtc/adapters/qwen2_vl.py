@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..hooks import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
+from ..contexts import ImageTokens, Layout, Reduction, Stage, TowerInfo, VisionSignal
 from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError, padding_side, reduced_tokens, splice
 from .llava import _assign, _text_after
 from .llm import Decoder, rotate_half

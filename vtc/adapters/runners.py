@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..hooks import TowerMerge
+from ..contexts import TowerMerge
 from .base import UnsupportedModelError, module_at
 
 

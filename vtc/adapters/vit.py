@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..hooks import Stage, TowerCall, TowerInfo
+from ..contexts import Stage, TowerCall, TowerInfo
 from .base import Adapter, UnsupportedModelError
 from .runners import ClassSwap, MergeContext, Runners
 

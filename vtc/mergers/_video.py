@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import kernels
-from ..hooks import ImageTokens
+from ..contexts import ImageTokens
 
 
 def frame_grid(image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:

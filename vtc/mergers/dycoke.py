@@ -37,8 +37,9 @@ import torch
 
 from ..budget import split_count
 from ..config import MethodConfig, check_float, check_int
-from ..hooks import DecodeTokens, ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
+from ..contexts import DecodeTokens, ImageTokens, Reduction, Stage
+from ..method import Method
+from ..registry import register_method
 from ._video import frame_grid
 
 

@@ -42,8 +42,9 @@ import torch
 from .. import kernels
 from ..budget import split_count
 from ..config import MethodConfig, check_float, check_int
-from ..hooks import ImageTokens, LayerTokens, LayerUpdate, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, LayerTokens, LayerUpdate, Reduction, Stage, TowerInfo, VisionSignal
+from ..method import Method
+from ..registry import register_method
 from ._video import beta_merge, dpc_knn, frame_grid, frame_scores
 
 IMPORTANCE = VisionSignal("attention_received", "feature", heads="mean")

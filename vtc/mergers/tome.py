@@ -37,8 +37,9 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_int
-from ..hooks import Stage, TowerCall, TowerMerge
-from ..registry import Method, register_method
+from ..contexts import Stage, TowerCall, TowerMerge
+from ..method import Method
+from ..registry import register_method
 
 __all__ = [
     "ToMeConfig",
@@ -220,7 +221,7 @@ def merge_tokens(
 
 
 class ToMeState(TowerMerge):
-    """Sizes, source map and schedule of one tower call (see :class:`vtc.hooks.TowerMerge`).
+    """Sizes, source map and schedule of one tower call (see :class:`vtc.contexts.TowerMerge`).
 
     Args:
         schedule: tokens removed after the attention of each merging block.

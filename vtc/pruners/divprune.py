@@ -20,8 +20,9 @@ import dataclasses
 
 from .. import kernels
 from ..config import MethodConfig
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

@@ -25,8 +25,9 @@ import torch
 from .. import kernels
 from ..budget import keep_count
 from ..config import MethodConfig, check_choice, check_int
-from ..hooks import LayerTokens, Stage
-from ..registry import Method, register_method
+from ..contexts import LayerTokens, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

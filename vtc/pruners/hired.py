@@ -22,8 +22,9 @@ import torch
 from .. import kernels
 from ..budget import split_count
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

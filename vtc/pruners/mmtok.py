@@ -30,9 +30,10 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_float
-from ..hooks import ImageTokens, Reduction, Stage
+from ..contexts import ImageTokens, Reduction, Stage
 from ..kernels import normalize
-from ..registry import Method, register_method
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

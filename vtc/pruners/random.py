@@ -12,8 +12,9 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_int
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

@@ -27,9 +27,10 @@ import torch
 from .. import kernels
 from ..budget import keep_count
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..hooks import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..contexts import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
 from ..kernels import normalize
-from ..registry import Method, register_method
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

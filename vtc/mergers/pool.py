@@ -16,9 +16,10 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_choice
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
-from ._grid import grid_regions
+from ..contexts import ImageTokens, Reduction, Stage
+from ..grids import grid_regions
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass

@@ -28,9 +28,10 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_float
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
-from ._grid import per_partition_counts
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..grids import per_partition_counts
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
