@@ -338,7 +338,7 @@ def test_timm_bf16_sizes_stay_exact():
     with torch.no_grad(), vtc.compressed(vit, "tome", budget=2):
         out = vit.forward_features(_images(2).to(torch.bfloat16).repeat(1, 1, 2, 2))
         rec = vtc.last_record(vit)
-        state = vtc.api._SESSIONS[vit].adapter.context.state
+        state = vtc.session_of(vit).adapter.context.state
     assert out.dtype == torch.bfloat16 and out.shape[1] == 3
     assert state.size.dtype == torch.float32 and state.size.sum(1).tolist() == [65.0, 65.0]
     for im in rec.images:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import vtc
-from vtc.api import _SESSIONS
 from vtc.mergers._video import beta_merge, dpc_knn
 from vtc.mergers.dycoke import ttm_plan
 from vtc.mergers.fastvid import anchor_frames, dyseg
@@ -145,7 +144,7 @@ def test_dycoke_decode_time_selection_masks_the_other_visual_rows():
             with_kv = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         finally:
             hook.remove()
-        call = _SESSIONS[model].llm.call
+        call = vtc.session_of(model).adapter.llm.call
         keep = call.method_state["keep"]
     with vtc.compressed(model, "dycoke", budget=0.5):
         without = model.generate(**inputs, max_new_tokens=4, do_sample=False)

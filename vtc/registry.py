@@ -21,7 +21,7 @@ class MethodInfo:
     summary: str
 
     def to_dict(self) -> dict:
-        from .adapters import families_supporting
+        from .adapters.registry import families_supporting
 
         return {
             "name": self.name,

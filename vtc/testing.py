@@ -157,11 +157,12 @@ def compressed_inputs(model: nn.Module, inputs: dict[str, Any], for_generate: bo
 
     Useful to check a compressed call against the untouched model fed the same short sequence.
     """
-    from .api import _SESSIONS
+    from .api import session_of
 
-    if model not in _SESSIONS:
+    session = session_of(model)
+    if session is None:
         raise ValueError("model is not compressed")
-    return _SESSIONS[model].prepare(dict(inputs), for_generate)
+    return session.prepare(dict(inputs), for_generate)
 
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
