@@ -1,7 +1,7 @@
 """Smoke tests of the speed benchmark (``eval/bench_speed.py``): outputs produced and sane, presets consistent.
 
-No timing is asserted (DESIGN.md §4): only that every number is there, finite and consistent with the token
-counts and FLOPs it must agree with.
+No timing is asserted (``docs/design.md``, "What runs where"): only that every number is there, finite and
+consistent with the token counts and FLOPs it must agree with.
 """
 
 import json

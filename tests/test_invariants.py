@@ -1,4 +1,4 @@
-"""DESIGN.md §3 invariants as one matrix: every registered method x every adapter's tiny model."""
+"""The invariants of ``docs/design.md`` as one matrix: every registered method x every adapter's tiny model."""
 
 import pytest
 import torch

@@ -134,7 +134,7 @@ def test_sdpa_and_eager_choose_the_same_tokens_without_fallback(name, caplog):
 
 
 def test_recomputed_attention_rows_equal_eager_attention_weights():
-    """PRUNERS §1.2: the attention row recomputed from a layer's q/k equals what eager attention returns."""
+    """The attention row recomputed from a layer's q/k equals what eager attention returns."""
     from vtc.adapters.llm import Decoder
 
     m = tiny_llava(seed=4, attn_implementation="eager")

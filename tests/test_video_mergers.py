@@ -16,7 +16,7 @@ from vtc.testing import VIDEO_FAMILIES, llava_video_inputs, tiny_llava_onevision
 def test_holitom_dp_worked_example():
     pairs = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     windows, reduced = segment(pairs)
-    assert windows == [(0, 2), (3, 5)] and reduced == 10  # MERGERS.md §2.2
+    assert windows == [(0, 2), (3, 5)] and reduced == 10  # worked by hand: windows 0-2 and 3-5
 
 
 def _brute_force(pairs):

@@ -1,6 +1,6 @@
-"""Hook points: the contract between adapters (which know models) and methods (which know algorithms).
+"""The hook-point contexts: the contract between adapters (which know models) and methods (which know algorithms).
 
-Three stages exist (DESIGN.md, "Hook points"):
+Three stages exist (``docs/design.md``, "Hook points"):
 
 * ``VISION``: inside the vision tower. A method asks for :class:`VisionSignal` s (an attention row, the
   attention each token receives, head-mean keys, a block's output) and the adapter computes them from
@@ -59,9 +59,9 @@ class VisionSignal:
     """A request for a quantity computed inside one vision-tower block.
 
     Args:
-        kind: ``"cls_attention"`` (softmax row of the first (CLS) query over all keys, CLS column
-            included, per §1.2 a of PRUNERS.md), ``"attention_received"`` (mean over queries of the
-            attention each key receives, §1.2 b), ``"keys"`` (head-mean key vectors), ``"hidden"``
+        kind: ``"cls_attention"`` (softmax row of the first (CLS) query over all keys; the CLS column is
+            part of the softmax, so a method drops it only afterwards), ``"attention_received"`` (mean over
+            all queries of the attention each key receives), ``"keys"`` (head-mean key vectors), ``"hidden"``
             (the block's output hidden states).
         layer: 0-based vision block index (negative counts from the end) or ``"feature"``: the block whose
             output the projector consumes (LLaVA's ``vision_feature_layer=-2`` is block 22 of 0..23).

@@ -8,11 +8,11 @@ Frames are a uint8 numpy array ``[T, H, W, 3]`` (RGB): every Hugging Face video 
 video, it costs one allocation, and ``video.metadata()`` gives the matching ``video_metadata`` entry (native
 fps and the sampled indices; Qwen2.5-VL derives its temporal positions from it).
 
-decord seeks frame-accurately (notes/STACK.md §5) and is imported only when a video is loaded. Nothing is
-decoded before the request has passed the memory guard: at most ``max_frames`` frames and ``max_bytes`` bytes
-of decoded RGB. A file that cannot be used raises :class:`VideoError` (a data problem, as opposed to a bug):
-:class:`VideoDecodeError` for an unreadable, corrupt or empty file, :class:`VideoTooLargeError` for the guard.
-A missing file raises :class:`FileNotFoundError`.
+decord seeks frame-accurately (``tests/test_video.py`` reads the frame index back from the pixels) and is
+imported only when a video is loaded. Nothing is decoded before the request has passed the memory guard: at
+most ``max_frames`` frames and ``max_bytes`` bytes of decoded RGB. A file that cannot be used raises
+:class:`VideoError` (a data problem, as opposed to a bug): :class:`VideoDecodeError` for an unreadable, corrupt
+or empty file, :class:`VideoTooLargeError` for the guard. A missing file raises :class:`FileNotFoundError`.
 """
 
 from __future__ import annotations
