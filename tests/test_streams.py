@@ -31,7 +31,8 @@ def test_token_stream_split_reduce_pack():
     assert [t.shape[0] for t in first] == [4, 4] and torch.equal(second[1][:, 0], torch.arange(4.0, 10.0) * 2)
     kept = stream.reduce(first, Reduction.keep(torch.tensor([3, 0])))
     assert torch.equal(kept[0][:, 0], torch.tensor([0.0, 3.0]))
-    merged = Reduction(index=torch.tensor([0, -1]), tokens=torch.zeros(2, 1), groups=torch.tensor([0, 0, 1, -1, -1, -1]))
+    groups = torch.tensor([0, 0, 1, -1, -1, -1])
+    merged = Reduction(index=torch.tensor([0, -1]), tokens=torch.zeros(2, 1), groups=groups)
     rows = stream.reduce(second, merged)  # row 0: mean of tokens 0, 1; row 1: token 2; 3-5 dropped
     assert torch.equal(rows[1][:, 0], torch.tensor([9.0, 12.0]))
     assert stream.reduce(second, None) is second
