@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from vtc.demo import cpu_name
+from vtc.apps.demo import cpu_name
 from vtc.kernels import reference
 
 GPU_SIZES, GPU_DIMS = (576, 2880, 6272, 12544), (64, 1024, 3584)

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtc.demo import cpu_name
+from vtc.apps.demo import cpu_name
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import speed_presets  # noqa: E402

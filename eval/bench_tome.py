@@ -26,7 +26,7 @@ import time
 import torch
 
 import vtc
-from vtc.demo import cpu_name
+from vtc.apps.demo import cpu_name
 
 R_VALUES = (0, 8, 13, 16)
 

@@ -6,11 +6,11 @@ profiles the selection with ``torch.profiler``. Phases:
 
 * ``vision (model)``: the model's own ``get_image_features`` / ``get_video_features`` (not vtc), with vtc's
   signal hooks inside; ``signals``: the part of it spent in vtc's signal computations
-  (``adapter.signal_seconds``);
+  (the recorder's ``timer.signal_seconds``);
 * ``encode (vtc)``: the rest of ``adapter.encode`` (signal gathering, layouts, pre-projector features,
   text embeddings);
-* ``select``: the method on every image (``Session._reduce``), ``rebuild``: the prompt surgery
-  (``adapter.rebuild``), ``record``: building ``vtc.Record`` (``Session._make_record``, which includes the
+* ``select``: the method on every image (``Reducer.reduce``), ``rebuild``: the prompt surgery
+  (``adapter.rebuild``), ``record``: building ``vtc.Record`` (``Recorder.call``, which includes the
   analytic FLOPs).
 
     python eval/profile_vtc.py --preset llava15 --method divprune --budget 0.2
@@ -47,14 +47,13 @@ def _cpu_ms(fn, repeats: int) -> tuple[float, object]:
 
 def profile(preset_name: str, method: str, budget: float | int, repeats: int = 7, top: int = 12) -> str:
     import vtc
-    from vtc.api import _SESSIONS
     from vtc.budget import keep_count
 
     preset = speed_presets.get_preset(preset_name)
     model = preset.build(0)
     inputs = preset.inputs(model, 0)
     vtc.compress(model, method, budget=budget)
-    session = _SESSIONS[model]
+    session = vtc.session_of(model)
     adapter = session.adapter
     base = model.model
     encoders = [getattr(base, n) for n in ("get_image_features", "get_video_features") if hasattr(base, n)]
@@ -79,26 +78,29 @@ def profile(preset_name: str, method: str, budget: float | int, repeats: int = 7
 
         def encode():
             vision_ms.clear()
+            session.recorder.timer.start()  # signal seconds of this encode only
             start = time.process_time()
-            out = adapter.encode(dict(inputs), session.signals)
+            out = adapter.encode(dict(inputs))
             total = (time.process_time() - start) * 1000.0
             vision_in_encode.append(sum(vision_ms))
             encode_own.append(total - sum(vision_ms))
-            signal_ms.append(adapter.signal_seconds * 1000.0)
+            signal_ms.append(session.recorder.timer.signal_seconds * 1000.0)
             return out
 
         _, encoded = _cpu_ms(encode, repeats)
         for image in encoded.images:
             image.k = keep_count(budget, image.n)
-        select_ms, reductions = _cpu_ms(lambda: [session._reduce(im) for im in encoded.images], repeats)
+        select_ms, reductions = _cpu_ms(lambda: [session.reducer.reduce(im) for im in encoded.images], repeats)
         rebuild_ms, rebuilt = _cpu_ms(
             lambda: adapter.rebuild(dict(inputs), encoded, reductions, session.positions, True), repeats
         )
-        record_ms, _ = _cpu_ms(lambda: session._make_record(encoded, reductions, rebuilt, dict(inputs), 0.0), repeats)
+        record_ms, _ = _cpu_ms(
+            lambda: session.recorder.call(encoded.images, reductions, rebuilt, dict(inputs)), repeats
+        )
         prepare_ms, _ = _cpu_ms(lambda: session.prepare(dict(inputs), True), repeats)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(repeats):
-                [session._reduce(im) for im in encoded.images]
+                [session.reducer.reduce(im) for im in encoded.images]
     for fn in encoders:
         del base.__dict__[fn.__name__]
     vtc.restore(model)

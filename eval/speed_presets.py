@@ -254,8 +254,8 @@ def _photo(size: int, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954,
     """The bundled photo as ``[1, 3, size, size]``, normalised (CLIP statistics by default)."""
     import numpy as np
 
-    from vtc.demo import default_image
-    from vtc.viz import fit_square
+    from vtc.apps.demo import default_image
+    from vtc.apps.viz import fit_square
 
     x = torch.from_numpy(np.asarray(fit_square(default_image(), size), dtype=np.float32) / 255.0)
     x = (x - torch.tensor(mean)) / torch.tensor(std)
@@ -469,7 +469,7 @@ def checkpoint_preset(path: str, prompt: str = "Describe the image in detail.") 
                     f"(known: {sorted(SYNTHETIC_INPUTS)})"
                 )
             return SYNTHETIC_INPUTS[model_type](model, seed)
-        from vtc.demo import default_image
+        from vtc.apps.demo import default_image
 
         chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(chat, add_generation_prompt=True)

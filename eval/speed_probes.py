@@ -62,9 +62,9 @@ class VtcProbe:
     """
 
     def __init__(self, model: nn.Module, clock: Clock):
-        from vtc.api import _SESSIONS
+        import vtc
 
-        self.session = _SESSIONS[model]
+        self.session = vtc.session_of(model)
         self.clock = clock
         self.wall = self.cpu = 0.0  # seconds, accumulated over the calls since the last reset
         self._handles: list[Any] = []

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _easyvqa_features import cached_features  # noqa: E402
 
-from vtc.demo import machine  # noqa: E402
+from vtc.apps.demo import machine  # noqa: E402
 from vtc.offline import build_offline_vlm  # noqa: E402
 from vtc.offline.assets import asset_versions  # noqa: E402
 from vtc.offline.build import PROJECTOR_ASSET  # noqa: E402

@@ -1,4 +1,4 @@
-"""Attention rows without eager attention (PRUNERS.md §1.2).
+"""Attention rows without eager attention (``docs/design.md``, "Attention rows without eager attention").
 
 SDPA and FlashAttention never return probabilities. These helpers recompute only what a method needs
 from one layer's queries and keys (captured by an adapter while the model keeps running SDPA).
@@ -38,7 +38,7 @@ def attention_row(
 
     Returns:
         ``[B, T]`` fp32 probabilities (each head's row sums to 1 before the reduction; the query's own
-        column is included, so drop it *after* the softmax, per §1.2 a).
+        column is included, so drop it *after* the softmax: dropping it before would renormalise the row).
     """
     q, k = _heads(q, num_heads), _heads(k, num_heads)
     d = q.shape[-1]
@@ -56,7 +56,7 @@ def attention_received(
     scale: float | None = None,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """Mean over all queries of the attention each key receives: ``s_j = mean_i A[i, j]`` (§1.2 b).
+    """Mean over all queries of the attention each key receives: ``s_j = mean_i A[i, j]`` (CLS-free towers).
 
     Computed in query chunks so memory stays ``O(H * chunk * T)`` instead of ``O(H * T^2)``.
 

@@ -1,8 +1,8 @@
 """Readable PyTorch references: the ground truth every fast kernel is tested against.
 
-Contract (MERGERS.md §5.6): fp16/bf16/fp32 inputs; norms, dots and sums accumulate in fp32; similarities
-are fp32; indices are int64; ties go to the lower index; a NaN score ranks above every number (torch
-semantics); an all-zero vector has cosine similarity 0 with everything.
+Contract (``docs/kernels.md``, "Correctness contract"): fp16/bf16/fp32 inputs; norms, dots and sums
+accumulate in fp32; similarities are fp32; indices are int64; ties go to the lower index; a NaN score ranks
+above every number (torch semantics); an all-zero vector has cosine similarity 0 with everything.
 """
 
 from __future__ import annotations

@@ -53,5 +53,5 @@ def float_input(x: torch.Tensor) -> torch.Tensor:
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """True when autograd would record through one of ``tensors``: the kernels have no backward, so the
-    wrappers hand such calls to the PyTorch reference (MERGERS.md §5.6 item 9)."""
+    wrappers hand such calls to the PyTorch reference (``docs/kernels.md``, "Correctness contract")."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,6 +1,6 @@
 """K1: fused "normalise + matmul + row max/argmax" without materialising the M x N similarity matrix.
 
-Spec: MERGERS.md §5.2 (design) and §5.6 (contract). For every row ``i`` of ``a [B, M, D]`` the kernel returns
+Design and contract: ``docs/kernels.md``. For every row ``i`` of ``a [B, M, D]`` the kernel returns
 ``max_j cos(a_i, b_j)`` over the rows of ``b [B, N, D]`` and the index of that maximum, like
 ``reference.cosine_argmax``:
 

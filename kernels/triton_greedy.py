@@ -1,4 +1,4 @@
-"""K3 (PRUNERS.md §1.5): greedy max-min diversity selection, one persistent program per image.
+"""K3 (``docs/kernels.md``): greedy max-min diversity selection, one persistent program per image.
 
 Used by DivPrune (and ToDRE v1's k-centre). Same result as ``reference.greedy_maxmin``:
 ``d(i, j) = 1 - cos(x_i, x_j)`` in fp32; unless ``first`` is given the first pick is

@@ -1,4 +1,4 @@
-"""K3: deterministic size-weighted merge, "merge-and-compact" in CSR order (MERGERS.md §5.5, contract §5.6).
+"""K3: deterministic size-weighted merge, "merge-and-compact" in CSR order (``docs/kernels.md``).
 
 Same result as ``reference.weighted_merge``: ``merged[g] = sum_i s_i x_i / sum_i s_i`` over the tokens ``i``
 with ``groups[i] == g`` (``-1`` drops a token), accumulated in fp32 and cast to ``x``'s dtype once; an empty

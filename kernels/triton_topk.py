@@ -1,6 +1,6 @@
 """K2: deterministic top-k by rank counting, indices returned in ascending order.
 
-Spec: MERGERS.md §5.4 and contract §5.6. Same result as ``reference.topk_sorted`` (a stable descending sort
+Design and contract: ``docs/kernels.md``. Same result as ``reference.topk_sorted`` (a stable descending sort
 then an ascending sort of the first ``k`` indices), computed without a sort:
 
 1. ``_topk_rank_kernel``, grid ``(rows, ceil(N / BLOCK_I))``: the rank of element ``i`` is the number of

@@ -1,8 +1,15 @@
 """Shared test setup: offline, one torch thread, tiny models from ``vtc.testing``."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The repository's kernels/ folder is vtc.kernels (setup.cfg package_dir). With the repository root first on
+# sys.path (``python -m pytest`` from the root) it would shadow Hugging Face's own ``kernels`` package, which
+# transformers imports when it is installed; the root stays on the path, last, for ``tests`` itself.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT] + [_ROOT]
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402

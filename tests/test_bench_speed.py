@@ -1,7 +1,7 @@
 """Smoke tests of the speed benchmark (``eval/bench_speed.py``): outputs produced and sane, presets consistent.
 
-No timing is asserted (DESIGN.md §4): only that every number is there, finite and consistent with the token
-counts and FLOPs it must agree with.
+No timing is asserted (``docs/design.md``, "What runs where"): only that every number is there, finite and
+consistent with the token counts and FLOPs it must agree with.
 """
 
 import json
@@ -108,11 +108,11 @@ def test_unsupported_family_is_marked_skipped():
     """A model vtc cannot compress gives a 'skipped' entry and nothing is timed."""
     from transformers import LlamaForCausalLM
 
-    from vtc.testing import _llama_text_config
+    from vtc.testing import llama_text_config
 
     def build(seed):
         torch.manual_seed(seed)
-        return LlamaForCausalLM._from_config(_llama_text_config()).eval()
+        return LlamaForCausalLM._from_config(llama_text_config()).eval()
 
     preset = speed_presets.Preset(
         "plain_llm", "a text-only model", build, lambda m, s: {"input_ids": torch.ones(1, 4).long()}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vtc.cli import main
+from vtc.apps.cli import main
 
 
 def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
@@ -17,8 +17,8 @@ def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
     lo, hi = picture.getextrema()
     assert hi - lo > 50  # not blank
     # dropped cells are dimmed: the picture is darker than the bundled photo seen by the model
-    from vtc.demo import IMAGE_SIZE, default_image
-    from vtc.viz import fit_square
+    from vtc.apps.demo import IMAGE_SIZE, default_image
+    from vtc.apps.viz import fit_square
 
     photo = fit_square(default_image(), IMAGE_SIZE).convert("L")
     assert np.asarray(picture).mean() < 0.8 * np.asarray(photo).mean()

@@ -29,9 +29,9 @@ def test_every_config_field_is_documented_or_typed():
 
 
 def test_invalid_method_options():
+    from vtc.mergers.visionzip import VisionZipConfig
     from vtc.pruners.fopru import FoPruConfig
     from vtc.pruners.hired import HiREDConfig
-    from vtc.pruners.visionzip import VisionZipConfig
 
     with pytest.raises(ValueError, match="alpha"):
         HiREDConfig(alpha=1.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtc
-from vtc.testing import _llama_text_config, llava_inputs, tiny_llava
+from vtc.testing import llama_text_config, llava_inputs, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_unsupported_model_is_refused_and_untouched():
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    llama = LlamaForCausalLM._from_config(_llama_text_config()).eval()
+    llama = LlamaForCausalLM._from_config(llama_text_config()).eval()
     ids = torch.randint(3, 300, (1, 7))
     with torch.no_grad():
         before = llama(input_ids=ids).logits

@@ -1,11 +1,11 @@
-"""DESIGN.md §3 invariants as one matrix: every registered method x every adapter's tiny model."""
+"""The invariants of ``docs/design.md`` as one matrix: every registered method x every adapter's tiny model."""
 
 import pytest
 import torch
 
 import vtc
 from vtc.adapters import ADAPTERS
-from vtc.hooks import Stage
+from vtc.contexts import Stage
 from vtc.testing import FAMILIES, compressed_inputs
 
 from .conftest import TOL

@@ -24,8 +24,8 @@ def test_layout_reproduces_the_model_packing(model):
     handle.remove()
     tiles = captured["out"]  # [sum tiles, 16, D] projected tile features, before packing
     newline = model.model.image_newline
-    image = adapter.modalities()[0]
-    for (layout, rows), packed in zip(adapter.layouts(image, inputs, "default"), feats.pooler_output, strict=True):
+    image = adapter.modalities[0]
+    for (layout, rows), packed in zip(image.layouts(adapter, inputs, "default"), feats.pooler_output, strict=True):
         assert layout.num_tokens == packed.shape[0]
         for t in range(layout.num_tokens):
             p, s = int(layout.partition[t]), int(layout.slot[t])

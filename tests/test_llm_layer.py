@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import vtc
-from vtc.api import _SESSIONS
-from vtc.hooks import Stage
+from vtc.contexts import Stage
 from vtc.testing import FAMILIES, llava_inputs, tiny_llava
 
 from .conftest import TOL
@@ -67,8 +66,8 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
             output_logits=True,
             return_dict_in_generate=True,
         )
-        session = _SESSIONS[model]
-        kept = dict(session.llm.call.kept_rows)
+        session = vtc.session_of(model)
+        kept = dict(session.adapter.llm.call.kept_rows)
         if hasattr(session.method, "merge_into"):  # replay the selection, redo the merge on these hidden states
             impl = session.method
             session.method.prune = lambda ctx: impl.merge_into(ctx, kept[ctx.layer])
@@ -98,7 +97,7 @@ def test_kv_cache_lengths_per_layer(model, name):
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
         rec = vtc.last_record(model)
-        prune_layers = _SESSIONS[model].llm.prune_layers
+        prune_layers = vtc.session_of(model).adapter.llm.prune_layers
     lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
     n = 16
     k0 = rec.images[0].counts["pre_llm"]
@@ -135,7 +134,7 @@ def test_sdpa_and_eager_choose_the_same_tokens_without_fallback(name, caplog):
 
 
 def test_recomputed_attention_rows_equal_eager_attention_weights():
-    """PRUNERS §1.2: the attention row recomputed from a layer's q/k equals what eager attention returns."""
+    """The attention row recomputed from a layer's q/k equals what eager attention returns."""
     from vtc.adapters.llm import Decoder
 
     m = tiny_llava(seed=4, attn_implementation="eager")

@@ -111,7 +111,7 @@ def _run(lmms, name: str, args: str, force_simple: bool = False):
 
 
 def test_entry_point_resolves_every_wrapper(lmms):
-    from vtc.integrations.lmms_eval import llava_hf, qwen2_5_vl, qwen2_vl
+    from vtc.apps.lmms_eval import llava_hf, qwen2_5_vl, qwen2_vl
 
     assert lmms.get_model("vtc_llava_hf") is llava_hf.VtcLlavaHfChat
     assert lmms.get_model("vtc_llava_hf", force_simple=True) is llava_hf.VtcLlavaHf
@@ -168,7 +168,7 @@ def test_arguments_are_validated_before_the_model_loads(lmms, checkpoints):
 
 def test_loglikelihood_logits_are_laid_out_on_input_positions(checkpoints):
     from vtc import testing
-    from vtc.integrations.lmms_eval.wrapper import _logits_in_input_rows
+    from vtc.apps.lmms_eval.wrapper import _logits_in_input_rows
 
     model = testing.tiny_llava()
     inputs = testing.llava_inputs(model)

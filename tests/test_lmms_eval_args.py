@@ -9,7 +9,7 @@ import pytest
 
 import vtc
 from vtc.api import DEFAULT_METHOD, _build_config
-from vtc.integrations.lmms_eval.args import coerce, split_args
+from vtc.apps.lmms_eval.args import coerce, split_args
 
 UPSTREAM = {"pretrained", "device", "device_map", "batch_size", "seed"}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vtc
-from vtc.hooks import ImageTokens, Layout, TowerInfo, VisionSignal
-from vtc.pruners._grid import band_cells
+from vtc.contexts import ImageTokens, Layout, TowerInfo, VisionSignal
+from vtc.grids import band_cells
 from vtc.pruners.fopru import row_select
 from vtc.pruners.mmtok import coverage_matrix, greedy_coverage
 
@@ -183,7 +183,7 @@ def test_visionzip_dominant_plus_contextual_by_hand():
 
 
 def test_visionzip_assigns_members_to_the_most_similar_target():
-    from vtc.pruners.visionzip import contextual_merge
+    from vtc.mergers.visionzip import contextual_merge
 
     hidden = torch.arange(6, dtype=torch.float)[:, None].repeat(1, 2)
     keys = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1], [1, 0.2], [0.2, 1]])

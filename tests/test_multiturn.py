@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import vtc
-from vtc.api import _SESSIONS
 from vtc.testing import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 
@@ -34,7 +33,8 @@ def test_second_turn_on_the_cache_equals_a_fresh_run_on_the_whole_history(model,
         first = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         prompt_len = inputs["input_ids"].shape[1]
         assert torch.equal(first.sequences[:, :prompt_len], inputs["input_ids"])  # caller's prompt comes back
-        kept = dict(_SESSIONS[model].llm.call.kept_rows) if _SESSIONS[model].llm else None
+        llm = vtc.session_of(model).adapter.llm
+        kept = dict(llm.call.kept_rows) if llm else None
         history = torch.cat([first.sequences, _turn(1)], dim=1)
         second = model.generate(
             input_ids=history,
@@ -46,7 +46,7 @@ def test_second_turn_on_the_cache_equals_a_fresh_run_on_the_whole_history(model,
         assert torch.equal(second[:, : history.shape[1]], history)
         # reference: the whole history from scratch, with the image and the same selection
         if kept is not None:
-            _SESSIONS[model].method.prune = lambda ctx: kept[ctx.layer]
+            vtc.session_of(model).method.prune = lambda ctx: kept[ctx.layer]
         fresh = model.generate(
             input_ids=history,
             attention_mask=torch.ones_like(history),

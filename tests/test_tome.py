@@ -1,4 +1,4 @@
-"""ToMe (MERGERS.md §1): the algorithm on hand-checked inputs, the block runners of every host, and
+"""ToMe (``docs/methods/tome.md``): the algorithm on hand-checked inputs, the block runners of every host, and
 ``vtc.compress`` on timm, open_clip and LLaVA (CLIP, SigLIP and DINOv2 towers)."""
 
 import math
@@ -9,7 +9,7 @@ import torch
 import vtc
 from vtc.adapters import UnsupportedModelError
 from vtc.adapters.runners import MergeContext, Runners
-from vtc.hooks import TowerMerge
+from vtc.contexts import TowerMerge
 from vtc.mergers.tome import (
     ToMeConfig,
     bipartite_soft_matching,
@@ -30,7 +30,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer  # no
 
 
 def test_worked_example():
-    """MERGERS.md §1.12: 7 tokens, CLS at 0, r = 2."""
+    """A hand-worked step: 7 tokens, CLS at 0, r = 2."""
     metric = torch.tensor([(0, 1), (1, 0), (1, 0.05), (0, 1), (0.1, 1), (-1, 0), (-1, 0.2)])[None]
     x = (10.0 * torch.arange(7.0))[None, :, None]
     groups = bipartite_soft_matching(metric, 2, prefix=1)
@@ -72,7 +72,7 @@ def test_ties_go_to_the_lower_index():
 
 
 def test_reference_token_counts():
-    """MERGERS.md §1.6: ViT-B/16 at 224 (197 tokens, 12 blocks)."""
+    """The reference recurrence on ViT-B/16 at 224 (197 tokens, 12 blocks): counts after each block."""
     assert token_counts(197, explicit_schedule(16, 197, 1, 12))[-3:] == [37, 21, 11]  # the cap bites last
     assert token_counts(197, explicit_schedule(13, 197, 1, 12))[-1] == 41
     assert explicit_schedule([5, 3], 197, 1, 4) == [5, 3, 0, 0]
@@ -338,7 +338,7 @@ def test_timm_bf16_sizes_stay_exact():
     with torch.no_grad(), vtc.compressed(vit, "tome", budget=2):
         out = vit.forward_features(_images(2).to(torch.bfloat16).repeat(1, 1, 2, 2))
         rec = vtc.last_record(vit)
-        state = vtc.api._SESSIONS[vit].adapter.context.state
+        state = vtc.session_of(vit).adapter.context.state
     assert out.dtype == torch.bfloat16 and out.shape[1] == 3
     assert state.size.dtype == torch.float32 and state.size.sum(1).tolist() == [65.0, 65.0]
     for im in rec.images:

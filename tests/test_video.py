@@ -1,4 +1,4 @@
-"""``vtc.video.load_video``: the sampled frames are the intended ones (read back from the pixels), timestamps,
+"""``vtc.apps.video.load_video``: the sampled frames are the intended ones (read back from the pixels), timestamps,
 errors."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("decord")
 pytest.importorskip("av")
 
-from vtc import video as vmod  # noqa: E402
-from vtc.video import (  # noqa: E402
+from vtc.apps import video as vmod  # noqa: E402
+from vtc.apps.video import (  # noqa: E402
     VideoDecodeError,
     VideoError,
     VideoTooLargeError,

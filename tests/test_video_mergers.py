@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import vtc
-from vtc.api import _SESSIONS
 from vtc.mergers._video import beta_merge, dpc_knn
 from vtc.mergers.dycoke import ttm_plan
 from vtc.mergers.fastvid import anchor_frames, dyseg
@@ -17,7 +16,7 @@ from vtc.testing import VIDEO_FAMILIES, llava_video_inputs, tiny_llava_onevision
 def test_holitom_dp_worked_example():
     pairs = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     windows, reduced = segment(pairs)
-    assert windows == [(0, 2), (3, 5)] and reduced == 10  # MERGERS.md §2.2
+    assert windows == [(0, 2), (3, 5)] and reduced == 10  # worked by hand: windows 0-2 and 3-5
 
 
 def _brute_force(pairs):
@@ -145,7 +144,7 @@ def test_dycoke_decode_time_selection_masks_the_other_visual_rows():
             with_kv = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         finally:
             hook.remove()
-        call = _SESSIONS[model].llm.call
+        call = vtc.session_of(model).adapter.llm.call
         keep = call.method_state["keep"]
     with vtc.compressed(model, "dycoke", budget=0.5):
         without = model.generate(**inputs, max_new_tokens=4, do_sample=False)

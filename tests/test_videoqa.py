@@ -1,4 +1,4 @@
-"""``vtc videoqa`` / ``vtc.pipelines.VideoQA`` end to end on synthetic videos and a tiny Qwen2-VL saved to disk.
+"""``vtc videoqa`` / ``vtc.apps.pipelines.VideoQA`` end to end on synthetic videos and a tiny Qwen2-VL saved to disk.
 
 The tiny model answers at random: the tests check what the pipeline writes and prints, not the accuracy.
 """
@@ -15,9 +15,9 @@ pytest.importorskip("av")
 pytest.importorskip("torchvision")  # Qwen2-VL's video processor
 
 import vtc  # noqa: E402
-from vtc.cli import main  # noqa: E402
-from vtc.pipelines import VideoQA, load_checkpoint, load_samples  # noqa: E402
-from vtc.pipelines.results import read_rows, shard_path  # noqa: E402
+from vtc.apps.cli import main  # noqa: E402
+from vtc.apps.pipelines import VideoQA, load_checkpoint, load_samples  # noqa: E402
+from vtc.apps.pipelines.results import read_rows, shard_path  # noqa: E402
 
 from .videoqa_helpers import save_tiny_qwen2_vl, write_video  # noqa: E402
 

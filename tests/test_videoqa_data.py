@@ -1,4 +1,4 @@
-"""The JSONL dataset format, prompts, answer parsing and the results-file helpers of ``vtc.pipelines``."""
+"""The JSONL dataset format, prompts, answer parsing and the results-file helpers of ``vtc.apps.pipelines``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vtc.pipelines.qa import DatasetError, load_samples, parse_choice, question_prompt, score
-from vtc.pipelines.report import summarize
-from vtc.pipelines.results import ResultStore, read_rows
+from vtc.apps.pipelines.qa import DatasetError, load_samples, parse_choice, question_prompt, score
+from vtc.apps.pipelines.report import summarize
+from vtc.apps.pipelines.results import ResultStore, read_rows
 
 OPTIONS = {"A": "a cat", "B": "a dog", "C": "two birds", "D": "nothing"}
 
@@ -138,7 +138,7 @@ def test_summary_counts(tmp_path):
 
 
 def test_simple_progress_without_tqdm(capsys):
-    from vtc.pipelines.videoqa import _simple_progress
+    from vtc.apps.pipelines.videoqa import _simple_progress
 
     assert list(_simple_progress([1, 2, 3], 3, "random@0.2", every=0.0)) == [1, 2, 3]
     assert "videoqa random@0.2: 3/3 samples" in capsys.readouterr().err

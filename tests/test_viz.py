@@ -1,4 +1,4 @@
-"""vtc.viz: every picture comes from the record, and the highlighted cells are exactly the kept ones."""
+"""vtc.apps.viz: every picture comes from the record, and the highlighted cells are exactly the kept ones."""
 
 import io
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import vtc
-from vtc import viz
-from vtc.demo import default_image
+from vtc.apps import viz
+from vtc.apps.demo import default_image
 from vtc.testing import FAMILIES
 
 IMAGE_FAMILIES = [name for name, fam in FAMILIES.items() if fam.modality == "image"]

@@ -8,10 +8,20 @@
 __version__ = "0.1.0"
 
 from . import flops, mergers, pruners  # noqa: F401,E402  (pruners and mergers register the methods)
-from .api import DEFAULT_METHOD, compress, compressed, is_compressed, last_record, list_methods, restore  # noqa: E402
+from .api import (  # noqa: E402
+    DEFAULT_METHOD,
+    compress,
+    compressed,
+    is_compressed,
+    last_record,
+    list_methods,
+    restore,
+    session_of,
+)
 from .budget import keep_count, validate_budget  # noqa: E402
 from .config import MethodConfig  # noqa: E402
-from .hooks import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noqa: E402
+from .contexts import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noqa: E402
+from .method import Method  # noqa: E402
 from .record import ImageRecord, Record, SampleRecord  # noqa: E402
 from .registry import get_method, register_method  # noqa: E402
 
@@ -21,10 +31,12 @@ __all__ = [
     "restore",
     "compressed",
     "is_compressed",
+    "session_of",
     "last_record",
     "list_methods",
     "get_method",
     "register_method",
+    "Method",
     "keep_count",
     "validate_budget",
     "MethodConfig",

@@ -16,15 +16,14 @@ from .record import Record
 from .registry import MethodInfo, get_method
 from .registry import list_methods as _list_methods
 from .session import Session
-from .vit_session import ViTSession
 
 #: The method used when ``method`` is omitted. DivPrune: it needs nothing but the projected visual tokens,
 #: so it works on every family, image and video, with the model on SDPA/FlashAttention and no text; it is
 #: among the strongest training-free pruners in independent benchmarks (UniPruneBench), well ahead of
-#: the random and pooling baselines that beat many attention-score methods there (PEERS.md §0).
+#: the random and pooling baselines that beat many attention-score methods there (docs/methods/divprune.md).
 DEFAULT_METHOD = "divprune"
 
-_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session | ViTSession] = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
 
 def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[str, Any]) -> MethodConfig:
@@ -65,8 +64,7 @@ def compress(
             f"method {info.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} adapter "
             f"does not provide"
         )
-    session_class = ViTSession if adapter.standalone else Session
-    session = session_class(model, adapter, info.method_class(config), config)
+    session = Session(model, adapter, info.method_class(config), config)
     if model in _SESSIONS:
         previous = _SESSIONS[model]
         warnings.warn(
@@ -120,6 +118,14 @@ def compressed(
 
 def is_compressed(model: nn.Module) -> bool:
     return model in _SESSIONS
+
+
+def session_of(model: nn.Module) -> Session | None:
+    """The :class:`~vtc.session.Session` that :func:`compress` attached to ``model`` (None if not compressed).
+
+    For inspection and tools (benchmarks, tests): its ``method``, ``adapter``, ``recorder`` and ``prepare``.
+    """
+    return _SESSIONS.get(model)
 
 
 def last_record(model: nn.Module) -> Record:

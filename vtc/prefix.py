@@ -42,6 +42,15 @@ class CachedPrefix:
     mask: torch.Tensor
     positions: torch.Tensor | None
 
+    @classmethod
+    def of(cls, caller_ids: torch.Tensor, llm_kwargs: dict[str, Any]) -> CachedPrefix:
+        """What a cache holds after a compressed call: ``caller_ids`` as the caller sent them, ``llm_kwargs`` as
+        the stock model received them."""
+        ids = llm_kwargs["input_ids"]
+        mask = llm_kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        return cls(caller_ids, ids, mask, llm_kwargs.get("position_ids"))
+
     def translate_generate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         ids = kwargs.get("input_ids")
         length = self.original.shape[1]
@@ -87,3 +96,32 @@ class CachedPrefix:
         ones = torch.ones(self.mask.shape[0], added, dtype=self.mask.dtype, device=self.mask.device)
         positions = None if self.positions is None else torch.cat([self.positions, self._next_positions(ones, 0)], -1)
         return CachedPrefix(original, compressed, torch.cat([self.mask, ones], dim=1), positions)
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a call continues (``cache`` or its older name ``past_key_values``), or None."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def check_fresh(cache: Any, prefix: CachedPrefix | None) -> None:
+    """Refuse images on a cache that already holds tokens (they are compressed at prefill only)."""
+    if prefix is not None or (cache is not None and cache.get_seq_length() > 0):
+        raise ValueError(
+            "vtc compresses images at prefill: a call with images on a cache that already holds tokens is not "
+            "supported; start from an empty cache, or continue the cached conversation without new images"
+        )
+
+
+def restore_prompt(out: Any, prompt: torch.Tensor | None, compressed_len: int) -> Any:
+    """Swap the compressed prompt at the head of generate's output for the caller's own prompt."""
+    if prompt is None:
+        return out
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    rows = sequences.shape[0]
+    head = prompt.repeat_interleave(rows // prompt.shape[0], dim=0) if rows != prompt.shape[0] else prompt
+    fixed = torch.cat([head.to(sequences.device), sequences[:, compressed_len:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return fixed
+    out.sequences = fixed
+    return out

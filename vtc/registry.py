@@ -3,90 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
-import torch
-
-from .budget import keep_count
 from .config import MethodConfig
-from .hooks import (
-    DecodeTokens,
-    ImageTokens,
-    LayerTokens,
-    Reduction,
-    Stage,
-    TowerCall,
-    TowerInfo,
-    TowerMerge,
-    VisionSignal,
-)
+from .contexts import Stage
+from .method import KINDS, Method
 
 __all__ = ["Method", "MethodInfo", "register_method", "get_method", "list_methods"]
-
-KINDS = ("pruner", "merger", "baseline")
-
-
-class Method:
-    """Base class of every method. A method knows its algorithm, never a model class.
-
-    Subclasses set nothing by hand: :func:`register_method` fills ``name``, ``config_class``, ``kind`` and
-    ``stages``. They implement the stage callbacks they declare (``reduce`` for ``PRE_LLM``).
-    """
-
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    kind: ClassVar[str] = "pruner"
-    stages: ClassVar[tuple[Stage, ...]] = ()
-    #: position policy of the official implementation (see MethodConfig.positions)
-    default_positions: ClassVar[str] = "compact"
-    #: newline-token policy of the official implementation (see MethodConfig.newlines)
-    default_newlines: ClassVar[str] = "drop"
-    #: the inputs the method applies to
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
-    #: the selection depends on the prompt's text (``ImageTokens.text_ids`` / ``text_embeds``); in-LLM
-    #: methods depend on it through the attention of the prompt's tokens whatever this says
-    reads_prompt: ClassVar[bool] = False
-
-    def __init__(self, config: MethodConfig):
-        self.config = config
-
-    def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
-        """Signals the adapter must capture inside the vision tower for this configuration and tower."""
-        return ()
-
-    def reduce(self, image: ImageTokens) -> Reduction:  # PRE_LLM
-        raise NotImplementedError(f"{type(self).__name__} does not act at the PRE_LLM stage")
-
-    def tower_merge(self, call: TowerCall) -> TowerMerge | None:  # VISION_MERGE
-        """The state that merges tokens between the blocks of one tower call (None: leave the tower alone)."""
-        raise NotImplementedError(f"{type(self).__name__} does not act at the VISION_MERGE stage")
-
-    # -- LLM_LAYER ----------------------------------------------------------------------------------
-    def llm_prune_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layers before which :meth:`prune` runs during prefill (empty for methods without the stage)."""
-        return ()
-
-    def llm_score_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Earlier layers whose attention :meth:`prune` reads (their inputs are kept until the prune)."""
-        return ()
-
-    def prune(self, tokens: LayerTokens) -> list[torch.Tensor]:  # LLM_LAYER
-        """Per sample, the visual rows (a subset of ``tokens.visual[b]``) that go on to later layers."""
-        raise NotImplementedError(f"{type(self).__name__} does not act at the LLM_LAYER stage")
-
-    def llm_decode_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layer from which decode steps attend to a per-step subset of the cached visual rows (DyCoke)."""
-        return ()
-
-    def decode_select(self, tokens: DecodeTokens) -> list[torch.Tensor] | None:
-        """Per sample, the cached visual rows decode steps may attend to from ``tokens.layer`` on; None: all."""
-        raise NotImplementedError(f"{type(self).__name__} does not select at decode time")
-
-    def visual_schedule(self, num_layers: int, n: int) -> list[int]:
-        """Visual tokens each LLM layer sees for an image of ``n`` tokens (for analytic FLOPs)."""
-        reduces = {Stage.PRE_LLM, Stage.VISION_MERGE} & set(self.stages)
-        k = keep_count(self.config.budget, n) if reduces else n
-        return [k] * num_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +21,7 @@ class MethodInfo:
     summary: str
 
     def to_dict(self) -> dict:
-        from .adapters import families_supporting
+        from .adapters.registry import families_supporting
 
         return {
             "name": self.name,

@@ -19,7 +19,7 @@ PAD_TOKEN = 0
 VOCAB = 320
 
 
-def _llama_text_config(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, inter: int = 128):
+def llama_text_config(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, inter: int = 128):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -81,7 +81,7 @@ def tiny_llava(
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=_llama_text_config(hidden=text_hidden, layers=text_layers),
+        text_config=llama_text_config(hidden=text_hidden, layers=text_layers),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2 if tower == "clip" else -1,
         vision_feature_select_strategy="full" if tower == "siglip" else "default",
@@ -157,11 +157,12 @@ def compressed_inputs(model: nn.Module, inputs: dict[str, Any], for_generate: bo
 
     Useful to check a compressed call against the untouched model fed the same short sequence.
     """
-    from .api import _SESSIONS
+    from .api import session_of
 
-    if model not in _SESSIONS:
+    session = session_of(model)
+    if session is None:
         raise ValueError("model is not compressed")
-    return _SESSIONS[model].prepare(dict(inputs), for_generate)
+    return session.prepare(dict(inputs), for_generate)
 
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -182,7 +183,7 @@ def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype: tor
     )
     config = LlavaNextConfig(
         vision_config=vision,
-        text_config=_llama_text_config(),
+        text_config=llama_text_config(),
         image_token_id=IMAGE_TOKEN,
         image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-2,
@@ -400,7 +401,7 @@ def tiny_llava_onevision(
     )
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=_llama_text_config(),
+        text_config=llama_text_config(),
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]],
@@ -432,7 +433,7 @@ def tiny_llava_next_video(
     )
     config = LlavaNextVideoConfig(
         vision_config=vision,
-        text_config=_llama_text_config(),
+        text_config=llama_text_config(),
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]],

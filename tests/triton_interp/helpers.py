@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-#: contract tolerances (MERGERS.md §5.6): cosine values vs the fp32 reference on upcast inputs
+#: contract tolerances (docs/kernels.md, "Correctness contract"): cosine values vs the fp32 reference on upcast inputs
 SIM_TOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 1e-3}
 #: merged features vs an fp64 reference, relative (the bf16 entry is the contract's; the others scale with eps)
 MERGE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -22,9 +22,9 @@ def reference_similarity(a, b, col_mask=None):
 
 
 def assert_argmax_contract(val, idx, a, b, row_mask=None, col_mask=None, tol=1e-5):
-    """MERGERS.md §5.6 items 3, 4, 6: values within ``tol`` of the fp32 reference, NaN and -inf exactly where
-    it has them, the same index unless the reference's top-2 gap is below ``tol`` (then the chosen column
-    must score within ``tol`` of the maximum)."""
+    """The kernel contract (``docs/kernels.md``) on ties, NaN and tolerance: values within ``tol`` of the fp32
+    reference, NaN and -inf exactly where it has them, the same index unless the reference's top-2 gap is below
+    ``tol`` (then the chosen column must score within ``tol`` of the maximum)."""
     from vtc.kernels import reference
 
     ref_val, ref_idx = reference.cosine_argmax(a, b, row_mask, col_mask)

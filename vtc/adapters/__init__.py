@@ -1,48 +1,21 @@
-"""Model-family adapters, keyed by ``model.config.model_type`` (data, not ``isinstance`` checks).
+"""Model-family adapters: one file per family, registered at their definition (:mod:`vtc.adapters.registry`).
 
-Standalone vision transformers (timm, open_clip) have no ``model_type``; they are recognised by the
-qualified names of their classes (:data:`vtc.adapters.vit.STANDALONE`).
+Importing this package imports every family module, so every adapter is registered; the rest of vtc reaches
+adapters only through :func:`adapter_for` and :func:`families_supporting`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from torch import nn
-
-from ..hooks import Stage
+from . import llava, qwen2_vl, vit  # noqa: F401  (registers the families)
 from .base import Adapter, UnsupportedModelError
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
-from .llava_video import LlavaNextVideoAdapter, LlavaOnevisionAdapter
-from .qwen2_vl import QwenVLAdapter
-from .vit import STANDALONE
+from .registry import ADAPTERS, STANDALONE, adapter_for, families_supporting, register_adapter
 
-#: model_type -> adapter class
-ADAPTERS: dict[str, type[Adapter]] = {
-    t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
-    for t in cls.model_types
-}
-
-__all__ = ["Adapter", "ADAPTERS", "UnsupportedModelError", "adapter_for", "families_supporting"]
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for ``model``, or an :class:`UnsupportedModelError` naming the supported types."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type in ADAPTERS:
-        return ADAPTERS[model_type](model)
-    for cls in STANDALONE:
-        if cls.detect(model):
-            return cls(model)
-    raise UnsupportedModelError(
-        f"vtc does not support {type(model).__name__} (model_type={model_type!r}); supported model types: "
-        f"{sorted(ADAPTERS)}; standalone vision models: {[c for a in STANDALONE for c in a.model_classes]}"
-    )
-
-
-def families_supporting(stages: Iterable[Stage]) -> list[str]:
-    need = set(stages)
-    return sorted({cls.family for cls in (*ADAPTERS.values(), *STANDALONE) if need <= cls.stages})
+__all__ = [
+    "Adapter",
+    "ADAPTERS",
+    "STANDALONE",
+    "UnsupportedModelError",
+    "adapter_for",
+    "families_supporting",
+    "register_adapter",
+]

@@ -1,10 +1,7 @@
 """Block runners: a host's vision blocks run as attention -> merge -> MLP for a ``VISION_MERGE`` method.
 
-Every supported block class (data: :data:`HOSTS`, keyed by the qualified class name) has a runner that
-re-does the block's own forward with the merge step in between, calling the host's own submodules
-(norms, attention, LayerScale, DropPath, MLP) in the host's order, so nothing of the block is dropped
-(LayerScale and qk-norm included; the official ToMe patch rewrites timm's attention and loses both).
-Proportional attention reaches the host attention as an additive float mask, so SDPA stays on. The
+Every supported block class (data: :data:`HOSTS`, keyed by the qualified class name) has a runner
+(:mod:`vtc.adapters.blocks`) that re-does the block's own forward with the merge step in between. The
 attention keys (the similarity metric) are read from the module that produces them, by a forward hook,
 so they are not computed twice.
 
@@ -15,18 +12,18 @@ state (merging off, or a call outside vtc's own tower calls) runs the block's or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..hooks import TowerMerge
+from ..contexts import Layout, Reduction, TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
+from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
 
 
 class MergeContext:
@@ -83,132 +80,6 @@ class MergeContext:
             self.keys = output
 
 
-def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """An additive float attention mask plus the proportional-attention bias ``[B, 1, 1, T]``."""
-    if bias is None:
-        return mask
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask + bias
-
-
-# -- runners: (context, block index, original class, block) -> forward ----------------------------------
-
-
-def _hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
-    """HF CLIP / SigLIP encoder layer: pre-norm attention, residual, pre-norm MLP, residual."""
-    heads = int(block.self_attn.num_heads)
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = ctx.begin(index, hidden_states)
-        if state is None:
-            return orig.forward(self, hidden_states, attention_mask, **kwargs)
-        mask = _with_bias(attention_mask, state.attention_bias(hidden_states.dtype))
-        residual = hidden_states
-        hidden_states = self.layer_norm1(hidden_states)
-        ctx.attend(state, index)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
-        hidden_states = residual + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        hidden_states = residual + hidden_states
-        return ctx.finish(state, index, hidden_states)
-
-    return forward
-
-
-def _dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
-    """HF DINOv2 layer: ``x + drop_path(layer_scale1(attn(norm1(x))))``, then the same with ``norm2`` / MLP."""
-    heads = int(block.attention.num_attention_heads)
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = ctx.begin(index, hidden_states)
-        if state is None:
-            return orig.forward(self, hidden_states, attention_mask, **kwargs)
-        mask = _with_bias(attention_mask, state.attention_bias(hidden_states.dtype))
-        ctx.attend(state, index)
-        attn, _ = self.attention(self.norm1(hidden_states), attention_mask=mask, **kwargs)
-        hidden_states = self.drop_path(self.layer_scale1(attn)) + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
-        hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
-        return ctx.finish(state, index, hidden_states)
-
-    return forward
-
-
-def _timm_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
-    """timm ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))`` then ``x + drop_path2(ls2(mlp(norm2(x))))``."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        state = ctx.begin(index, x)
-        if state is None:
-            return orig.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-        mask = _with_bias(attn_mask, state.attention_bias(x.dtype))
-        ctx.attend(state, index)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k.transpose(1, 2)))  # k: [B, H, T, d]
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return ctx.finish(state, index, x)
-
-    return forward
-
-
-def _open_clip_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
-    """open_clip ``ResidualAttentionBlock`` (batch first): ``x + ls_1(attn(ln_1(x)))``, ``x + ls_2(mlp(ln_2(x)))``.
-
-    ``nn.MultiheadAttention`` takes no per-batch additive mask and does not expose its keys, so once sizes
-    differ the attention runs here from its packed projection (SDPA, ``log size`` bias); before the
-    first merge it is the module's own call, and the keys are the key slice of the packed projection.
-    """
-    heads = int(block.attn.num_heads)
-
-    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
-        state = ctx.begin(index, q_x)
-        if state is None:
-            return orig.forward(self, q_x, k_x, v_x, attn_mask)
-        if k_x is not None or v_x is not None or attn_mask is not None:
-            raise ValueError("token merging runs open_clip self-attention blocks without attention masks only")
-        bias = state.attention_bias(q_x.dtype)
-        ctx.attend(state, index)
-        h = self.ln_1(q_x)
-        if bias is None:
-            attn = self.attention(q_x=h)
-            if ctx.capture:
-                ctx.keys = _mha_keys(self.attn, h)
-        else:
-            attn, ctx.keys = _mha_with_bias(self.attn, h, bias)
-        x = q_x + self.ls_1(attn)
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k, heads))
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        return ctx.finish(state, index, x)
-
-    return forward
-
-
-def _mha_keys(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C]`` keys of a packed ``nn.MultiheadAttention`` (rows ``C:2C`` of its in-projection)."""
-    c = attn.embed_dim
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[c : 2 * c]
-    return F.linear(x, attn.in_proj_weight[c : 2 * c], bias)
-
-
-def _mha_with_bias(
-    attn: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``x [B, T, C]`` with an additive ``[B, 1, 1, T]`` bias: ``(out [B, T, C], keys)``."""
-    bsz, t, c = x.shape
-    h = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(bsz, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # [B, H, T, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0)
-    out = attn.out_proj(out.transpose(1, 2).reshape(bsz, t, c))
-    return out, k.transpose(1, 2)  # keys [B, T, H, d]
-
-
 @dataclasses.dataclass(frozen=True)
 class Host:
     """One supported block class: its runner, where its keys come from, and what it must look like."""
@@ -241,13 +112,13 @@ def _check_open_clip(block: nn.Module) -> str | None:
 
 #: block class (module + qualified name) -> how it runs
 HOSTS: dict[str, Host] = {
-    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(_hf_encoder_layer, "self_attn.k_proj", _check_hf),
+    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, "self_attn.k_proj", _check_hf),
     "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
-        _hf_encoder_layer, "self_attn.k_proj", _check_hf
+        hf_encoder_layer, "self_attn.k_proj", _check_hf
     ),
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(_dinov2_layer, "attention.k_proj", _check_hf),
-    "timm.models.vision_transformer.Block": Host(_timm_block, "attn.k_norm", _check_timm),
-    "open_clip.transformer.ResidualAttentionBlock": Host(_open_clip_block, None, _check_open_clip),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, "attention.k_proj", _check_hf),
+    "timm.models.vision_transformer.Block": Host(timm_block, "attn.k_norm", _check_timm),
+    "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
 
 
@@ -297,3 +168,68 @@ class Runners:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+
+
+class TowerMerging:
+    """Token merging inside a VLM's tower, during vtc's own feature calls only (LLaVA's ``VISION_MERGE``).
+
+    Args:
+        blocks: the tower's blocks; prefix: its CLS tokens; feature_layer, feature_block: the model's
+            ``vision_feature_layer`` and the block that computes it (blocks up to it may merge);
+        method: the method (its ``tower_merge``); keep: ``n -> k`` (:mod:`vtc.budget`).
+    """
+
+    def __init__(
+        self, blocks: Sequence[nn.Module], prefix: int, feature_layer: Any, feature_block: int, method: Any, keep: Any
+    ):
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"token merging in the vision tower needs one vision_feature_layer; this model concatenates "
+                f"layers {feature_layer}, whose merged token sets would differ"
+            )
+        self.prefix, self.merge_blocks, self.method, self.keep = prefix, feature_block + 1, method, keep
+        self.ctx = MergeContext(len(blocks))
+        self.runners = Runners(blocks, self.ctx)
+
+    def remove(self) -> None:
+        self.runners.remove()
+
+    @contextlib.contextmanager
+    def running(self, strategy: str) -> Iterator[MergeContext]:
+        """Merge in the tower calls of this block; ``strategy`` is the feature strategy (which rows the LLM gets)."""
+        drop = 0 if strategy == "full" else self.prefix  # "default" feeds the LLM everything but CLS
+
+        def start(x: torch.Tensor) -> TowerMerge | None:
+            bsz, tokens = int(x.shape[0]), int(x.shape[1])
+            n = tokens - drop
+            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device)
+            return self.method.tower_merge(call)
+
+        ctx = self.ctx
+        ctx.start, ctx.state, ctx.seconds = start, None, 0.0
+        try:
+            yield ctx
+        finally:
+            ctx.start = None
+
+
+def merged_item(
+    merged: TowerMerge, feat: torch.Tensor, proj_in: torch.Tensor, rows: list[int], layout: Layout, strategy: str
+) -> tuple[Reduction | None, torch.Tensor, torch.Tensor]:
+    """An image whose tokens were merged inside the tower: ``(reduction, tokens [n, D], vision tokens [n, C])``.
+
+    ``feat [k, D]`` are the merged tokens the LLM gets; the image's ``n`` input tokens each take the row of
+    the group they ended in (what the uncompressed positions now hold), so ``ImageTokens.n`` stays ``n``.
+    """
+    if len(rows) != 1:
+        raise RuntimeError("token merging in the tower needs one tower row per image")
+    (row,) = rows
+    groups, anchors = merged.consumer_view(0 if strategy == "full" else layout.prefix)
+    groups, anchors = groups[row].to(feat.device), anchors[row].to(feat.device)
+    if groups.numel() != layout.num_tokens or anchors.numel() != feat.shape[0]:
+        raise RuntimeError(
+            f"the merged tower output has {feat.shape[0]} tokens for {groups.numel()} inputs, but the image's "
+            f"layout has {layout.num_tokens} (bug in the tower merge)"
+        )
+    red = Reduction(index=anchors, tokens=feat, groups=groups) if feat.shape[0] < layout.num_tokens else None
+    return red, feat[groups], proj_in[row].to(feat.device)[groups]

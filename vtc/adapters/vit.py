@@ -3,14 +3,15 @@
 These models have no ``config.model_type``; they are recognised by data: the qualified name of the model's
 class or one of its bases (:attr:`ViTAdapter.model_classes`), so neither timm nor open_clip is imported
 here. The only stage is token merging inside the tower (``VISION_MERGE``): the blocks run through block
-runners (:mod:`vtc.adapters.runners`) on every forward, the tower outputs ``prefix + k`` tokens, and the
-session records, per image, which patches each output token stands for.
+runners (:mod:`vtc.adapters.runners`) on every call that runs them (``forward``, ``forward_features``,
+open_clip's ``encode_image``), so the session routes nothing; the tower outputs ``prefix + k`` tokens, and
+the session's recorder keeps, per image, which patches each output token stands for.
 
 The consumer of a standalone ViT is its own head; ``n`` counts its patch tokens (prefix tokens, which are
 never merged, excluded), so ``k = keep_count(budget, n)`` patch tokens leave the last block. A model that
 average-pools its tokens (timm ``global_pool="avg"`` / ``"avgmax"``, open_clip ``pool_type="avg"``) pools
-them weighted by size (MERGERS.md §1.5), so a merged token counts as the patches it stands for; CLS-token
-and attention pooling need nothing.
+them weighted by size (as ToMe's proportional attention does, see ``docs/methods/tome.md``), so a merged
+token counts as the patches it stands for; CLS-token and attention pooling need nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..hooks import Stage, TowerCall, TowerInfo
+from ..contexts import Stage, TowerCall, TowerInfo
 from .base import Adapter, UnsupportedModelError
+from .registry import register_adapter
 from .runners import ClassSwap, MergeContext, Runners
 
 
@@ -32,9 +34,8 @@ def _qualnames(model: nn.Module) -> set[str]:
 class ViTAdapter(Adapter):
     """Shared plumbing; subclasses say where the tower, its blocks, prefix and patch grid are."""
 
-    standalone = True
+    routes_calls = False
     stages = frozenset({Stage.VISION, Stage.VISION_MERGE})
-    visual_inputs = ()
     #: qualified names of the model classes (or bases) this adapter takes
     model_classes: ClassVar[tuple[str, ...]] = ()
 
@@ -71,16 +72,25 @@ class ViTAdapter(Adapter):
     def tower_info(self) -> TowerInfo:
         return TowerInfo(has_cls=self.prefix > 0, num_blocks=len(self.blocks))
 
-    def install_merge(self, merge, keep, on_done=None) -> None:
+    def configure(self, method, keep, recorder) -> None:
+        if Stage.VISION_MERGE not in method.stages:
+            raise ValueError(f"method {method.name!r} does not merge tokens inside a vision tower")
+        super().configure(method, keep, recorder)
+
+    def install(self) -> None:
         ctx = MergeContext(len(self.blocks))
-        blocks, prefix = len(self.blocks), self.prefix
+        blocks, prefix, method, keep = len(self.blocks), self.prefix, self.method, self.keep
 
         def start(x: torch.Tensor):
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - prefix
-            return merge(TowerCall(bsz, tokens, prefix, blocks, n, keep(n), x.device))
+            return method.tower_merge(TowerCall(bsz, tokens, prefix, blocks, n, keep(n), x.device))
 
-        ctx.start, ctx.on_done = start, on_done
+        def done(state) -> None:
+            seconds, ctx.seconds = ctx.seconds, 0.0
+            self.recorder.tower_done(state, seconds, self.prefix, self.grid)
+
+        ctx.start, ctx.on_done = start, done
         self.handles.append(Runners(self.blocks, ctx))
         self.context = ctx
         pooling = self.weighted_pooling(ctx)
@@ -103,10 +113,8 @@ class ViTAdapter(Adapter):
         super().uninstall()
         self.context = None
 
-    def text_config(self) -> Any:
-        raise NotImplementedError(f"the {self.family} family has no language model")
 
-
+@register_adapter
 class TimmViTAdapter(ViTAdapter):
     """timm ``VisionTransformer`` (ViT, DeiT incl. the distilled variant, registers, LayerScale, qk-norm)."""
 
@@ -140,6 +148,7 @@ class TimmViTAdapter(ViTAdapter):
         return {"pool": pool}
 
 
+@register_adapter
 class OpenCLIPAdapter(ViTAdapter):
     """open_clip's ``VisionTransformer`` image tower, alone or inside a ``CLIP`` model (text tower untouched)."""
 
@@ -187,7 +196,3 @@ def _weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """``sum_i s_i x_i / sum_i s_i`` over the tokens of ``x [B, T, C]`` (fp32 weights), in ``x.dtype``."""
     w = size.float()[..., None]
     return ((x.float() * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
-
-
-#: standalone adapters, tried in order when a model has no known ``config.model_type``
-STANDALONE: tuple[type[ViTAdapter], ...] = (TimmViTAdapter, OpenCLIPAdapter)

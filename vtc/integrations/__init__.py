@@ -1,1 +1,1 @@
-"""Optional integrations with other tools; each is imported only by the tool that uses it, never by ``import vtc``."""
+"""The old home of the lmms-eval plugin, now :mod:`vtc.apps.lmms_eval`; kept so existing imports keep working."""

@@ -1,3 +1,4 @@
-"""Merging methods (HoliTom, temporal mergers, ToMe); importing this package registers them."""
+"""Merging methods (one file each: ToMe, VisionZip, pooling, the video mergers); importing this package registers
+them."""
 
-from . import dycoke, fastvid, holitom, tome  # noqa: F401
+from . import dycoke, fastvid, holitom, pool, tome, visionzip  # noqa: F401

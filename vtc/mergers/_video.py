@@ -1,4 +1,4 @@
-"""Shared pieces of the video mergers: frame grids, DPC-kNN clustering (MERGERS.md §0.5), cluster merges."""
+"""Shared pieces of the video mergers: frame grids, DPC-kNN clustering, cluster merges."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import kernels
-from ..hooks import ImageTokens
+from ..contexts import ImageTokens
 
 
 def frame_grid(image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,7 @@ def frame_scores(image: ImageTokens, signal, index: torch.Tensor) -> torch.Tenso
 
 
 def dpc_knn(y: torch.Tensor, n_centres: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with kNN density (MERGERS.md §0.5), deterministic.
+    """Density-peak clustering with kNN density (``docs/methods/holitom.md``), deterministic.
 
     Args:
         y: ``[N, D]``; n_centres: centres wanted (``1 <= n_centres <= N``); k: neighbours (self included).
@@ -46,7 +46,7 @@ def dpc_knn(y: torch.Tensor, n_centres: int, k: int) -> tuple[torch.Tensor, torc
     k = max(1, min(k, n))
     knn = dist.topk(k, dim=-1, largest=False).values
     rho = torch.exp(-(knn**2).mean(dim=-1))
-    rho = rho + 1e-9 * (n - torch.arange(n, device=y.device)) / n  # deterministic tie-break (§0.5)
+    rho = rho + 1e-9 * (n - torch.arange(n, device=y.device)) / n  # deterministic tie-break: earlier tokens first
     higher = rho[None, :] > rho[:, None]  # [i, j]: j denser than i
     delta = dist.masked_fill(~higher, float("inf")).min(dim=-1).values
     delta = torch.where(torch.isinf(delta), dist.max(), delta)

@@ -1,5 +1,5 @@
 """``dycoke``: DyCoke, "Dynamic Compression of Tokens for Fast Video Large Language Models" (Tao et al.,
-CVPR 2025). Spec: MERGERS.md §3.1; official code KD-TAO/DyCoke @ dd746349.
+CVPR 2025). Official code KD-TAO/DyCoke @ dd746349; the method page is ``docs/methods/dycoke.md``.
 
 Stage 1, token temporal merging (TTM), before the LLM, on each frame's pooled, projected grid:
 
@@ -37,13 +37,25 @@ import torch
 
 from ..budget import split_count
 from ..config import MethodConfig, check_float, check_int
-from ..hooks import DecodeTokens, ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
+from ..contexts import DecodeTokens, ImageTokens, Reduction, Stage
+from ..method import Method
+from ..registry import register_method
 from ._video import frame_grid
 
 
 @dataclasses.dataclass
 class DyCokeConfig(MethodConfig):
+    """DyCoke options.
+
+    Args:
+        kv_prune: decode-time selection: the fraction of cached visual tokens layers ``>= kv_layer`` stop
+            attending to at each step (official 0.7); None (default) turns stage 2 off.
+        kv_layer: first LLM layer that attends to the selection; the selection reads layer ``kv_layer - 1`` (3).
+        kv_gate: cosine between consecutive steps' attention below which the selection is recomputed (0.9).
+        kv_reuse: reuse the last selection on steps with a similar pattern (paper); False lets those steps see
+            the whole cache (official code).
+    """
+
     kv_prune: float | None = None
     kv_layer: int = 3
     kv_gate: float = 0.9

@@ -1,5 +1,5 @@
 """``fastvid``: FastVID, "Dynamic Density Pruning for Fast Video Large Language Models" (Shen et al.,
-NeurIPS 2025). Spec: MERGERS.md §3.2; official code LunarShen/FastVID @ a40a109c.
+NeurIPS 2025). Official code LunarShen/FastVID @ a40a109c; the method page is ``docs/methods/fastvid.md``.
 
 1. **DySeg**: frames are cut into temporally coherent segments: a cut after frame ``t`` when the cosine of
    consecutive frames' global features ``c_t`` is among the ``segments - 1`` smallest or below ``tau``.
@@ -32,8 +32,9 @@ import torch
 from .. import kernels
 from ..budget import split_count
 from ..config import MethodConfig, check_float, check_int
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..method import Method
+from ..registry import register_method
 from ._video import dpc_knn, frame_grid, frame_scores
 
 SALIENCE = VisionSignal("attention_received", "feature", heads="mean")
@@ -41,6 +42,17 @@ SALIENCE = VisionSignal("attention_received", "feature", heads="mean")
 
 @dataclasses.dataclass
 class FastVIDConfig(MethodConfig):
+    """FastVID options (defaults: the official code).
+
+    Args:
+        segments: at most this many temporal segments (8).
+        tau: a cut is also made where consecutive frames' cosine falls below it (0.9).
+        contextual: ``d``, the share of each frame's tokens that become contextual slots (0.4).
+        anchor_step: ``p``, every ``p``-th frame counting back from a segment's last is an anchor frame (4).
+        beta: weight of an anchor against the mean of the tokens that joined it (0.6).
+        k_dpc: neighbours of the density-peak score (4).
+    """
+
     segments: int = 8
     tau: float = 0.9
     contextual: float = 0.4

@@ -1,5 +1,6 @@
 """``holitom``: HoliTom, "Holistic Token Merging for Fast Video Large Language Models" (Shao et al.,
-NeurIPS 2025, arXiv 2505.21334). Spec: MERGERS.md §2; official code cokeshao/HoliTom @ e9b2972f.
+NeurIPS 2025, arXiv 2505.21334). Official code cokeshao/HoliTom @ e9b2972f; the method page is
+``docs/methods/holitom.md``.
 
 Outer stage (before the LLM), on each frame's pooled, projected ``P``-token grid:
 
@@ -42,8 +43,9 @@ import torch
 from .. import kernels
 from ..budget import split_count
 from ..config import MethodConfig, check_float, check_int
-from ..hooks import ImageTokens, LayerTokens, LayerUpdate, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, LayerTokens, LayerUpdate, Reduction, Stage, TowerInfo, VisionSignal
+from ..method import Method
+from ..registry import register_method
 from ._video import beta_merge, dpc_knn, frame_grid, frame_scores
 
 IMPORTANCE = VisionSignal("attention_received", "feature", heads="mean")
@@ -51,6 +53,19 @@ IMPORTANCE = VisionSignal("attention_received", "feature", heads="mean")
 
 @dataclasses.dataclass
 class HoliTomConfig(MethodConfig):
+    """HoliTom options (defaults: the official scripts).
+
+    Args:
+        tau: cosine above which a position counts as static between consecutive frames (0.8).
+        beta: weight of a cluster centre against its members' mean in spatial merging (0.6).
+        contextual: share of each frame's dynamic tokens merged by DPC-kNN instead of dropped (0).
+        k_dpc: neighbours of the DPC-kNN density (7, capped by the cluster count).
+        max_window: longest temporal window the segmentation may form, in frames.
+        inner: run the merge inside the LLM.
+        inner_layer: its layer; None: 18 of 28 scaled to the LLM's depth.
+        inner_ratio: fraction of the visual tokens merged away there (0.5).
+    """
+
     tau: float = 0.8
     beta: float = 0.6
     contextual: float = 0.0

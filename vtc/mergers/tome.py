@@ -1,5 +1,6 @@
 """``tome``: Token Merging, "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023).
-Spec: MERGERS.md §1; official code facebookresearch/ToMe (read for understanding, nothing copied).
+Official code facebookresearch/ToMe (read for understanding, nothing copied); the method page is
+``docs/methods/tome.md``.
 
 In every vision block, between the attention and the MLP, ``r`` pairs of similar tokens are merged:
 
@@ -14,7 +15,7 @@ In every vision block, between the attention and the MLP, ``r`` pairs of similar
    attention as an additive float mask (SDPA stays on; no eager switch). Off with ``prop_attn=False``.
 4. **Source map.** ``origin[b, j]``: the current row that block-0 token ``j`` is in; an O(T) replacement of
    the reference's ``T x T`` source matrix. After the last merging block the tokens are put back in the
-   order of their smallest member (MERGERS.md §1.9), so a consumer (LLaVA's LLM) sees raster order.
+   order of their smallest member, so a consumer (LLaVA's LLM) sees raster order.
 
 Output order of one step: prefix, unmerged A tokens (index order), B tokens — the reference's ``[A_unm; B]``
 layout, with prefix tokens kept in front (for a CLS at index 0 this is exactly the reference).
@@ -37,8 +38,9 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_int
-from ..hooks import Stage, TowerCall, TowerMerge
-from ..registry import Method, register_method
+from ..contexts import Stage, TowerCall, TowerMerge
+from ..method import Method
+from ..registry import register_method
 
 __all__ = [
     "ToMeConfig",
@@ -220,7 +222,7 @@ def merge_tokens(
 
 
 class ToMeState(TowerMerge):
-    """Sizes, source map and schedule of one tower call (see :class:`vtc.hooks.TowerMerge`).
+    """Sizes, source map and schedule of one tower call (see :class:`vtc.contexts.TowerMerge`).
 
     Args:
         schedule: tokens removed after the attention of each merging block.

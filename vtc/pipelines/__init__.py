@@ -1,20 +1,10 @@
-"""Pipelines that run a compressed model over a dataset: :class:`VideoQA` (video question answering)."""
+"""The old import path of :mod:`vtc.apps.pipelines` (moved with the other applications), submodules included."""
 
-from .qa import DatasetError, Sample, load_samples, parse_choice, question_prompt
-from .report import Summary, summarize
-from .results import ResultStore
-from .videoqa import SampleError, VideoQA, load_checkpoint
+import sys
 
-__all__ = [
-    "VideoQA",
-    "load_checkpoint",
-    "Sample",
-    "SampleError",
-    "DatasetError",
-    "load_samples",
-    "parse_choice",
-    "question_prompt",
-    "Summary",
-    "summarize",
-    "ResultStore",
-]
+from ..apps import pipelines
+from ..apps.pipelines import qa, report, results, videoqa
+
+for _module in (qa, report, results, videoqa):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+sys.modules[__name__] = pipelines

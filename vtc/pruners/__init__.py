@@ -1,3 +1,3 @@
-"""Pruning methods (one file each); importing this package registers them."""
+"""Pruning methods and baselines that select tokens (one file each); importing this package registers them."""
 
-from . import divprune, fastv, fopru, hired, mmtok, pdrop, pool, random, todre, uniform, visionzip  # noqa: F401
+from . import divprune, fastv, fopru, hired, mmtok, pdrop, random, todre, uniform  # noqa: F401

@@ -1,5 +1,5 @@
 """``fastv``: FastV, "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024, arXiv 2403.06764).
-Spec: PRUNERS.md §3.4 and §1.4; official code pkunlp-icler/FastV @ d165972 (KV-cache variant).
+Official code pkunlp-icler/FastV @ d165972 (KV-cache variant); the method page is ``docs/methods/fastv.md``.
 
 Inside the LLM, before layer ``K``: rank the image tokens by the attention they receive from the **last
 prompt token** in layer ``K - 1``, head-averaged (both official code paths use only that row), and keep
@@ -25,12 +25,22 @@ import torch
 from .. import kernels
 from ..budget import keep_count
 from ..config import MethodConfig, check_choice, check_int
-from ..hooks import LayerTokens, Stage
-from ..registry import Method, register_method
+from ..contexts import LayerTokens, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class FastVConfig(MethodConfig):
+    """FastV options.
+
+    Args:
+        layer: ``K``, the LLM layer before which the image tokens are pruned (paper's headline setting: 2); the
+            ranking uses layer ``K - 1``'s attention.
+        query: whose attention ranks the image tokens: ``"last"`` the last prompt token (official code),
+            ``"text"`` the mean over the prompt text after the image.
+    """
+
     layer: int = 2
     query: str = "last"
 

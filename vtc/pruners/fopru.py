@@ -1,6 +1,6 @@
 """``fopru``: FoPru, "Focal Pruning for Efficient Large Vision-Language Models" (arXiv 2411.14164).
-Spec: PRUNERS.md §3.2 (confidence LOW: no official code was found and the paper's method section could
-not be read; this is the spec's reconstruction from the abstract and secondary summaries).
+Confidence is low: no official code was found and the paper's method section could not be read, so this is a
+reconstruction from the abstract and secondary summaries (``docs/methods/fopru.md`` gives the reasoning).
 
 What is implemented, and why:
 * Significance of each visual token from the ViT feature layer's attention map (block 22 for LLaVA-1.5),
@@ -24,13 +24,24 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_choice
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
-from ._grid import per_partition_counts
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..grids import per_partition_counts
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class FoPruConfig(MethodConfig):
+    """FoPru options.
+
+    Args:
+        strategy: ``"rank"`` keeps the global top-k tokens; ``"row"`` keeps whole grid rows by mean significance
+            (plus the best tokens of the next row for the remainder).
+        significance: ``"received"`` the attention each token receives, averaged over all queries (works
+            without CLS); ``"cls"`` the CLS row only.
+        layer: vision block whose attention is read; ``"feature"`` is the block the projector reads.
+    """
+
     strategy: str = "rank"
     significance: str = "received"
     layer: int | str = "feature"

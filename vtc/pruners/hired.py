@@ -1,5 +1,5 @@
 """``hired``: HiRED, "High-Resolution Early Dropping" (Arif et al., AAAI 2025, arXiv 2408.10945).
-Spec: PRUNERS.md §3.1; official code hasanar1f/HiRED @ 502d6dd.
+Official code hasanar1f/HiRED @ 502d6dd; the method page is ``docs/methods/hired.md``.
 
 Selection: inside each partition, keep the tokens with the highest CLS attention of the *final* vision
 layer (the feature layer, block 22 of CLIP ViT-L/14-336), heads summed, computed from the block's own
@@ -22,12 +22,25 @@ import torch
 from .. import kernels
 from ..budget import split_count
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class HiREDConfig(MethodConfig):
+    """HiRED options.
+
+    Args:
+        alpha: share of the budget the full image (partition 0) gets before the crops share the rest
+            (official default 0.5). Images with one partition ignore it.
+        early_layer: vision block whose CLS attention splits the budget between the crops (official: 0).
+        final_layer: vision block whose CLS attention ranks the tokens inside a partition; ``"feature"`` is
+            the block the projector reads (official).
+        region_mapping: which full-image cells count for which crop when splitting the budget: ``"code"``
+            the official code's raster chunks, ``"spatial"`` the paper's spatial regions.
+    """
+
     alpha: float = 0.5
     early_layer: int = 0
     final_layer: int | str = "feature"
@@ -54,7 +67,7 @@ def hired_allocation(
 ) -> list[int]:
     """HiRED's split of ``k`` tokens between the full image (partition 0) and its crops (1..P-1).
 
-    Code-faithful (PRUNERS.md §3.1): the full image gets ``B_0 = min(floor(alpha k), n)``; the rest is shared
+    As in the official code, the full image gets ``B_0 = min(floor(alpha k), n)``; the rest is shared
     among the crops in proportion to how many of the full image's ``floor(n (1 - alpha))`` most attended
     tokens (early layer) fall in each crop's region, ``B_i = floor(c_i / sum(c) * B_sub)``. Regions follow the
     official chunking of the raster (``mapping="code"``: chunk ``c`` is raster indices ``[c n/(P-1), (c+1) n/(P-1))``)
@@ -102,7 +115,7 @@ class HiREDPruner(Method):
     """Per-partition top-k by final-layer ViT CLS attention; partitions share the budget by early-layer attention."""
 
     def _signal(self, has_cls: bool, layer: int | str) -> VisionSignal:
-        # CLS-free towers (SigLIP, Qwen ViT): attention received stands in for the CLS row (spec §3.1).
+        # CLS-free towers (SigLIP, Qwen ViT): attention received stands in for the CLS row (docs/methods/hired.md).
         kind = "cls_attention" if has_cls else "attention_received"
         return VisionSignal(kind, layer, heads="sum")
 

@@ -1,5 +1,6 @@
 """``mmtok``: MMTok, "Multimodal Coverage Maximization for Efficient Inference of VLMs"
-(arXiv 2508.18264, ICLR 2026). Spec: PRUNERS.md §3.7; official code Ironieser/MMTok @ d1522cd.
+(arXiv 2508.18264, ICLR 2026). Official code Ironieser/MMTok @ d1522cd; the method page is
+``docs/methods/mmtok.md``.
 
 Keeps the visual tokens that best *cover* both the text prompt and the whole image, by greedy
 maximisation of a soft facility-location objective (monotone submodular, so greedy is within 1 - 1/e):
@@ -30,13 +31,22 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_float
-from ..hooks import ImageTokens, Reduction, Stage
+from ..contexts import ImageTokens, Reduction, Stage
 from ..kernels import normalize
-from ..registry import Method, register_method
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class MMTokConfig(MethodConfig):
+    """MMTok options (defaults: the official code).
+
+    Args:
+        alpha: weight of the vision-coverage rows against the text-coverage rows (0.5).
+        tau_tv: softmax temperature of text-to-vision similarities (0.02).
+        tau_vv: softmax temperature of vision-to-vision similarities (0.2).
+    """
+
     alpha: float = 0.5
     tau_tv: float = 0.02
     tau_vv: float = 0.2

@@ -1,12 +1,12 @@
 """``pdrop``: PyramidDrop, "Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
-Reduction" (Xing et al., CVPR 2025, arXiv 2410.17247). Spec: PRUNERS.md §3.8 and §1.4; official code
-Cooperx521/PyramidDrop @ 6444f30.
+Reduction" (Xing et al., CVPR 2025, arXiv 2410.17247). Official code Cooperx521/PyramidDrop @ 6444f30; the
+method page is ``docs/methods/pdrop.md``.
 
 The LLM is split into stages; before each boundary layer ``b_s`` the image tokens still present are ranked
 by the attention of the **last prompt token** computed with layer ``b_s``'s own input norm, q/k projections
 and RoPE (the official code scores with the next layer's projections before running it), head-averaged,
 and the top ``n_s`` kept. Counts are relative to the original ``n`` and fall geometrically; positions are
-renumbered after every drop (official), so decode positions differ per layer group (§1.4).
+renumbered after every drop (official), so decode positions differ per layer group (``docs/design.md``).
 
 Defaults (official scripts): boundaries at ``L/4, L/2, 3L/4`` (8, 16, 24 for 32 layers) and ratio 0.5 per
 stage. ``budget`` is the fraction kept after the last stage; the per-stage ratio is ``budget ** (1/S)``
@@ -23,12 +23,21 @@ import torch
 from .. import kernels
 from ..budget import stage_counts
 from ..config import MethodConfig, check_int
-from ..hooks import LayerTokens, Stage
-from ..registry import Method, register_method
+from ..contexts import LayerTokens, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class PyramidDropConfig(MethodConfig):
+    """PyramidDrop options.
+
+    Args:
+        layers: the stage boundaries, strictly increasing LLM layers before which the image tokens still
+            present are ranked and cut; None: ``L/4, L/2, 3L/4`` (official). ``budget`` is what is left after the
+            last one; each stage keeps the same fraction of the previous stage's tokens.
+    """
+
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:

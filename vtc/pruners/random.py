@@ -1,6 +1,6 @@
 """``random``: keep a seeded random subset of the visual tokens (the field's sanity baseline).
 
-UniPruneBench (PEERS.md §0) finds random pruning a strong baseline, so every benchmark runs it. The subset
+UniPruneBench (arXiv 2511.02650) finds random pruning a strong baseline, so every benchmark runs it. The subset
 depends only on ``seed`` and the image's token count, never on the batch, so a batch gives the same
 selection as each image alone; vary ``seed`` to average over draws.
 """
@@ -12,12 +12,19 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig, check_int
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
+from ..contexts import ImageTokens, Reduction, Stage
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class RandomConfig(MethodConfig):
+    """Random-subset options.
+
+    Args:
+        seed: the draw; the subset depends only on it and the image's token count.
+    """
+
     seed: int = 0
 
     def __post_init__(self) -> None:

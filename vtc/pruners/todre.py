@@ -1,5 +1,5 @@
-"""``todre``: ToDRE, "Token Diversity and task RElevance" pruning (arXiv 2505.18757, v2). Spec: PRUNERS.md
-§3.3. No official code was found; this follows the paper's text and appendix pseudocode (v2).
+"""``todre``: ToDRE, "Token Diversity and task RElevance" pruning (arXiv 2505.18757, v2).
+No official code was found; this follows the paper's text and appendix pseudocode (``docs/methods/todre.md``).
 
 Stage 1 (before the LLM): keep a maximally *diverse* subset of the projected visual tokens by greedy
 **max-sum** diversification: start at the pivot (the token with the highest ViT CLS attention of the
@@ -11,7 +11,7 @@ Stage 2 (inside the LLM): at the check layer ``l* = floor(7L/8)`` measure how mu
 the image still attends to the visual tokens, ``a_tv = mean over text rows of sum over visual keys of the
 head-mean attention``; when ``a_tv < tau`` every visual token is removed from layers ``l* + 1 .. L - 1`` (never
 added to their KV cache). With causal attention and the [system][image][text] layout the visual->text
-direction is identically zero, so only ``a_tv`` is tested (spec). The decision is per sample.
+direction is identically zero, so only ``a_tv`` is tested. The decision is per sample.
 
 Defaults (paper): pivot = top CLS attention (towers without CLS use the attention each token receives),
 ``tau = 0.10``, check layer ``7L/8``; ``budget`` is the stage-1 keep fraction (the paper's 25 % / 10 %).
@@ -27,13 +27,27 @@ import torch
 from .. import kernels
 from ..budget import keep_count
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..hooks import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..contexts import ImageTokens, LayerTokens, Reduction, Stage, TowerInfo, VisionSignal
 from ..kernels import normalize
-from ..registry import Method, register_method
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class ToDREConfig(MethodConfig):
+    """ToDRE options.
+
+    Args:
+        objective: stage-1 diversity objective: ``"maxsum"`` (the paper's v2, smallest summed similarity to
+            the chosen set) or ``"maxmin"`` (v1, k-center: largest distance to the nearest chosen token).
+        pivot: first pick: ``"cls"`` the token with the highest ViT CLS attention (paper), ``"random"`` a
+            seeded random token (the paper's ablation).
+        tau: stage 2 removes every visual token when the text's attention to them falls below it (paper: 0.10).
+        layer: the LLM layer where stage 2 checks; None: ``floor(7 L / 8)`` (paper).
+        stage2: run stage 2 at all.
+        seed: seed of the random pivot.
+    """
+
     objective: str = "maxsum"
     pivot: str = "cls"
     tau: float = 0.10

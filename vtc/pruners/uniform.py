@@ -1,7 +1,7 @@
 """``uniform``: an evenly spaced 2-D subsample of each partition grid (spatial-coverage baseline).
 
 The grid is covered by exactly ``k`` near-square cells (horizontal bands of near-equal cells, see
-``_grid.band_cells``) and the token at the centre of each cell is kept. With several partitions the
+:func:`vtc.grids.band_cells`) and the token at the centre of each cell is kept. With several partitions the
 budget is shared in proportion to their sizes.
 """
 
@@ -12,13 +12,18 @@ import dataclasses
 import torch
 
 from ..config import MethodConfig
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
-from ._grid import grid_regions
+from ..contexts import ImageTokens, Reduction, Stage
+from ..grids import grid_regions
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class UniformConfig(MethodConfig):
+    """Uniform-grid options: only the shared ones (``budget``, ``positions``, ``newlines``; see
+    :class:`MethodConfig`). The grid cells follow from the budget alone.
+    """
+
     pass
 
 

@@ -1,7 +1,7 @@
 """``pool``: average-pool each partition grid down to the budget (the "downsampling" baseline).
 
-VTC-Bench (PEERS.md §0) finds plain downsampling beats many pruning methods, so it is always reported.
-The grid is covered by exactly ``k`` near-square cells (``_grid.band_cells``); each cell becomes the mean
+VTC-Bench (arXiv 2510.07143) finds plain downsampling beats many pruning methods, so it is always reported.
+The grid is covered by exactly ``k`` near-square cells (:func:`vtc.grids.band_cells`); each cell becomes the mean
 of its tokens. By default the mean is taken over the *pre-projector* vision features and then projected
 (``space="vision"``: like feeding a lower-resolution feature map, as LLaVA-OneVision's pooling does
 before its LLM); ``space="llm"`` averages the projected tokens instead. A pooled token takes the position
@@ -16,13 +16,21 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_choice
-from ..hooks import ImageTokens, Reduction, Stage
-from ..registry import Method, register_method
-from ._grid import grid_regions
+from ..contexts import ImageTokens, Reduction, Stage
+from ..grids import grid_regions
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class PoolConfig(MethodConfig):
+    """Pooling options.
+
+    Args:
+        space: ``"vision"`` averages the pre-projector features and projects the means (like a
+            lower-resolution feature map); ``"llm"`` averages the projected tokens.
+    """
+
     space: str = "vision"
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """``visionzip``: VisionZip, "Longer is Better but Not Necessary in Vision Language Models"
-(Yang et al., CVPR 2025, arXiv 2412.04467). Spec: PRUNERS.md §3.5 and MERGERS.md §4.1; official code
-dvlab-research/VisionZip @ 3151f6d.
+(Yang et al., CVPR 2025, arXiv 2412.04467). Official code dvlab-research/VisionZip @ 3151f6d; the method page
+is ``docs/methods/visionzip.md``.
 
 Per partition, with ``k = D + C`` tokens:
 * ``D`` dominant tokens: the CLS token plus the ``D - 1`` patches with the highest CLS attention of the
@@ -28,13 +28,22 @@ import torch
 
 from .. import kernels
 from ..config import MethodConfig, check_float
-from ..hooks import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
-from ..registry import Method, register_method
-from ._grid import per_partition_counts
+from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
+from ..grids import per_partition_counts
+from ..method import Method
+from ..registry import register_method
 
 
 @dataclasses.dataclass
 class VisionZipConfig(MethodConfig):
+    """VisionZip options.
+
+    Args:
+        contextual: share of each partition's ``k`` spent on merged contextual tokens (official 10/64, the
+            54 + 10 split); the rest are dominant tokens.
+        keep_cls: feed the CLS token through the projector as the first dominant token (official code).
+    """
+
     contextual: float = 10 / 64
     keep_cls: bool = True
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..budget import split_count
-from ..hooks import Layout
+from .budget import split_count
+from .contexts import Layout
 
 
 def band_cells(rows: int, cols: int, k: int) -> list[tuple[int, int, int, int]]:

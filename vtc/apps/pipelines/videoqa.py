@@ -3,7 +3,7 @@
 >>> qa = VideoQA("path/to/checkpoint", method="divprune", budget=0.2, num_frames=8)
 >>> summary = qa.run("data.jsonl", "results.jsonl")      # resumes; shards under torchrun
 
-Per sample: frames are sampled with :func:`vtc.video.load_video`, the prompt is built with the processor's
+Per sample: frames are sampled with :func:`vtc.apps.video.load_video`, the prompt is built with the processor's
 chat template (else a plain ``<video token>\\n<question>``), the model is compressed for the call with
 :func:`vtc.compressed` and answers with its stock ``generate`` (greedy), and a row goes to the results file.
 
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import api
+from ... import api
 from ..video import MAX_BYTES, VideoError, load_video
 from .qa import Sample, load_samples, question_prompt, score
 from .report import Summary, summarize
@@ -63,13 +63,13 @@ class VideoQA:
         budget: the vtc budget (float fraction or int tokens per video).
         options: method options (fields of the method's config dataclass).
         num_frames: frames sampled evenly over each video; or ``fps``: frames per second of video time,
-            at most ``max_frames`` (see :func:`vtc.video.load_video`). Default: 8 frames.
+            at most ``max_frames`` (see :func:`vtc.apps.video.load_video`). Default: 8 frames.
         max_new_tokens: answer length limit (greedy decoding).
         compare: also generate uncompressed answers (accuracy with and without compression).
         timing: time the prefill with and without compression (two extra forwards per sample).
         device, dtype: where and how a checkpoint path is loaded (default: ``cuda:$LOCAL_RANK`` if there is a
             GPU, else CPU; dtype ``"auto"`` keeps the checkpoint's). Ignored for a loaded model.
-        video_kwargs: more :func:`vtc.video.load_video` arguments (``width``, ``height``, ``max_bytes``...).
+        video_kwargs: more :func:`vtc.apps.video.load_video` arguments (``width``, ``height``, ``max_bytes``...).
         max_consecutive_failures: stop after this many samples in a row fail on their data.
     """
 
@@ -263,7 +263,7 @@ class VideoQA:
         """Answer every sample of ``data`` not yet in ``out``; returns the summary on rank 0 (None elsewhere).
 
         ``limit`` keeps the first samples of the dataset only. ``rank`` / ``world_size`` default to the
-        ``RANK`` / ``WORLD_SIZE`` environment (torchrun); see :mod:`vtc.pipelines.results` for the sharding.
+        ``RANK`` / ``WORLD_SIZE`` environment (torchrun); see :mod:`vtc.apps.pipelines.results` for the sharding.
         """
         dataset = load_samples(data)
         if limit is not None and limit < 1:

@@ -1,0 +1,96 @@
+"""The vision side of one call: every visual input through the model's own feature functions, once, and back.
+
+:func:`encode` runs each modality's feature function with the adapter's vision hooks capturing (and, for
+a ``VISION_MERGE`` method, its tower merging), then turns every image or video into an
+:class:`~vtc.contexts.ImageTokens`: its tokens, layout, signals, pre-projector features and the prompt text
+after it. The feature outputs are kept, so the stock forward reuses them instead of encoding twice:
+:func:`pack` puts each image's reduced tokens (and its rows of every token stream) back into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..contexts import ImageTokens, Reduction
+from .base import Encoded
+from .runners import merged_item
+from .sequence import assign, reduced_tokens, text_after
+
+
+def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
+    """The :class:`~vtc.adapters.base.Encoded` call of ``adapter`` (a :class:`~vtc.adapters.vlm.VLMAdapter`)."""
+    strategy = adapter.feature_strategy(kwargs)
+    input_ids = kwargs["input_ids"]
+    mask = kwargs.get("attention_mask")
+    embed = adapter.model.get_input_embeddings()
+    visual = adapter.visual_rows(input_ids)
+    encoded = Encoded([], [], {}, [])
+    for modality in adapter.modalities:
+        if kwargs.get(modality.pixels) is None:
+            continue
+        with adapter.capture.running(adapter.timer) as parts, adapter.merging(strategy) as ctx:
+            out = modality.features(adapter, kwargs, strategy)
+            if ctx is not None:
+                adapter.timer.signal(ctx.seconds)
+        merged = ctx.state if ctx is not None else None
+        encoded.encoder_output[modality.name] = out
+        captured = adapter.gather(parts, kwargs, modality)
+        proj_in = captured.pop("projector_input")
+        features = modality.item_features(out)
+        layouts = modality.layouts(adapter, kwargs, strategy)
+        counts = [f.shape[0] for f in features] if merged is None else [lay.num_tokens for lay, _ in layouts]
+        streams = [s.split(getattr(out, s.field), counts) for s in adapter.token_streams]
+        spans = assign(input_ids == modality.token_id, counts, modality.name)
+        for j, (feat, (sample, start), (layout, rows)) in enumerate(zip(features, spans, layouts, strict=True)):
+            vision_tokens, red = None, None
+            if merged is not None:
+                red, feat, vision_tokens = merged_item(merged, feat, proj_in, rows, layout, strategy)
+            elif feat.shape[0] != layout.num_tokens:
+                raise ValueError(
+                    f"a {modality.name} has {feat.shape[0]} features but its layout implies {layout.num_tokens}"
+                )
+            if vision_tokens is None:
+                vision_tokens = modality.item_vision_tokens(adapter, proj_in, rows, layout, strategy == "full")
+            text_ids = text_after(input_ids, mask, visual, sample, start + feat.shape[0])
+            encoded.images.append(
+                ImageTokens(
+                    tokens=feat,
+                    layout=layout,
+                    k=feat.shape[0],
+                    signals=modality.item_signals(adapter, captured, rows, layout),
+                    vision_tokens=vision_tokens,
+                    text_ids=text_ids,
+                    text_embeds=embed(text_ids),
+                    project=adapter.project,
+                    sample=sample,
+                    image=len(encoded.images),
+                    modality=modality.name,
+                )
+            )
+            encoded.spans.append((sample, start))
+            encoded.reductions.append(red)
+            encoded.streams.append(
+                {s.field: values[j] for s, values in zip(adapter.token_streams, streams, strict=True)}
+            )
+    if all(r is None for r in encoded.reductions):
+        encoded.reductions = None
+    return encoded
+
+
+def pack(adapter: Any, encoded: Encoded, reductions: Sequence[Reduction | None]) -> dict[str, Any]:
+    """The ``mm_encoder_outputs`` of the stock call: each modality's feature output with the reduced tokens (and
+    token streams) of its items."""
+    outputs = {}
+    for modality in adapter.modalities:
+        if modality.name not in encoded.encoder_output:
+            continue
+        items = [j for j, im in enumerate(encoded.images) if im.modality == modality.name]
+        tokens = [reduced_tokens(encoded.images[j], reductions[j]) for j in items]
+        packed = modality.pack_features(encoded.encoder_output[modality.name], tokens)
+        for stream in adapter.token_streams:
+            packed[stream.field] = stream.pack(
+                [stream.reduce(encoded.streams[j][stream.field], reductions[j]) for j in items]
+            )
+        outputs[modality.name] = packed
+    return outputs

@@ -1,0 +1,253 @@
+"""The ``LLM_LAYER(k)`` hook point: pruning inside a stock decoder-only LLM during prefill.
+
+Forward pre-hooks on the decoder's layers (:class:`~vtc.adapters.llm.Decoder`) rewrite the per-call inputs
+every layer shares:
+
+* **prefill**, at a prune layer ``k``: the method gets a :class:`~vtc.contexts.LayerTokens` (hidden states
+  entering ``k``, each sample's visual rows, and attention rows recomputed from a layer's own norm, q/k,
+  RoPE and grouped KV heads, while the model keeps its attention kernel) and returns the visual rows to
+  keep. The hidden states are gathered (:func:`~vtc.adapters.llm_state.shorten`); every layer ``>= k`` then
+  gets the matching mask, positions and rotary embeddings, so its KV cache holds only the kept rows;
+* **decode** (and any later call on the same cache): layers of each group get a mask built for their own
+  cache length from that group's prompt mask plus the new tokens, and, under ``"compact"`` positions, the
+  new tokens' positions minus the visual tokens the group dropped. A method with a decode layer (DyCoke)
+  re-selects, at every step, the cached visual rows the layers from there on may attend to.
+
+Layers below the first prune layer are never touched: their cache, mask and positions are the model's own.
+The adapter owns an :class:`LLMHooks` and arms it per call with an :class:`~vtc.adapters.llm_state.LLMPlan`.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from ..contexts import DecodeTokens, LayerTokens, LayerUpdate
+from .llm import Decoder
+from .llm_state import LLMPlan, Prefill, layer_schedule, shorten
+
+
+class LLMHooks:
+    """Installs the layer hooks of one method on one decoder, and runs its prune points."""
+
+    def __init__(self, decoder: Decoder, method: Any):
+        self.decoder = decoder
+        self.method = method
+        self.prune_layers, self.score_layers, self.decode_layer, self.first = layer_schedule(
+            method, decoder.num_layers
+        )
+        self.handles: list[Any] = []
+        self.pending: LLMPlan | None = None
+        self.call: Prefill | None = None  # the call in progress
+        self.calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill state
+
+    def install(self) -> None:
+        self.handles.append(self.decoder.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(self.decoder.lm.register_forward_hook(self._lm_post))
+        for idx in range(self.first, self.decoder.num_layers):
+            layer = self.decoder.layers[idx]
+            self.handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+
+    def uninstall(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.call = self.pending = None
+        self.calls = weakref.WeakKeyDictionary()
+
+    # -- language-model level: which kind of call is this? -----------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        cache = kwargs.get("cache")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = args[0] if args else kwargs.get("input_ids")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask2d = kwargs.get("attention_mask")
+        if self.pending is not None and past == 0:
+            plan, self.pending = self.pending, None
+            bsz, length = embeds.shape[:2]
+            if mask2d is None:
+                mask2d = torch.ones(bsz, length, dtype=torch.long, device=embeds.device)
+            self.call = Prefill(plan, cache, mask2d.bool(), length)
+            if cache is not None:
+                self.calls[cache] = self.call
+            return None
+        call = self.calls.get(cache) if cache is not None and past > 0 else None
+        self.call = call  # None: an unrelated call (text only, or another cache): leave it alone
+        if call is not None:
+            call.decoding = True
+            if mask2d is None:  # the model's default: every cached and new token is visible
+                bsz, q = embeds.shape[:2]
+                mask2d = torch.ones(bsz, past + q, dtype=torch.long, device=embeds.device)
+            call.call_mask = mask2d
+            call.decode_masks = {}
+        return None
+
+    def _lm_post(self, module, args, output):
+        # a forward without a cache argument gets one created inside the LM: remember it for continuation
+        call = self.call
+        if call is not None and call.cache is None:
+            call.cache = getattr(output, "cache", None)
+            if call.cache is not None:
+                self.calls[call.cache] = call
+
+    # -- layers -------------------------------------------------------------------------------------
+    def _layer_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            call = self.call
+            if call is None:
+                return None
+            if call.decoding:
+                return self._decode(idx, args, kwargs)
+            return self._prefill(idx, args, kwargs)
+
+        return hook
+
+    def _prefill(self, idx: int, args: tuple, kwargs: dict):
+        call = self.call
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if call.cur is not None:  # we are past a prune point: inputs for the shortened sequence
+            kwargs.update(call.cur)
+        cos, sin = kwargs["position_embeddings"]
+        if call.pos is None:
+            pos = kwargs.get("position_ids")  # 1-D (text) positions; M-RoPE models may pass none
+            if pos is None or pos.dim() != 2:
+                pos = (call.mask2d.long().cumsum(-1) - 1).clamp_min(0)
+            call.pos = pos.expand(hidden.shape[0], -1)
+        if idx in self.score_layers:
+            call.stash[idx] = (hidden, cos, sin, call.mask2d)
+        if idx in self.prune_layers:
+            hidden = self._prune(idx, hidden, kwargs)
+            kwargs.update(call.cur or {})
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _attend(self, current: int, hidden: torch.Tensor, cos, sin):
+        call = self.call
+
+        def attend(layer: int, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+            if layer == current:
+                x, c, s, valid = hidden, cos, sin, call.mask2d
+            elif layer in call.stash:
+                x, c, s, valid = call.stash[layer]
+                if x.shape[1] != hidden.shape[1]:
+                    raise RuntimeError(f"layer {layer}'s input was stashed before a prune: rows no longer match")
+            else:
+                raise ValueError(f"attention of LLM layer {layer} was not captured; list it in llm_score_layers()")
+            return self.decoder.attention_rows(layer, x, c, s, valid, rows)
+
+        return attend
+
+    def _prune(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        start = time.perf_counter()
+        call = self.call
+        bsz, length, _ = hidden.shape
+        valid = call.mask2d
+        visual_rows = [torch.nonzero(call.visual[b] & valid[b]).flatten() for b in range(bsz)]
+        real = [torch.nonzero(valid[b]).flatten() for b in range(bsz)]
+        last = torch.stack([r[-1] for r in real])
+        text_after = []
+        for b in range(bsz):
+            after = real[b][real[b] > visual_rows[b][-1]] if visual_rows[b].numel() else real[b][:0]
+            text_after.append(after)
+        cos, sin = kwargs["position_embeddings"]
+        ctx = LayerTokens(
+            layer=idx,
+            num_layers=self.decoder.num_layers,
+            hidden=hidden,
+            visual=visual_rows,
+            n_input=[int(n) for n in call.plan.visual.sum(1).tolist()],
+            last=last,
+            text_after=text_after,
+            _attend=self._attend(idx, hidden, cos, sin),
+        )
+        kept = self.method.prune(ctx)
+        if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones
+            hidden, kept = kept.hidden, kept.kept
+        call.kept_rows[idx] = kept
+        for b, (k, v) in enumerate(zip(kept, visual_rows, strict=True)):
+            if not bool(torch.isin(k, v).all()) or torch.unique(k).numel() != k.numel():
+                raise RuntimeError(f"method {self.method.name!r} kept rows that are not its visual rows (sample {b})")
+        dropped = [v.numel() - k.numel() for k, v in zip(kept, visual_rows, strict=True)]
+        if all(d == 0 for d in dropped):
+            call.plan.on_prune(call, idx, time.perf_counter() - start)
+            return hidden
+        keep_rows = []
+        for b in range(bsz):
+            drop = torch.zeros(length, dtype=torch.bool, device=hidden.device)
+            drop[visual_rows[b]] = True
+            drop[kept[b]] = False
+            keep_rows.append(torch.nonzero(valid[b] & ~drop).flatten())
+        hidden = shorten(call, self.decoder, idx, hidden, keep_rows, dropped, cos, sin)
+        call.plan.on_prune(call, idx, time.perf_counter() - start)
+        return hidden
+
+    def _decode(self, idx: int, args: tuple, kwargs: dict):
+        call = self.call
+        hidden = args[0] if args else kwargs["hidden_states"]
+        selecting = self.decode_layer is not None
+        if selecting and idx == self.decode_layer - 1:
+            call.stash[idx] = (hidden, *kwargs["position_embeddings"], None)
+        if selecting and idx == self.decode_layer:
+            self._decode_select(idx, hidden)
+        group = None
+        for g in call.groups:
+            if g.start <= idx:
+                group = g
+        masked = selecting and idx >= self.decode_layer and call.decode_keep is not None
+        if group is None and not masked:
+            return None
+        bsz, q = hidden.shape[:2]
+        key = (None if group is None else group.start, masked)
+        if key not in call.decode_masks:
+            call_mask = call.call_mask
+            if group is None:
+                mask2d = call_mask.long().clone()
+            else:
+                mask2d = torch.cat([group.prompt_mask, call_mask[:, call.full_len :].to(group.prompt_mask)], dim=1)
+            if masked:  # visual cache rows the decode-time selection left out
+                mask2d[call.decode_drop] = 0
+            pos = kwargs.get("position_ids")
+            pos = pos.expand(bsz, -1) if pos is not None else None
+            decode_pos = None
+            if group is not None and call.plan.positions == "compact" and pos is not None:
+                pos = pos - group.removed[:, None]
+                decode_pos = (pos, self.decoder.rotary(hidden, pos))
+            call.decode_masks[key] = (self.decoder.mask(hidden, mask2d, call.cache, pos, idx), decode_pos)
+        mask4d, decode_pos = call.decode_masks[key]
+        kwargs["attention_mask"] = mask4d
+        if decode_pos is not None:
+            kwargs["position_ids"], kwargs["position_embeddings"] = decode_pos
+        return args, kwargs
+
+    def _decode_select(self, idx: int, hidden: torch.Tensor) -> None:
+        """Decode-time selection (DyCoke's dynamic KV pruning): which cached visual rows layers >= idx see."""
+        call = self.call
+        x, cos, sin, _ = call.stash[idx - 1]
+        bsz = x.shape[0]
+        keys = call.cache.layers[idx - 1].keys  # [B, Hkv, S, d], RoPE already applied
+        probs = self.decoder.decode_attention(idx - 1, x, cos, sin, keys, call.call_mask)  # [B, S]
+        visual = [torch.nonzero(call.plan.visual[b]).flatten() for b in range(bsz)]
+        ctx = DecodeTokens(
+            layer=idx,
+            visual=visual,
+            attention=[probs[b, v] for b, v in enumerate(visual)],
+            n_input=[int(v.numel()) for v in visual],
+            state=call.method_state,
+        )
+        keep = self.method.decode_select(ctx)
+        call.decode_masks = {}
+        if keep is None:
+            call.decode_keep = call.decode_drop = None
+            return
+        drop = torch.zeros(bsz, keys.shape[-2], dtype=torch.bool, device=hidden.device)
+        for b, (rows, k) in enumerate(zip(visual, keep, strict=True)):
+            drop[b, rows] = True
+            drop[b, k] = False
+        call.decode_keep, call.decode_drop = keep, drop

@@ -1,0 +1,77 @@
+"""Side streams: tensors that ride with the visual tokens, declared once by an adapter and reduced with them.
+
+Two kinds exist, and an adapter lists each of its tensors once (``VLMAdapter.row_streams`` /
+``VLMAdapter.token_streams``); nothing else in the adapter names them:
+
+* a :class:`RowStream` is a ``[B, L]`` call input aligned with the prompt rows (``labels``, Qwen2-VL's
+  ``mm_token_type_ids``, Gemma 3's ``token_type_ids``). The rebuild gives it exactly the rows it gives the
+  ids (:func:`vtc.adapters.sequence.splice`), and new padding gets the stream's ``fill``.
+* a :class:`TokenStream` is a field of the model's feature output with one row per visual token, next to
+  the tokens themselves (Qwen3-VL's DeepStack features: one ``[N, D]`` tensor per injection layer). It is
+  split per image like the tokens, gathered with the same indices as the tokens (a kept token keeps its
+  rows; a merged token gets the mean of its members' rows; a token with no source, zeros) and packed back
+  into the feature output the stock model receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..contexts import Reduction
+
+
+@dataclasses.dataclass(frozen=True)
+class RowStream:
+    """A ``[B, L]`` call input aligned with ``input_ids``.
+
+    Attributes:
+        key: its name in the call's keyword arguments.
+        fill: its value on padding rows the rebuild adds.
+        required: the family cannot place visual tokens without it (the call is refused when it is missing).
+    """
+
+    key: str
+    fill: int
+    required: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """A field of the feature output with one row per visual token: a tensor ``[N, ...]`` over all visual tokens
+    of the call (images concatenated in order), or a list / tuple of such tensors (one per LLM layer)."""
+
+    field: str
+
+    def split(self, value: Any, counts: Sequence[int]) -> list[Any]:
+        """Per image (``counts`` tokens each, in order), its rows of ``value``."""
+        if isinstance(value, list | tuple):
+            per_part = [self.split(part, counts) for part in value]
+            return [type(value)(part[i] for part in per_part) for i in range(len(counts))]
+        return list(torch.split(value, list(counts)))
+
+    def reduce(self, value: Any, red: Reduction | None) -> Any:
+        """An image's rows after its reduction: the same indices as its tokens (see module docstring)."""
+        if red is None:
+            return value
+        if isinstance(value, list | tuple):
+            return type(value)(self.reduce(part, red) for part in value)
+        if red.tokens is None:
+            return value[red.index.to(value.device)]
+        groups = red.resolve_groups(value.shape[0]).to(value.device)
+        k = int(red.index.numel())
+        member = groups >= 0
+        sums = value.new_zeros((k, *value.shape[1:]), dtype=torch.float32)
+        sums.index_add_(0, groups[member], value[member].float())
+        sizes = torch.bincount(groups[member], minlength=k).clamp_min(1)
+        return (sums / sizes.view(-1, *[1] * (value.dim() - 1))).to(value.dtype)
+
+    def pack(self, items: Sequence[Any]) -> Any:
+        """The field's value for images whose reduced rows are ``items`` (the inverse of :meth:`split`)."""
+        first = items[0]
+        if isinstance(first, list | tuple):
+            return type(first)(self.pack([item[i] for item in items]) for i in range(len(first)))
+        return torch.cat(list(items))

@@ -1,0 +1,432 @@
+"""The hook-point contexts: the contract between adapters (which know models) and methods (which know algorithms).
+
+Three stages exist (``docs/design.md``, "Hook points"):
+
+* ``VISION``: inside the vision tower. A method asks for :class:`VisionSignal` s (an attention row, the
+  attention each token receives, head-mean keys, a block's output) and the adapter computes them from
+  that block's own q/k while the model keeps running SDPA.
+* ``PRE_LLM``: after the projector, before the tokens are spliced into the LLM input. A method gets one
+  :class:`ImageTokens` per image (or video) and returns a :class:`Reduction`.
+* ``LLM_LAYER``: inside the LLM decoder during prefill (in-LLM methods).
+
+``VISION_MERGE`` refines ``VISION`` for methods that merge tokens *between* the tower's blocks (ToMe): the
+adapter's block runners ask the method for a :class:`TowerMerge` when a tower call starts
+(:class:`TowerCall`) and call it in every block; the adapter then hands the session an already reduced
+image (a :class:`Reduction` built from the merge's source map) instead of the session calling ``reduce``.
+
+Everything here is plain data: tensors plus the layout that says where each visual token came from.
+No model class is referenced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+
+import torch
+
+__all__ = [
+    "Stage",
+    "VisionSignal",
+    "TowerInfo",
+    "Layout",
+    "ImageTokens",
+    "Reduction",
+    "LayerTokens",
+    "LayerUpdate",
+    "DecodeTokens",
+    "TowerCall",
+    "TowerMerge",
+]
+
+
+class Stage(str, Enum):
+    VISION = "vision"
+    #: tokens are merged between the vision tower's blocks, so the tower itself outputs fewer tokens (ToMe).
+    #: The adapter runs every block through a *block runner* that calls the method's :class:`TowerMerge`;
+    #: only families whose post-tower code takes a token set rather than a grid can provide it.
+    VISION_MERGE = "vision_merge"
+    PRE_LLM = "pre_llm"
+    LLM_LAYER = "llm_layer"
+
+
+SIGNAL_KINDS = ("cls_attention", "attention_received", "keys", "hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSignal:
+    """A request for a quantity computed inside one vision-tower block.
+
+    Args:
+        kind: ``"cls_attention"`` (softmax row of the first (CLS) query over all keys; the CLS column is
+            part of the softmax, so a method drops it only afterwards), ``"attention_received"`` (mean over
+            all queries of the attention each key receives), ``"keys"`` (head-mean key vectors), ``"hidden"``
+            (the block's output hidden states).
+        layer: 0-based vision block index (negative counts from the end) or ``"feature"``: the block whose
+            output the projector consumes (LLaVA's ``vision_feature_layer=-2`` is block 22 of 0..23).
+        heads: ``"mean"`` or ``"sum"`` over attention heads (attention kinds only; the ranking is the same).
+    """
+
+    kind: str
+    layer: int | str = "feature"
+    heads: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown vision signal kind {self.kind!r}; valid: {SIGNAL_KINDS}")
+        if not (self.layer == "feature" or (isinstance(self.layer, int) and not isinstance(self.layer, bool))):
+            raise ValueError(f"signal layer must be an int or 'feature', got {self.layer!r}")
+        if self.heads not in ("mean", "sum"):
+            raise ValueError(f"heads must be 'mean' or 'sum', got {self.heads!r}")
+
+    @property
+    def name(self) -> str:
+        suffix = f":{self.heads}" if self.kind in ("cls_attention", "attention_received") else ""
+        return f"{self.kind}@{self.layer}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerInfo:
+    """What a method may know about the vision tower when it chooses its signals.
+
+    Attributes:
+        has_cls: the tower prepends a CLS token (CLIP, DINOv2) or not (SigLIP, Qwen2-VL's ViT).
+        num_blocks: number of transformer blocks.
+        crops: the family splits an image into a full view and crops (``Layout.arrangement``: LLaVA-NeXT).
+    """
+
+    has_cls: bool
+    num_blocks: int
+    crops: bool = False
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where each of an image's ``n`` LLM visual tokens comes from.
+
+    An image is one or more *partitions* (LLaVA-1.5: one; LLaVA-NeXT: base image + crops; video: frames),
+    each a ``rows x cols`` grid of LLM tokens, preceded in the vision tower by ``prefix`` extra tokens
+    (1 for a CLS token, 0 for SigLIP / Qwen). Signals are stored per partition over its ``prefix +
+    rows * cols`` *slots* (slot = prefix + row * cols + col). Tokens with no slot (newline tokens) have
+    ``slot == -1``.
+
+    Attributes:
+        grids: ``(rows, cols)`` per partition.
+        prefix: number of prefix slots per partition (CLS).
+        partition: ``[n]`` partition of each token, -1 if none.
+        slot: ``[n]`` slot of each token in its partition, -1 if none.
+        arrangement: ``(g_h, g_w)`` when partition 0 is the whole image and partitions 1.. are its crops in a
+            ``g_h x g_w`` row-major grid (LLaVA-NeXT anyres); None otherwise.
+    """
+
+    grids: tuple[tuple[int, int], ...]
+    prefix: int
+    partition: torch.Tensor
+    slot: torch.Tensor
+    arrangement: tuple[int, int] | None = None
+
+    @classmethod
+    def grid(cls, rows: int, cols: int, prefix: int = 0, include_prefix: bool = False) -> Layout:
+        """Layout of a single-partition image whose tokens are the raster grid (optionally CLS first)."""
+        first = 0 if include_prefix else prefix
+        slot = torch.arange(first, prefix + rows * cols)
+        return cls(((rows, cols),), prefix, torch.zeros_like(slot), slot)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot.numel())
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.grids)
+
+    def is_newline(self) -> torch.Tensor:
+        """``[n]`` bool: tokens with no vision slot (LLaVA-NeXT / OneVision newline tokens)."""
+        return self.slot < 0
+
+    def subset(self, index: torch.Tensor) -> Layout:
+        """The layout of the tokens ``index`` (in that order)."""
+        return Layout(self.grids, self.prefix, self.partition[index], self.slot[index], self.arrangement)
+
+    def is_patch(self) -> torch.Tensor:
+        """``[n]`` bool: the token is a grid patch (not a prefix/CLS or newline token)."""
+        return self.slot >= self.prefix
+
+    def grid_position(self) -> torch.Tensor:
+        """``[n, 2]`` (row, col) of each token inside its partition grid, -1 for non-patch tokens."""
+        out = torch.full((self.num_tokens, 2), -1, dtype=torch.long)
+        patch = self.is_patch()
+        cols = torch.tensor([c for _, c in self.grids], dtype=torch.long)
+        cell = self.slot[patch] - self.prefix
+        c = cols[self.partition[patch]]
+        out[patch, 0] = cell // c
+        out[patch, 1] = cell % c
+        return out
+
+    def partition_tokens(self, p: int) -> torch.Tensor:
+        """``[rows * cols]`` token index of each grid cell of partition ``p`` in raster order, -1 if not fed."""
+        rows, cols = self.grids[p]
+        out = torch.full((rows * cols,), -1, dtype=torch.long)
+        sel = (self.partition == p) & self.is_patch()
+        idx = torch.nonzero(sel).flatten()
+        out[self.slot[idx] - self.prefix] = idx
+        return out
+
+
+@dataclasses.dataclass
+class ImageTokens:
+    """The ``PRE_LLM`` hook context for one image (or one video) of one sample.
+
+    Attributes:
+        tokens: ``[n, D]`` the visual tokens the uncompressed model feeds the LLM, in LLM order.
+        layout: where each token comes from.
+        k: tokens to keep, resolved by :mod:`vtc.budget`.
+        signals: raw vision signals by :attr:`VisionSignal.name`, each ``[P, prefix + rows*cols, ...]``.
+        vision_tokens: ``[n, C]`` pre-projector features aligned with ``tokens`` (zeros where a token has
+            none), or None when the family has no separate projector input.
+        text_ids: ``[m]`` ids of the sample's prompt text after the image (no padding, no visual tokens).
+        text_embeds: ``[m, D]`` their input embeddings (the LLM's embedding table, not contextual states).
+        project: maps vision-space features ``[..., C]`` through the model's projector to ``[..., D]``.
+        sample: index of the sample in the batch; image: index of the image in the whole batch.
+        modality: ``"image"`` or ``"video"`` (a video is one item: its frames are its partitions).
+        tower: what the vision tower is (CLS or not), as the adapter reports it.
+    """
+
+    tokens: torch.Tensor
+    layout: Layout
+    k: int
+    signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    vision_tokens: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sample: int = 0
+    image: int = 0
+    modality: str = "image"
+    #: the vision tower (set by the session): whether its signals are CLS rows or attention received
+    tower: TowerInfo = TowerInfo(has_cls=True, num_blocks=0)
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def signal(self, spec: VisionSignal) -> torch.Tensor:
+        """Raw per-partition signal ``[P, prefix + rows*cols, ...]``."""
+        try:
+            return self.signals[spec.name]
+        except KeyError:
+            raise KeyError(
+                f"vision signal {spec.name!r} was not captured; the method must list it in vision_signals() "
+                f"(captured: {sorted(self.signals)})"
+            ) from None
+
+    def subset(self, index: torch.Tensor) -> ImageTokens:
+        """The same image restricted to the tokens ``index`` (``k`` capped at their number)."""
+        index = index.to(self.tokens.device)
+        cpu = index.cpu()
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[index],
+            layout=self.layout.subset(cpu),
+            k=min(self.k, int(index.numel())),
+            vision_tokens=None if self.vision_tokens is None else self.vision_tokens[index],
+        )
+
+    def token_signal(self, spec: VisionSignal, fill: float = float("nan")) -> torch.Tensor:
+        """The signal gathered onto this image's ``n`` tokens: ``[n, ...]``, ``fill`` for slot-less tokens."""
+        raw = self.signal(spec)
+        has = self.layout.slot >= 0
+        out = raw.new_full((self.n, *raw.shape[2:]), fill)
+        out[has] = raw[self.layout.partition[has], self.layout.slot[has]]
+        return out
+
+
+@dataclasses.dataclass
+class Reduction:
+    """What a ``PRE_LLM`` method returns for one image.
+
+    Attributes:
+        index: ``[k]`` for each output token, the input token it stands at (its anchor: kept token, or
+            merge target), -1 for a token with no source among the image's tokens (VisionZip's CLS).
+            Output order is the order of ``index``.
+        tokens: ``[k, D]`` replacement features (merged tokens); None means ``tokens[index]``.
+        groups: ``[n]`` output row each input token ended in, -1 if dropped. None means "kept tokens map to
+            themselves, the rest are dropped".
+        scores: ``[n]`` the per-token scores the method ranked by (fp32), for the record.
+    """
+
+    index: torch.Tensor
+    tokens: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+    @classmethod
+    def keep(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
+        """A pure selection: keep ``index`` (returned in ascending order)."""
+        return cls(index=torch.sort(index.long()).values, scores=scores)
+
+    @classmethod
+    def keep_ordered(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
+        """A pure selection fed to the LLM in the given order (not sorted)."""
+        return cls(index=index.long(), scores=scores)
+
+    def lift(self, index: torch.Tensor, n: int) -> Reduction:
+        """Map a reduction computed on the subset ``index`` of an image's ``n`` tokens back to all of them."""
+        index = index.to(self.index.device)
+        anchors = torch.where(self.index >= 0, index[self.index.clamp_min(0)], self.index)
+        groups = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
+        groups[index] = self.resolve_groups(int(index.numel()))
+        scores = None
+        if self.scores is not None:
+            scores = torch.full((n,), float("nan"), device=self.scores.device)
+            scores[index.to(self.scores.device)] = self.scores.float()
+        return Reduction(index=anchors, tokens=self.tokens, groups=groups, scores=scores)
+
+    def resolve_groups(self, n: int) -> torch.Tensor:
+        if self.groups is not None:
+            return self.groups
+        groups = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
+        valid = self.index >= 0
+        groups[self.index[valid]] = torch.nonzero(valid).flatten()
+        return groups
+
+
+@dataclasses.dataclass
+class LayerTokens:
+    """The ``LLM_LAYER`` context: one prune point, whole batch.
+
+    Attributes:
+        layer: the layer about to run; rows dropped now skip it and every later layer.
+        num_layers: decoder depth.
+        hidden: ``[B, L, D]`` hidden states entering ``layer``.
+        visual: per sample, the current rows of its visual tokens (ascending).
+        n_input: per sample, visual tokens the LLM received at layer 0.
+        last: ``[B]`` row of each sample's last prompt token.
+        text_after: per sample, rows of prompt text after its last visual token.
+    """
+
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor
+    visual: list[torch.Tensor]
+    n_input: list[int]
+    last: torch.Tensor
+    text_after: list[torch.Tensor]
+    _attend: Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+
+    def attention(self, rows: Sequence[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+        """Head-mean attention probabilities of the given query rows over all current rows, per sample.
+
+        Computed from ``layer``'s own input norm, q/k projections, RoPE and grouped KV heads (default: the
+        layer about to run), with the causal and padding mask; fp32. Returns ``[R_b, L]`` per sample.
+        """
+        return self._attend(self.layer if layer is None else layer, list(rows))
+
+    def attention_to_visual(self, query: str = "last", layer: int | None = None) -> list[torch.Tensor]:
+        """Per sample ``[n_visual]``: attention the visual tokens receive from the last prompt token
+        (``query="last"``) or, averaged, from the prompt text after the image (``query="text"``)."""
+        if query == "last":
+            rows = [self.last[b : b + 1] for b in range(len(self.visual))]
+        elif query == "text":
+            rows = [t if t.numel() else self.last[b : b + 1] for b, t in enumerate(self.text_after)]
+        else:
+            raise ValueError(f"query must be 'last' or 'text', got {query!r}")
+        probs = self.attention(rows, layer)
+        return [p[:, v].mean(dim=0) for p, v in zip(probs, self.visual, strict=True)]
+
+
+@dataclasses.dataclass
+class LayerUpdate:
+    """What an ``LLM_LAYER`` method returns when it merges rather than only drops.
+
+    Attributes:
+        kept: per sample, the visual rows that go on (as for a plain prune).
+        hidden: ``[B, L, D]`` hidden states to continue from (merged rows updated), same rows as the input.
+    """
+
+    kept: list[torch.Tensor]
+    hidden: torch.Tensor
+
+
+@dataclasses.dataclass
+class DecodeTokens:
+    """The decode-time context of a method that re-selects cached visual rows at every generated token.
+
+    Attributes:
+        layer: layers from ``layer`` on attend only to the rows the method keeps (all text is always seen).
+        visual: per sample, the cache rows of its visual tokens.
+        attention: per sample ``[n_visual]``: head-mean attention of the current token over those rows at
+            layer ``layer - 1`` (from that layer's cached keys, RoPE and grouped heads applied).
+        n_input: per sample, visual tokens in the cache.
+        state: a dict the method may use to carry state between the decode steps of one generation.
+    """
+
+    layer: int
+    visual: list[torch.Tensor]
+    attention: list[torch.Tensor]
+    n_input: list[int]
+    state: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerCall:
+    """One run of a vision tower under a ``VISION_MERGE`` method, as the adapter sees it at block 0.
+
+    Attributes:
+        batch: images (tower batch rows) in the call; every row has the same token count.
+        tokens: tokens per row entering block 0, prefix included (LLaVA-1.5: 577; ViT-B/16: 197).
+        prefix: leading tokens that are never merged (CLS, distillation token, registers).
+        blocks: blocks that may merge: up to and including the block whose output the consumer reads
+            (LLaVA's feature block; the last block of a standalone ViT). Later blocks only run on the result.
+        n: tokens the consumer (the LLM, or a standalone ViT's output without the prefix) would get
+            uncompressed; k: what it should get (``vtc.budget.keep_count``). The tower removes ``n - k`` tokens.
+        device: where the tower runs.
+    """
+
+    batch: int
+    tokens: int
+    prefix: int
+    blocks: int
+    n: int
+    k: int
+    device: torch.device = torch.device("cpu")
+
+
+class TowerMerge:
+    """Per-call state of a method that merges tokens inside the vision tower (``Stage.VISION_MERGE``).
+
+    A block runner calls, in every block ``i`` (tokens ``[B, T, C]``, batch first)::
+
+        bias = merge.attention_bias(dtype)        # [B, 1, 1, T] additive attention logits, or None
+        x = x + attention(x, bias)                # the host block's own attention (SDPA kept)
+        x = merge.merge(i, x, metric)             # metric [B, T, d] (head-mean keys) if merge.wants_metric(i)
+        x = x + mlp(x)
+        x = merge.after_block(i, x)
+
+    After the tower, :attr:`origin` and :attr:`anchor` say where every input token went.
+    """
+
+    #: ``[B, T0]`` row of the current tokens that each token entering block 0 is part of
+    origin: torch.Tensor
+    #: ``[B, T]`` smallest block-0 index among the members of each current token (its anchor)
+    anchor: torch.Tensor
+    #: ``[B, T]`` fp32: how many block-0 tokens each current token stands for
+    size: torch.Tensor
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def wants_metric(self, block: int) -> bool:
+        raise NotImplementedError
+
+    def merge(self, block: int, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def consumer_view(self, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(groups [B, T0 - drop], anchors [B, T - drop])`` for a consumer that drops the first ``drop``
+        rows (LLaVA's ``"default"`` strategy drops CLS), in the consumer's token coordinates."""
+        return self.origin[:, drop:] - drop, self.anchor[:, drop:] - drop
