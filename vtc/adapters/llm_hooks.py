@@ -87,12 +87,16 @@ class LLMHooks:
         return None
 
     def _lm_post(self, module, args, output):
-        # a forward without a cache argument gets one created inside the LM: remember it for continuation
         call = self.call
-        if call is not None and call.cache is None:
-            call.cache = getattr(output, "cache", None)
-            if call.cache is not None:
-                self.calls[call.cache] = call
+        if call is None:
+            return
+        call.stash.clear()  # layer inputs kept for a later layer's scores: only needed inside this forward
+        # a forward without a cache argument gets one created inside the LM: remember it for continuation
+        if call.cache is None:
+            cache = getattr(output, "cache", None)
+            if cache is not None:
+                call.cache = cache
+                self.calls[cache] = call
 
     # -- layers -------------------------------------------------------------------------------------
     def _layer_hook(self, idx: int):

@@ -10,6 +10,7 @@ rotary embeddings.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,10 +66,16 @@ class Group:
 
 
 class Prefill:
-    """State of one prefill on one cache, and of the calls that continue it."""
+    """State of one prefill on one cache, and of the calls that continue it.
+
+    The state is found by its cache (:attr:`LLMHooks.calls <vtc.adapters.llm_hooks.LLMHooks.calls>`, a weak
+    mapping) and holds that cache only weakly: a strong reference from the value to its own key would keep
+    both alive for as long as the hooks are installed, one whole KV cache per compressed call.
+    """
 
     def __init__(self, plan: LLMPlan, cache: Any, mask2d: torch.Tensor, length: int):
         self.plan = plan
+        self._cache: Callable[[], Any] = lambda: None
         self.cache = cache
         self.full_len = length
         self.mask2d = mask2d  # [B, L] current valid rows
@@ -90,6 +97,15 @@ class Prefill:
         self.decode_keep: list[torch.Tensor] | None = None
         self.decode_drop: torch.Tensor | None = None
         self.decode_masks: dict[tuple, Any] = {}
+
+    @property
+    def cache(self) -> Any:
+        """The KV cache this prefill fills (None once the caller dropped it, or for a cache-free call)."""
+        return self._cache()
+
+    @cache.setter
+    def cache(self, cache: Any) -> None:
+        self._cache = (lambda: None) if cache is None else weakref.ref(cache)
 
 
 def layer_schedule(method: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...], int | None, int]:
