@@ -239,8 +239,8 @@ class Recorder:
     def on_prune(self, call: Any, layer: int, seconds: float) -> None:
         """Record what survives an in-LLM prune point (kept tokens, counts, per-layer lengths, FLOPs, time).
 
-        ``call`` is the LLM hooks' state of the prefill: ``mask2d``, ``visual``, ``row_image``, ``row_token``
-        and ``row_source``, each ``[B, L]`` over the rows leaving the prune point.
+        ``call`` is a :class:`~vtc.adapters.llm_state.RowView` of the prefill: ``mask2d``, ``visual``,
+        ``row_image``, ``row_token`` and ``row_source``, each ``[B, L]`` over the rows leaving the prune point.
         """
         rec = self._record
         if rec is None:

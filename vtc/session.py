@@ -146,6 +146,8 @@ class Session:
             llm_kwargs = prefix.translate_generate(kwargs)
         else:
             llm_kwargs = self.prepare(kwargs, for_generate=True)
+            if _copies(kwargs, self.model) > 1:
+                self.adapter.check_expandable(llm_kwargs)
         self._generating += 1  # generate's own forward calls already speak the cache's coordinates
         try:
             out = inner(**llm_kwargs)
@@ -180,6 +182,14 @@ class Session:
                 sources = [s.source_positions for s in record.samples]
                 adapter.plan_llm(out, encoded, reductions, sources, self.positions, for_generate)
         return out
+
+
+def _copies(kwargs: dict, model: nn.Module) -> int:
+    """How many rows ``generate`` makes of every prompt (beams times returned sequences, at least)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return int(beams) * int(returned)
 
 
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict:

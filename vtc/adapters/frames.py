@@ -96,8 +96,12 @@ class OnevisionFrames(PooledFrames):
         return torch.cat([out, out.new_zeros(1, out.shape[-1])])  # the separator has no vision features
 
     def pack_features(self, output: Any, items: list[torch.Tensor]) -> Any:
-        # the model reads video features as one [batch, n, D] tensor and flattens it: concatenating every
-        # video into a single row is equivalent and allows videos that kept different counts
+        # The model reads video features as one [videos, n, D] tensor and flattens it. Videos that kept the
+        # same count stay one row each, the model's own layout, which generate() can repeat per prompt (beams,
+        # num_return_sequences); videos that kept different counts go in a single row, which is equivalent for
+        # the model but cannot be repeated per prompt (see VLMAdapter.check_expandable).
+        if len({int(x.shape[0]) for x in items}) == 1:
+            return output.__class__(**{**output, "pooler_output": torch.stack(items)})
         return output.__class__(**{**output, "pooler_output": torch.cat(items)[None]})
 
 

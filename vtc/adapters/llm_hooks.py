@@ -67,8 +67,8 @@ class LLMHooks:
         past = cache.get_seq_length() if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         if self.pending is not None and past == 0:
-            plan, self.pending = self.pending, None
             bsz, length = embeds.shape[:2]
+            plan, self.pending = self.pending.expanded(bsz), None
             if mask2d is None:
                 mask2d = torch.ones(bsz, length, dtype=torch.long, device=embeds.device)
             self.call = Prefill(plan, cache, mask2d.bool(), length)
@@ -180,7 +180,7 @@ class LLMHooks:
                 raise RuntimeError(f"method {self.method.name!r} kept rows that are not its visual rows (sample {b})")
         dropped = [v.numel() - k.numel() for k, v in zip(kept, visual_rows, strict=True)]
         if all(d == 0 for d in dropped):
-            call.plan.on_prune(call, idx, time.perf_counter() - start)
+            call.plan.on_prune(call.rows(), idx, time.perf_counter() - start)
             return hidden
         keep_rows = []
         for b in range(bsz):
@@ -189,7 +189,7 @@ class LLMHooks:
             drop[kept[b]] = False
             keep_rows.append(torch.nonzero(valid[b] & ~drop).flatten())
         hidden = shorten(call, self.decoder, idx, hidden, keep_rows, dropped, cos, sin)
-        call.plan.on_prune(call, idx, time.perf_counter() - start)
+        call.plan.on_prune(call.rows(), idx, time.perf_counter() - start)
         return hidden
 
     def _decode(self, idx: int, args: tuple, kwargs: dict):

@@ -27,9 +27,12 @@ class LLMPlan:
     row_source: torch.Tensor  # [B, L] the caller's input position of each row, -1 if none
     row_image: torch.Tensor  # [B, L] image index of each visual row, -1 otherwise
     row_token: torch.Tensor  # [B, L] token index inside its image, -1 otherwise
-    positions: str  # "original" or "compact"
+    positions: str  # the in-LLM stage's policy: "original" or "compact"
     side: str  # padding side for re-padding
-    on_prune: Callable[[Prefill, int, float], None]  # reports the kept rows and vtc's seconds after each prune
+    on_prune: Callable[[RowView, int, float], None]  # reports the kept rows and vtc's seconds after each prune
+    #: copies of every sample in the LLM's batch (``generate`` with ``num_beams`` / ``num_return_sequences``
+    #: repeats each prompt after vtc planned it)
+    copies: int = 1
 
     @classmethod
     def build(
@@ -40,7 +43,7 @@ class LLMPlan:
         sources: list[list[int]],
         positions: str,
         side: str,
-        on_prune: Callable[[Prefill, int, float], None],
+        on_prune: Callable[[RowView, int, float], None],
     ) -> LLMPlan:
         """The plan of a prompt whose visual rows are ``visual [B, L]``: image ``j`` (placeholder run starting at
         ``spans[j] = (sample, start)``) fills its sample's next visual rows with its tokens ``kept[j]``."""
@@ -56,6 +59,43 @@ class LLMPlan:
             cursor[b] += len(kept[j])
         source = torch.tensor(sources, device=visual.device)
         return cls(visual, source, row_image, row_token, positions, side, on_prune)
+
+    def expanded(self, batch: int) -> LLMPlan:
+        """The plan of a batch of ``batch`` rows in which every planned sample appears ``batch / B`` times in a
+        row (how ``generate`` expands its inputs for beams and returned sequences: ``repeat_interleave``)."""
+        planned = self.visual.shape[0]
+        if batch == planned:
+            return self
+        if batch % planned:
+            raise RuntimeError(
+                f"the LLM received a batch of {batch} rows for {planned} compressed prompts; vtc can follow a batch "
+                f"that repeats every prompt the same number of times (beams, num_return_sequences), not this one"
+            )
+        copies = batch // planned
+
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(copies, dim=0)
+
+        return dataclasses.replace(
+            self,
+            visual=rep(self.visual),
+            row_source=rep(self.row_source),
+            row_image=rep(self.row_image),
+            row_token=rep(self.row_token),
+            copies=self.copies * copies,
+        )
+
+
+@dataclasses.dataclass
+class RowView:
+    """What a prune point left, one row per sample the caller sent (the first of its copies), each ``[B, L]``:
+    valid rows, visual rows, and each row's image, token inside its image, and caller's input position."""
+
+    mask2d: torch.Tensor
+    visual: torch.Tensor
+    row_image: torch.Tensor
+    row_token: torch.Tensor
+    row_source: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -97,6 +137,13 @@ class Prefill:
         self.decode_keep: list[torch.Tensor] | None = None
         self.decode_drop: torch.Tensor | None = None
         self.decode_masks: dict[tuple, Any] = {}
+
+    def rows(self) -> RowView:
+        """The current rows of the samples the caller sent (one copy of each)."""
+        step = self.plan.copies
+        return RowView(
+            self.mask2d[::step], self.visual[::step], self.row_image[::step], self.row_token[::step], self.row_source[::step]
+        )
 
     @property
     def cache(self) -> Any:
