@@ -141,9 +141,8 @@ class Prefill:
     def rows(self) -> RowView:
         """The current rows of the samples the caller sent (one copy of each)."""
         step = self.plan.copies
-        return RowView(
-            self.mask2d[::step], self.visual[::step], self.row_image[::step], self.row_token[::step], self.row_source[::step]
-        )
+        rows = (self.mask2d, self.visual, self.row_image, self.row_token, self.row_source)
+        return RowView(*(x[::step] for x in rows))
 
     @property
     def cache(self) -> Any:
