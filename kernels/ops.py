@@ -30,5 +30,11 @@ def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) ->
 def weighted_merge(
     x: torch.Tensor, sizes: torch.Tensor, groups: torch.Tensor, num_groups: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted mean per group (fp32 accumulation): ``(merged [G, C], sizes [G])``."""
+    """Size-weighted mean per group (fp32 accumulation): ``(merged [G, C], sizes [G])``.
+
+    Inputs that need a gradient take the PyTorch reference (the fused kernel has no backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        from . import reference
+
+        return reference.weighted_merge(x, sizes, groups, num_groups)
     return implementation("weighted_merge", x.device)(x, sizes, groups, num_groups)

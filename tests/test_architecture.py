@@ -12,7 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 VTC = ROOT / "vtc"
 #: the engine: what compress / restore and a compressed call run, apart from the adapters
-CORE = ["api", "session", "registry", "budget", "record", "config", "reduce", "method", "contexts", "prefix", "flops"]
+CORE = [
+    "api",
+    "session",
+    "instance",
+    "registry",
+    "budget",
+    "record",
+    "config",
+    "reduce",
+    "method",
+    "contexts",
+    "prefix",
+    "flops",
+]
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:

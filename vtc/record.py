@@ -122,6 +122,13 @@ class Record:
             "last_stage": sum(list(im.counts.values())[-1] for im in self.images),
         }
 
+    def take_rows(self, values: torch.Tensor, fill: Any = 0) -> torch.Tensor:
+        """``values [B, L]`` given per input position (``labels``, say) -> ``[B, L']`` on the rows the LLM's output
+        has (each sample's ``source_positions``; ``fill`` where a row has no single source)."""
+        src = torch.tensor([s.source_positions for s in self.samples], device=values.device)  # [B, L']
+        taken = values.gather(1, src.clamp_min(0))
+        return taken.masked_fill(src < 0, fill)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

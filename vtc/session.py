@@ -5,9 +5,9 @@ tower, the LLM-layer hooks), :mod:`vtc.reduce` runs the method on each image, :m
 record, and :mod:`vtc.prefix` maps continuations onto a cache that holds a compressed prompt. What is left
 here is routing.
 
-For a vision-language model, the instance gets a per-instance subclass of its own class (``__class__``
-swap; the upstream class is never modified) whose ``forward`` and ``generate`` route calls with visual
-input through :meth:`Session.prepare`:
+The instance gets a per-instance subclass of its own class (:mod:`vtc.instance`; the upstream class is never
+modified); for a vision-language model its ``forward`` and ``generate`` route calls with visual input through
+:meth:`Session.prepare`:
 
 1. the adapter runs the vision tower and projector once, capturing the signals the method asked for (a
    method that merges inside the tower, ``VISION_MERGE``, gets its images back already reduced);
@@ -16,8 +16,12 @@ input through :meth:`Session.prepare`:
    stock ``forward`` / ``generate`` runs on it with the reduced features as ``mm_encoder_outputs``;
 4. ``generate`` returns the caller's own prompt followed by the new tokens.
 
-Calls without visual input go straight to the stock code. A standalone vision transformer (timm, open_clip)
-needs no routing: its adapter's block runners merge tokens in every call.
+Calls without visual input go straight to the stock code. With gradients enabled the kept tokens carry them
+(back through the projector and the tower; a selection itself has none); a compressed ``forward`` with
+``labels`` computes its loss on the rows its logits have, also after rows were dropped inside the LLM.
+
+A standalone vision transformer (timm, open_clip) needs no routing: its adapter's block runners merge tokens
+in every call.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 
 from .budget import keep_count
 from .config import MethodConfig
+from .instance import swap_class
 from .method import Method
 from .prefix import CachedPrefix, cache_of, check_fresh, restore_prompt
 from .record import Record, Recorder
@@ -54,7 +59,8 @@ class Session:
         self.prefixes: weakref.WeakKeyDictionary[Any, CachedPrefix] = weakref.WeakKeyDictionary()
         self._generating = 0
         self.original_class: type = type(model)  # set again at attach()
-        self._instance_forward: Callable | None = None
+        #: the model's own instance-level forward, when it has one (wrapped while compressed)
+        self.instance_forward: Callable | None = None
         adapter.configure(method, lambda n: keep_count(config.budget, n), self.recorder)
 
     @property
@@ -76,36 +82,21 @@ class Session:
         self.original_class = type(self.model)
         try:
             self.adapter.install()
-            if self.adapter.routes_calls:
-                self._route_calls()
+            swap_class(self)
+            # An instance-level forward (accelerate's dispatch hooks) shadows the class one: wrap it too.
+            inner = self.model.__dict__.get("forward") if self.adapter.routes_calls else None
+            if inner is not None:
+                self.instance_forward = inner
+                self.model.forward = functools.wraps(inner)(lambda *a, **kw: self.forward(inner, a, kw))
         except BaseException:
             self.detach()
             raise
 
-    def _route_calls(self) -> None:
-        model, session, orig = self.model, self, self.original_class
-
-        @functools.wraps(orig.forward)
-        def forward(this, *args, **kwargs):
-            return session.forward(orig.forward.__get__(this), args, kwargs)
-
-        @functools.wraps(orig.generate)
-        def generate(this, *args, **kwargs):
-            return session.generate(orig.generate.__get__(this), args, kwargs)
-
-        namespace = {"forward": forward, "generate": generate, "__module__": orig.__module__}
-        model.__class__ = type(f"Compressed{orig.__name__}", (orig,), namespace)
-        # An instance-level forward (accelerate's dispatch hooks) shadows the class one: wrap it too.
-        inner = model.__dict__.get("forward")
-        if inner is not None:
-            self._instance_forward = inner
-            model.forward = functools.wraps(inner)(lambda *a, **kw: session.forward(inner, a, kw))
-
     def detach(self) -> None:
         self.adapter.uninstall()
-        if self._instance_forward is not None:
-            self.model.forward = self._instance_forward
-            self._instance_forward = None
+        if self.instance_forward is not None:
+            self.model.forward = self.instance_forward
+            self.instance_forward = None
         self.model.__class__ = self.original_class
 
     # -- calls --------------------------------------------------------------------------------------
@@ -122,9 +113,15 @@ class Session:
             return inner(**kwargs)
         try:
             llm_kwargs = self.prepare(kwargs, for_generate=False)
+            # rows dropped inside the LLM leave fewer logits than labels: the loss is taken on the rows left
+            labels = llm_kwargs.pop("labels", None) if self.adapter.prunes_in_llm else None
             out = inner(**llm_kwargs)
         finally:
             self.adapter.end_call()
+        if labels is not None:
+            rows = self.record.take_rows(kwargs["labels"], fill=-100)
+            extra = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+            out.loss = self.model.loss_function(out.logits, rows, self.adapter.text_config().vocab_size, **extra)
         out_cache = getattr(out, "cache", None)
         if out_cache is not None:
             self.prefixes[out_cache] = CachedPrefix.of(kwargs["input_ids"], llm_kwargs)
@@ -162,25 +159,28 @@ class Session:
             self.prefixes[out_cache] = CachedPrefix.of(caller_ids, llm_kwargs).extended(sequences, raw)
         return restored
 
+    @torch.compiler.disable
     def prepare(self, kwargs: dict, for_generate: bool) -> dict:
-        """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record)."""
+        """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record).
+
+        Plain Python over each call's shapes: ``torch.compile`` runs it as it is and compiles the stock code.
+        """
         adapter = self.adapter
         adapter.check_call(kwargs)
         timer = self.recorder.timer
         timer.start()
-        with torch.no_grad():
-            encoded = adapter.encode(kwargs)
-            reductions = self.reducer.run(encoded.images, encoded.reductions, adapter.tower_info())
-            if all(r is None for r in reductions):
-                out, rebuilt = adapter.passthrough(kwargs, encoded), None
-            else:
-                rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
-                out = rebuilt.kwargs
-            record = self.recorder.call(encoded.images, reductions, rebuilt, kwargs)
-            record.seconds_in_vtc = timer.own_seconds()
-            if not self.reducer.full_budget(encoded.images):  # budget=1.0 turns in-LLM stages off too
-                sources = [s.source_positions for s in record.samples]
-                adapter.plan_llm(out, encoded, reductions, sources, self.positions, for_generate)
+        encoded = adapter.encode(kwargs)
+        reductions = self.reducer.run(encoded.images, encoded.reductions, adapter.tower_info())
+        if all(r is None for r in reductions):
+            out, rebuilt = adapter.passthrough(kwargs, encoded), None
+        else:
+            rebuilt = adapter.rebuild(kwargs, encoded, reductions, self.positions, for_generate)
+            out = rebuilt.kwargs
+        record = self.recorder.call(encoded.images, reductions, rebuilt, kwargs)
+        record.seconds_in_vtc = timer.own_seconds()
+        if not self.reducer.full_budget(encoded.images):  # budget=1.0 turns in-LLM stages off too
+            sources = [s.source_positions for s in record.samples]
+            adapter.plan_llm(out, encoded, reductions, sources, self.positions, for_generate)
         return out
 
 

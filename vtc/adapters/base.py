@@ -101,6 +101,31 @@ class Adapter:
             handle.remove()
         self.handles.clear()
 
+    def installed(self) -> list[Any]:
+        """Every handle :meth:`install` keeps (hooks, class swaps, containers of them)."""
+        return list(self.handles)
+
+    def stock_view(self) -> list[tuple[Any, Any]]:
+        """What a deep copy of the stock model holds where the installed handles patched it: ``(patched, stock)``
+        pairs, each hook dict with vtc's entries left out, each swapped class with the module's own class."""
+        drop: dict[int, tuple[dict, set[int]]] = {}
+        out: list[tuple[Any, Any]] = []
+        pending = self.installed()
+        while pending:
+            handle = pending.pop()
+            if hasattr(handle, "parts"):
+                pending += handle.parts()
+            elif hasattr(handle, "stock"):
+                out += handle.stock()
+            else:  # a torch RemovableHandle: its id keys an entry in one or more hook dicts
+                for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                    hooks = ref()
+                    if hooks is not None and handle.id in hooks:
+                        drop.setdefault(id(hooks), (hooks, set()))[1].add(handle.id)
+        for hooks, ids in drop.values():
+            out.append((hooks, type(hooks)((k, v) for k, v in hooks.items() if k not in ids)))
+        return out
+
     def tower_info(self) -> TowerInfo:
         raise NotImplementedError
 

@@ -4,11 +4,13 @@
 a ``VISION_MERGE`` method, its tower merging), then turns every image or video into an
 :class:`~vtc.contexts.ImageTokens`: its tokens, layout, signals, pre-projector features and the prompt text
 after it. The feature outputs are kept, so the stock forward reuses them instead of encoding twice:
-:func:`pack` puts each image's reduced tokens (and its rows of every token stream) back into them.
+:func:`pack` puts each image's reduced tokens (and its rows of every token stream) back into them, and
+:func:`check_expandable` says whether ``generate`` can repeat them per prompt.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,3 +96,25 @@ def pack(adapter: Any, encoded: Encoded, reductions: Sequence[Reduction | None])
             )
         outputs[modality.name] = packed
     return outputs
+
+
+def check_expandable(modalities: Sequence[Any], out: Mapping[str, Any]) -> None:
+    """Raise when ``generate`` could not repeat the rebuilt call ``out`` per prompt (beams, ``num_return_sequences``).
+
+    ``generate`` splits each modality's features into per-prompt groups by counting placeholders; a packed item
+    that spans two prompts (videos of different kept counts in one row) cannot be split.
+    """
+    ids = out["input_ids"]
+    for modality in modalities:
+        feats = out.get("mm_encoder_outputs", {}).get(modality.name)
+        if feats is None or ids.shape[0] == 1:
+            continue
+        items = [int(x.shape[0]) for x in feats.pooler_output]
+        bounds = set(itertools.accumulate(items))
+        per_prompt = itertools.accumulate((ids == modality.token_id).sum(-1).tolist())
+        if not all(b in bounds for b in per_prompt if b):
+            raise ValueError(
+                f"generate() repeats every prompt for num_beams / num_return_sequences > 1, which vtc cannot follow "
+                f"for a batch of {modality.name}s that kept different token counts ({items} in one packed row); "
+                f"send these {modality.name}s one per call, or give them the same size and frames"
+            )

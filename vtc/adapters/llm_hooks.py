@@ -45,11 +45,13 @@ class LLMHooks:
         self.calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill state
 
     def install(self) -> None:
-        self.handles.append(self.decoder.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-        self.handles.append(self.decoder.lm.register_forward_hook(self._lm_post))
+        skip = torch.compiler.disable  # Python over each call's rows: torch.compile runs them as they are
+        lm = self.decoder.lm
+        self.handles.append(lm.register_forward_pre_hook(skip(self._lm_pre), with_kwargs=True))
+        self.handles.append(lm.register_forward_hook(skip(self._lm_post)))
         for idx in range(self.first, self.decoder.num_layers):
             layer = self.decoder.layers[idx]
-            self.handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(skip(self._layer_hook(idx)), with_kwargs=True))
 
     def uninstall(self) -> None:
         for h in self.handles:

@@ -139,6 +139,10 @@ class ClassSwap:
             self.module.__class__ = self.orig
             self.module = None
 
+    def stock(self) -> list[tuple[Any, Any]]:
+        """``(the one-off class, the module's own class)`` while installed (for deep copies)."""
+        return [] if self.module is None else [(type(self.module), self.orig)]
+
 
 class Runners:
     """Installed runners of one tower; ``remove()`` puts every block back (class and hooks)."""
@@ -169,6 +173,9 @@ class Runners:
             handle.remove()
         self._handles.clear()
 
+    def parts(self) -> list[Any]:
+        return list(self._handles)
+
 
 class TowerMerging:
     """Token merging inside a VLM's tower, during vtc's own feature calls only (LLaVA's ``VISION_MERGE``).
@@ -193,6 +200,9 @@ class TowerMerging:
 
     def remove(self) -> None:
         self.runners.remove()
+
+    def parts(self) -> list[Any]:
+        return [self.runners]
 
     @contextlib.contextmanager
     def running(self, strategy: str) -> Iterator[MergeContext]:

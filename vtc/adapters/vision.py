@@ -92,9 +92,9 @@ class Capture:
         finally:
             self.parts = None
 
-    def keep(self, name: str, value: torch.Tensor) -> None:
+    def keep(self, name: str, value: torch.Tensor, detach: bool = True) -> None:
         if self.parts is not None:
-            self.parts.setdefault(name, []).append(value.detach())
+            self.parts.setdefault(name, []).append(value.detach() if detach else value)
 
     def store_output(self, names: list[str]) -> Callable:
         """A forward hook storing a module's output under every name in ``names``."""
@@ -107,10 +107,11 @@ class Capture:
         return hook
 
     def store_input(self, name: str) -> Callable:
-        """A forward pre-hook storing a module's first input under ``name``."""
+        """A forward pre-hook storing a module's first input under ``name`` (with its gradient: methods that merge
+        pre-projector features project them again)."""
 
         def hook(module, args):
-            self.keep(name, args[0])
+            self.keep(name, args[0], detach=False)
 
         return hook
 
@@ -202,7 +203,9 @@ def install_signals(
 
             def emit(q, k, segments, attention=attention):
                 start = time.perf_counter()
-                for name, value in attention_signals(attention, q, k, segments).items():
+                with torch.no_grad():  # scores rank tokens; no gradient goes through a selection
+                    signals = attention_signals(attention, q, k, segments)
+                for name, value in signals.items():
                     capture.keep(name, value)
                 timer.signal(time.perf_counter() - start)
 

@@ -13,7 +13,6 @@ pack every tile's full grid), and the LLM-layer hooks (:mod:`vtc.adapters.llm_ho
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from ..contexts import Reduction, Stage, TowerInfo
 from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError
-from .encode import encode, pack
+from .encode import check_expandable, encode, pack
 from .llm import Decoder
 from .llm_hooks import LLMHooks
 from .llm_state import LLMPlan
@@ -147,6 +146,14 @@ class VLMAdapter(Adapter):
         if self.llm is not None:
             self.llm.uninstall()
 
+    def installed(self) -> list[Any]:
+        return [*self.handles, *(self.llm.handles if self.llm is not None else ())]
+
+    @property
+    def prunes_in_llm(self) -> bool:
+        """The coming prefill is armed to drop rows inside the LLM (its logits will have fewer rows)."""
+        return self.llm is not None and self.llm.pending is not None and bool(self.llm.prune_layers)
+
     def has_visual_input(self, kwargs: Mapping[str, Any]) -> bool:
         return any(kwargs.get(m.pixels) is not None for m in self.modalities)
 
@@ -228,25 +235,8 @@ class VLMAdapter(Adapter):
         )
 
     def check_expandable(self, out: Mapping[str, Any]) -> None:
-        """Raise when ``generate`` could not repeat the rebuilt call per prompt (beams, ``num_return_sequences``).
-
-        ``generate`` splits each modality's features into per-prompt groups by counting placeholders; a packed
-        item that spans two prompts (videos of different kept counts in one row) cannot be split.
-        """
-        ids = out["input_ids"]
-        for modality in self.modalities:
-            feats = out.get("mm_encoder_outputs", {}).get(modality.name)
-            if feats is None or ids.shape[0] == 1:
-                continue
-            items = [int(x.shape[0]) for x in feats.pooler_output]
-            bounds = set(itertools.accumulate(items))
-            per_prompt = itertools.accumulate((ids == modality.token_id).sum(-1).tolist())
-            if not all(b in bounds for b in per_prompt if b):
-                raise ValueError(
-                    f"generate() repeats every prompt for num_beams / num_return_sequences > 1, which vtc cannot "
-                    f"follow for a batch of {modality.name}s that kept different token counts ({items} in one "
-                    f"packed row); send these {modality.name}s one per call, or give them the same size and frames"
-                )
+        """Raise when ``generate`` could not repeat the rebuilt call per prompt (beams, ``num_return_sequences``)."""
+        check_expandable(self.modalities, out)
 
     def plan_llm(self, out: dict, encoded: Encoded, reductions, sources, positions: str, for_generate: bool) -> None:
         """Arm the LLM-layer hooks for the coming prefill: where each image's rows sit in ``out``'s sequence."""
