@@ -58,6 +58,7 @@ class Decoder:
             layer_idx=layer,
         )
 
+    @torch.no_grad()  # scores rank rows: no gradient goes through a selection
     def attention_rows(
         self,
         layer: int,
@@ -93,6 +94,7 @@ class Decoder:
             out.append(logits.softmax(dim=-1).mean(dim=1)[0])  # [R, L]
         return out
 
+    @torch.no_grad()
     def decode_attention(self, layer: int, x: torch.Tensor, cos, sin, keys: torch.Tensor, valid: torch.Tensor):
         """``[B, S]`` head-mean attention of the newest token of ``x [B, T, D]`` over ``keys [B, Hkv, S, d]``
         (the layer's cached keys, RoPE applied) as layer ``layer`` computes it; ``valid [B, >= S]`` masks keys."""
