@@ -83,3 +83,52 @@ def test_forward_logits_rows_follow_source_positions(model):
     start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
     torch.testing.assert_close(short[:start], full[:start])
     assert src[:start] == list(range(start))
+
+
+def test_holitom_inner_merge_keeps_positions_and_its_outer_stage_renumbers():
+    """HoliTom's official code renumbers the sequence its outer stage builds and keeps the kept rows' position
+    ids after its merge inside the LLM. A hand-made example: one video, the prompt ``BOS t t t <video> t t t t``."""
+    from vtc.testing import llava_video_inputs, tiny_llava_onevision
+
+    model = tiny_llava_onevision(seed=0)
+    inputs = llava_video_inputs(model, ((3, 4),), frames=4, seed=3)
+    layers = model.model.language_model.layers
+    seen = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):  # registered after vtc's hooks: sees what the layer really gets
+            seen.setdefault(layer, []).append(kwargs["position_ids"][0].tolist())
+
+        return hook
+
+    with vtc.compressed(model, "holitom", budget=0.5):
+        inner = vtc.session_of(model).adapter.llm.prune_layers[0]  # round(4 * 18 / 28) = 3
+        handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (inner - 1, inner)]
+        try:
+            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        finally:
+            for h in handles:
+                h.remove()
+        rec = vtc.last_record(model)
+    assert (rec.positions, rec.llm_positions) == ("compact", "original")
+    (im,) = rec.images
+    k = im.counts["pre_llm"]  # 19 of 37 tokens + the video's newline: 20
+    length = 1 + 3 + k + 4
+    # the outer stage renumbers: the LLM receives 0 .. length-1
+    assert seen[inner - 1][0] == list(range(length))
+    # the inner merge drops half the visual rows; every row left keeps its position id, text after included
+    kept_rows = [4 + i for i, token in enumerate(im.kept) if token in set(im.layers[str(inner)])]
+    assert len(kept_rows) == im.counts[f"llm_layer_{inner}"] == round(k / 2)
+    assert seen[inner][0] == [0, 1, 2, 3, *kept_rows, length - 4, length - 3, length - 2, length - 1]
+    # decoding continues after the sequence the LLM received, in every layer
+    assert seen[inner - 1][1] == seen[inner][1] == [length]
+
+
+def test_positions_per_stage_are_options():
+    from vtc.mergers.holitom import HoliTomConfig
+
+    assert HoliTomConfig(positions={"llm_layer": "compact"}).positions == {"llm_layer": "compact"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        HoliTomConfig(positions={"vision": "compact"})
+    with pytest.raises(ValueError, match="positions must be one of"):
+        HoliTomConfig(positions={"llm_layer": "sideways"})

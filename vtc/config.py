@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 from .budget import Budget, validate_budget
 
 POSITION_POLICIES = ("compact", "original")
+#: the stages whose position policy can be set apart: the prompt the LLM receives, the rows left inside the LLM
+POSITION_STAGES = ("pre_llm", "llm_layer")
 NEWLINE_POLICIES = ("drop", "keep_rows", "candidates")
 
 
@@ -25,9 +27,12 @@ class MethodConfig:
     Args:
         budget: fraction in (0, 1] or absolute count >= 1 of visual tokens kept (see :mod:`vtc.budget`).
         positions: ``"compact"`` renumbers the kept sequence 0..L'-1; ``"original"`` keeps every token's
-            position id from the uncompressed prompt (gaps where tokens were removed). ``None`` uses the
-            method's default (the behaviour of its official code), unless the model family requires one
-            (Qwen2-VL's M-RoPE always uses ``"original"``).
+            position id from the sequence before the stage (gaps where tokens were removed). A dict sets it per
+            stage, ``{"pre_llm": ..., "llm_layer": ...}`` (the prompt the LLM receives; the rows left inside the
+            LLM); a string sets both. ``None`` (or a stage left out) uses the method's default (the behaviour of
+            its official code, which may differ per stage: HoliTom renumbers its pre-LLM stage and keeps
+            positions inside the LLM), unless the model family requires one (Qwen2-VL's M-RoPE always uses
+            ``"original"``).
         newlines: what happens to row-separator tokens (LLaVA-NeXT / OneVision) before the LLM:
             ``"drop"`` the method chooses among patch tokens only and no separator reaches the LLM (HiRED,
             VisionZip, MMTok official NeXT paths); ``"keep_rows"`` additionally keeps the separator of every
@@ -39,13 +44,12 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     budget: Budget = 0.2
-    positions: str | None = None
+    positions: str | dict[str, str] | None = None
     newlines: str | None = None
 
     def __post_init__(self) -> None:
         self.budget = validate_budget(self.budget)
-        if self.positions is not None and self.positions not in POSITION_POLICIES:
-            raise ValueError(f"positions must be one of {POSITION_POLICIES} or None, got {self.positions!r}")
+        check_positions(self.positions)
         if self.newlines is not None and self.newlines not in NEWLINE_POLICIES:
             raise ValueError(f"newlines must be one of {NEWLINE_POLICIES} or None, got {self.newlines!r}")
 
@@ -72,6 +76,23 @@ class MethodConfig:
                 value = data[f.name]
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
+
+
+def check_positions(positions: object) -> None:
+    """``positions`` is None, a policy, or a dict of policies keyed by ``POSITION_STAGES``."""
+    if positions is None or positions in POSITION_POLICIES:
+        return
+    if isinstance(positions, dict):
+        unknown = sorted(set(positions) - set(POSITION_STAGES))
+        if unknown:
+            raise ValueError(f"positions: unknown stage(s) {unknown}; stages: {list(POSITION_STAGES)}")
+        bad = {k: v for k, v in positions.items() if v is not None and v not in POSITION_POLICIES}
+        if not bad:
+            return
+    raise ValueError(
+        f"positions must be one of {POSITION_POLICIES}, a dict of them keyed by {list(POSITION_STAGES)}, or None, "
+        f"got {positions!r}"
+    )
 
 
 def check_options(config_cls: type[MethodConfig], names: Iterable[str]) -> None:

@@ -42,6 +42,8 @@ class Method:
     stages: ClassVar[tuple[Stage, ...]] = ()
     #: position policy of the official implementation (see MethodConfig.positions)
     default_positions: ClassVar[str] = "compact"
+    #: the official policy inside the LLM, where it differs from ``default_positions`` (None: the same)
+    default_llm_positions: ClassVar[str | None] = None
     #: newline-token policy of the official implementation (see MethodConfig.newlines)
     default_newlines: ClassVar[str] = "drop"
     #: the inputs the method applies to

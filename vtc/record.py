@@ -99,6 +99,9 @@ class Record:
     seconds_in_vtc: float = 0.0
     #: per sample, visual tokens seen by each LLM layer (layer 0 first)
     visual_per_layer: list[list[int]] = dataclasses.field(default_factory=list)
+    #: position policy of the rows left inside the LLM (``positions``: of the prompt it receives); None without
+    #: an in-LLM stage
+    llm_positions: str | None = None
 
     @property
     def equivalent_budget(self) -> float:
@@ -183,12 +186,21 @@ class Recorder:
     """Builds the :class:`Record` of every compressed call of one session.
 
     Args:
-        method, config, family, positions: what the record reports about the compression.
+        method, config, family, positions, llm_positions: what the record reports about the compression.
         text_config: returns the LLM's config (for the analytic FLOPs); not called for a standalone tower.
     """
 
-    def __init__(self, method: str, config: Any, family: str, positions: str, text_config: Callable[[], Any]):
+    def __init__(
+        self,
+        method: str,
+        config: Any,
+        family: str,
+        positions: str,
+        text_config: Callable[[], Any],
+        llm_positions: str | None = None,
+    ):
         self.method, self.config, self.family, self.positions = method, config, family, positions
+        self.llm_positions = llm_positions
         self.text_config = text_config
         self.timer = Timer()
         self._record: Record | None = None
@@ -234,6 +246,7 @@ class Recorder:
                 config=self.config.to_dict(),
                 family=self.family,
                 positions=self.positions,
+                llm_positions=self.llm_positions,
                 images=records,
                 samples=samples,
                 flops=flops_summary(text_config, self._full_lengths, self._layer_lengths),

@@ -37,6 +37,7 @@ from torch import nn
 
 from .budget import keep_count
 from .config import MethodConfig
+from .contexts import Stage
 from .instance import swap_class
 from .method import Method
 from .prefix import CachedPrefix, cache_of, check_fresh, restore_prompt
@@ -52,8 +53,10 @@ class Session:
         self.adapter = adapter
         self.method = method
         self.config = config
-        self.positions = self._resolve_positions()
-        self.recorder = Recorder(method.name, config, adapter.family, self.positions, adapter.text_config)
+        #: position policies of the prompt the LLM receives and of the rows left inside the LLM
+        self.positions, self.llm_positions = self._resolve_positions()
+        inner = self.llm_positions if Stage.LLM_LAYER in method.stages else None
+        self.recorder = Recorder(method.name, config, adapter.family, self.positions, adapter.text_config, inner)
         self.reducer = Reducer(method, config)
         #: caches holding a compressed prompt -> how continuations map onto them (vtc.prefix)
         self.prefixes: weakref.WeakKeyDictionary[Any, CachedPrefix] = weakref.WeakKeyDictionary()
@@ -68,14 +71,16 @@ class Session:
         """The record of the last compressed call (None before the first one)."""
         return self.recorder.record
 
-    def _resolve_positions(self) -> str:
-        forced = self.adapter.forced_positions
-        wanted = self.config.positions
-        if forced is not None and wanted is not None and wanted != forced:
+    def _resolve_positions(self) -> tuple[str, str]:
+        forced, wanted = self.adapter.forced_positions, self.config.positions
+        stages = wanted if isinstance(wanted, dict) else {"pre_llm": wanted, "llm_layer": wanted}
+        if forced is not None and any(v not in (None, forced) for v in stages.values()):
             raise ValueError(
                 f"the {self.adapter.family} family needs positions={forced!r} (got {wanted!r}); leave positions unset"
             )
-        return wanted or forced or self.method.default_positions
+        prompt = stages.get("pre_llm") or forced or self.method.default_positions
+        inner = stages.get("llm_layer") or forced or self.method.default_llm_positions or self.method.default_positions
+        return prompt, inner
 
     # -- attach / detach ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -180,7 +185,7 @@ class Session:
         record.seconds_in_vtc = timer.own_seconds()
         if not self.reducer.full_budget(encoded.images):  # budget=1.0 turns in-LLM stages off too
             sources = [s.source_positions for s in record.samples]
-            adapter.plan_llm(out, encoded, reductions, sources, self.positions, for_generate)
+            adapter.plan_llm(out, encoded, reductions, sources, self.llm_positions, for_generate)
         return out
 
 

@@ -21,8 +21,11 @@ Outer stage (before the LLM), on each frame's pooled, projected ``P``-token grid
 Inner stage (``inner=True``, inside the LLM at layer ``K``): the visual tokens most attended by the last
 prompt token in layer ``K - 1`` (a fraction ``1 - inner_ratio`` of them) go on; each other one is merged
 into its most cosine-similar kept token (hidden states entering layer ``K``) by the code's sequential
-pairwise average (``h <- (h + h_j) / 2`` in index order, closed form ``2^-m h + sum 2^-(m-q+1) h_q``);
-positions are preserved.
+pairwise average (``h <- (h + h_j) / 2`` in index order, closed form ``2^-m h + sum 2^-(m-q+1) h_q``).
+
+Positions, per stage as in the official code: the outer stage's output is renumbered (``"compact"``: the LLM
+receives a new, shorter sequence); the inner merge keeps the kept rows' position ids (``"original"``: gaps
+where rows were merged away, and decoding continues after the sequence the LLM received).
 
 Budget: ``budget`` is the outer stage's keep fraction (the official ``RETAIN_RATIO``; the inner stage halves
 the tokens of layers ``>= K`` on top, shown in the record's equivalent budget). Defaults (official scripts):
@@ -141,6 +144,8 @@ class HoliTomMerger(Method):
 
     modalities = ("video",)
     default_newlines = "keep_rows"  # OneVision's video newline stays at the end, as in the official code
+    default_positions = "compact"  # the outer stage's output is a new, renumbered sequence (official)
+    default_llm_positions = "original"  # the inner merge keeps the kept rows' position ids (official)
 
     def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
         return (IMPORTANCE,)
