@@ -2,10 +2,14 @@
 
 Contract (``docs/kernels.md``, "Correctness contract"): fp16/bf16/fp32 inputs; norms, dots and sums
 accumulate in fp32; similarities are fp32; indices are int64; ties go to the lower index; a NaN score ranks
-above every number (torch semantics); an all-zero vector has cosine similarity 0 with everything.
+above every number (torch semantics); an all-zero vector has cosine similarity 0 with everything; equal inputs
+get equal scores wherever they sit (a matrix product may round one row or column differently from an equal
+one elsewhere in its tiles: :func:`first_equal`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,40 @@ EPS = 1e-12
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """``x / max(||x||, 1e-12)`` along the last dim, in fp32."""
     return F.normalize(x.float(), dim=-1, eps=EPS)
+
+
+def first_equal(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., R]``: for every row of ``x [..., R, D]``, the index of the first row equal to it (itself if none).
+
+    Rows where ``valid [..., R]`` is False are equal to no other row. Exact comparison (``==``), batched: one
+    ``torch.unique`` over the rows tagged with their batch index.
+    """
+    *lead, r, d = x.shape
+    bsz = math.prod(lead)
+    flat = x.reshape(bsz, r, d).float()
+    index = torch.arange(bsz * r, device=x.device)
+    tag = (index // r).float()  # rows of different batch entries never group
+    if valid is not None:
+        alone = ~valid.expand(*lead, r).reshape(-1).bool()
+        tag = torch.where(alone, float(bsz) + index.float(), tag)
+    _, inverse = torch.unique(torch.cat([tag[:, None], flat.reshape(bsz * r, d)], 1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1 if inverse.numel() else 0,), bsz * r, device=x.device)  # [U]
+    first = first.scatter_reduce(0, inverse, index, "amin")
+    return (first[inverse] % max(r, 1)).reshape(*lead, r)
+
+
+def equal_inputs(
+    a: torch.Tensor, b: torch.Tensor, row_mask: torch.Tensor | None, col_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How ``cosine_argmax`` keeps equal inputs equal: ``(rows [..., M], col_mask [..., N])``.
+
+    Each row of ``a`` takes the answer of the first row equal to it (``rows``); a column of ``b`` equal to an
+    earlier one is masked, so equal columns are scored once and a tie among them goes to the first.
+    """
+    cols = first_equal(b, col_mask)
+    unique = cols == torch.arange(b.shape[-2], device=b.device)
+    mask = unique if col_mask is None else unique & col_mask.bool()
+    return first_equal(a, row_mask), mask
 
 
 def cosine_argmax(
@@ -33,7 +71,9 @@ def cosine_argmax(
 
     Returns:
         ``(value [..., M] fp32, index [..., M] int64)``; a row with every column masked gives (-inf, 0).
+        Equal rows get equal answers, and among equal columns the first is chosen (:func:`equal_inputs`).
     """
+    rows, col_mask = equal_inputs(a, b, row_mask, col_mask)
     sim = normalize(a) @ normalize(b).transpose(-1, -2)  # [..., M, N]
     if col_mask is not None:
         sim = sim.masked_fill(~col_mask.bool().unsqueeze(-2), float("-inf"))
@@ -46,7 +86,8 @@ def cosine_argmax(
         keep = row_mask.bool()
         value = value.masked_fill(~keep, float("-inf"))
         index = index.masked_fill(~keep, 0)
-    return value, index
+    rows = rows.expand(value.shape)
+    return value.gather(-1, rows), index.gather(-1, rows)
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -166,6 +166,15 @@ def cosine_argmax(
         return reference.cosine_argmax(a, b, row_mask, col_mask)
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"feature dims differ: a {tuple(a.shape)} vs b {tuple(b.shape)}")
+    if not (a.shape[-2] and b.shape[-2]):
+        return _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k)
+    rows, col_mask = reference.equal_inputs(a, b, row_mask, col_mask)  # equal inputs, equal scores
+    val, idx = _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k)
+    rows = rows.expand(val.shape)
+    return val.gather(-1, rows), idx.gather(-1, rows)
+
+
+def _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k) -> tuple[torch.Tensor, torch.Tensor]:
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     m, n, d = a.shape[-2], b.shape[-2], a.shape[-1]
     a, b = float_input(a), float_input(b)

@@ -136,3 +136,29 @@ def test_greedy_maxmin_first_pick_rule_small_exhaustive():
     assert picks[0] == 3
     assert picks[1] == 0  # farthest from point 3 among 0, 1, 2 is angle 0.0
     assert all(len(set(p)) == len(p) for p in itertools.permutations(picks))
+
+
+def test_cosine_argmax_equal_inputs_score_equally_wherever_they_sit():
+    """Three equal columns and a row parallel to them: the first of them wins, for any shape around them (a
+    matrix product rounds a column by where it sits in its tiles); equal rows get equal answers."""
+    for seed in range(3000):
+        g = torch.Generator().manual_seed(seed)
+        m, n, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 40), (10, 64), (8, 300)))
+        b = torch.randn(n, d, generator=g)
+        b[3] = b[7] = b[9] = torch.randn(d, generator=g)
+        a = torch.randn(m, d, generator=g)
+        r = int(torch.randint(0, m, (1,), generator=g))
+        a[r] = b[3] * float(torch.rand(1, generator=g) * 3 + 0.1)
+        a = torch.cat([a, a[:1]])  # an equal row, elsewhere
+        value, index = reference.cosine_argmax(a, b)
+        assert int(index[r]) == 3, seed
+        assert value[-1] == value[0] and index[-1] == index[0], seed
+
+
+def test_first_equal_groups_equal_rows_per_batch_entry_and_skips_invalid_ones():
+    x = torch.tensor([[[1.0, 2], [3, 4], [1, 2], [1, 2]], [[3, 4], [1, 2], [3, 4], [0, 0]]])
+    assert reference.first_equal(x).tolist() == [[0, 1, 0, 0], [0, 1, 0, 3]]
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    assert reference.first_equal(x, valid).tolist() == [[0, 1, 2, 2], [0, 1, 0, 3]]
+    value, index = reference.cosine_argmax(x[0], x[0], col_mask=valid[0])
+    assert index.tolist() == [2, 1, 2, 2]  # column 0 is masked: its equals answer for it

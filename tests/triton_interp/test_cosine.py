@@ -66,6 +66,20 @@ def test_exact_ties_go_to_the_lowest_column(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_equal_random_columns_in_different_tiles_go_to_the_first(gen, dtype):
+    """Equal columns with random entries (inexact cosines), in different column tiles, and a row parallel to
+    them: the first one wins, and equal rows (in different row tiles) get equal answers."""
+    b = torch.randn(2, 45, 24, generator=gen)
+    b[:, 3] = b[:, 20] = b[:, 37] = torch.randn(2, 24, generator=gen)
+    a = torch.randn(2, 21, 24, generator=gen)
+    a[:, 5] = 2.5 * b[:, 3]
+    a[:, 18] = a[:, 2]
+    val, idx = cosine_argmax(a.to(dtype), b.to(dtype), **TINY)
+    assert idx[:, 5].tolist() == [3, 3]
+    assert torch.equal(val[:, 18], val[:, 2]) and torch.equal(idx[:, 18], idx[:, 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_is_the_maximum_and_the_first_nan_wins(gen, dtype):
     a = torch.randn(2, 20, 8, generator=gen).to(dtype)
     b = torch.randn(2, 40, 8, generator=gen).to(dtype)
