@@ -163,3 +163,28 @@ def test_calls_without_images_are_untouched(model):
             warnings.simplefilter("error")
             with torch.no_grad():
                 assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_the_record_outlives_restore_and_a_compressed_block(model, inputs, ref):
+    with vtc.compressed(model, "divprune", budget=0.25):
+        with torch.no_grad():
+            model(**inputs)
+        rec = vtc.last_record(model)
+    assert vtc.last_record(model) is rec  # after the block: the block's last call
+    vtc.compress(model, "random", budget=0.5)
+    with pytest.raises(ValueError, match="no call"):  # compressed again: that compression's calls only
+        vtc.last_record(model)
+    vtc.restore(model)
+    _unchanged(model, inputs, ref)
+
+
+def test_restore_inside_a_compressed_block_is_allowed(model, inputs, ref):
+    with vtc.compressed(model, "divprune", budget=0.25):
+        with torch.no_grad():
+            model(**inputs)
+        vtc.restore(model)
+    _unchanged(model, inputs, ref)
+    with vtc.compressed(model, "divprune", budget=0.25):
+        with pytest.warns(UserWarning, match="already compressed"):
+            vtc.compress(model, "random", budget=0.5)  # replaced inside the block: the exit removes it too
+    _unchanged(model, inputs, ref)

@@ -27,6 +27,9 @@ def test_record_contents_and_json_round_trip():
     assert rec.samples[0].input_length - rec.samples[0].output_length == 12
     again = vtc.Record.from_json(json.dumps(json.loads(rec.to_json())))
     assert again == rec
+    # the record is JSON-serialisable as it is (a dict of plain data), as the README says
+    assert json.loads(json.dumps(rec)) == json.loads(rec.to_json()) == rec.to_dict()
+    assert vtc.Record.from_dict(json.loads(json.dumps(rec))) == rec and rec.images[0].num_kept == 4
 
 
 def test_instance_level_forward_wrappers_are_respected_and_restored():

@@ -24,6 +24,8 @@ from .session import Session
 DEFAULT_METHOD = "divprune"
 
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+#: the record of the last call under a compression that was since removed (``last_record`` after ``restore``)
+_RESTORED: weakref.WeakKeyDictionary[nn.Module, Record] = weakref.WeakKeyDictionary()
 
 
 def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[str, Any]) -> MethodConfig:
@@ -65,6 +67,7 @@ def compress(
             f"does not provide"
         )
     session = Session(model, adapter, info.method_class(config), config)
+    _RESTORED.pop(model, None)
     if model in _SESSIONS:
         previous = _SESSIONS[model]
         warnings.warn(
@@ -80,11 +83,16 @@ def compress(
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`compress`: the original class, no hooks, no extra attributes; bit-exact outputs."""
+    """Undo :func:`compress`: the original class, no hooks, no extra attributes; bit-exact outputs.
+
+    :func:`last_record` still returns the record of the last call made under the removed compression.
+    """
     session = _SESSIONS.pop(model, None)
     if session is None:
         raise ValueError("restore(): this model is not compressed by vtc (nothing to restore)")
     session.detach()
+    if session.record is not None:
+        _RESTORED[model] = session.record
     return model
 
 
@@ -94,7 +102,9 @@ def compressed(
 ) -> Iterator[nn.Module]:
     """``with vtc.compressed(model, ...):`` compresses inside the block and puts the model back after.
 
-    If the model was already compressed, the previous compression is re-applied on exit.
+    If the model was already compressed, the previous compression is re-applied on exit. After the block,
+    :func:`last_record` returns the record of the block's last call (until the model is compressed again;
+    with a previous compression re-applied, that one's). A ``vtc.restore(model)`` inside the block is allowed.
     """
     previous = _SESSIONS.get(model)
     if previous is not None:
@@ -110,7 +120,8 @@ def compressed(
     try:
         yield model
     finally:
-        restore(model)
+        if model in _SESSIONS:  # unless the block restored it already
+            restore(model)
         if previous is not None:
             previous.attach()
             _SESSIONS[model] = previous
@@ -129,8 +140,14 @@ def session_of(model: nn.Module) -> Session | None:
 
 
 def last_record(model: nn.Module) -> Record:
-    """The :class:`~vtc.record.Record` of the last compressed call on ``model``."""
+    """The :class:`~vtc.record.Record` of the last compressed call on ``model``.
+
+    After :func:`restore` (or the end of a :func:`compressed` block) it is the last call's under the compression
+    that was removed, until the model is compressed again.
+    """
     session = _SESSIONS.get(model)
+    if (session is None or session.record is None) and model in _RESTORED:
+        return _RESTORED[model]
     if session is None:
         raise ValueError("last_record(): this model is not compressed by vtc")
     if session.record is None:

@@ -1,6 +1,8 @@
 """What a compressed call did, per sample and per image: the one thing viz and eval read.
 
-A :class:`Record` is plain Python data (ints, floats, lists, dicts), so it round-trips through JSON. The
+A :class:`Record` is plain Python data (ints, floats, lists, dicts): it *is* a dict of its fields (and its
+images and samples are dicts of theirs), so ``json.dumps(record)`` works as it is, and
+``Record.from_dict(json.loads(...))`` (or :meth:`Record.from_json`) builds it back. The
 :class:`Recorder` of a session builds one per compressed call (kept tokens, merge groups, the analytic FLOPs
 of :mod:`vtc.flops`), updates it after every in-LLM prune point, and times vtc's own work with its
 :class:`Timer`.
@@ -21,8 +23,17 @@ from .contexts import ImageTokens, Reduction, TowerMerge
 from .flops import flops_summary
 
 
-@dataclasses.dataclass
-class ImageRecord:
+class _Plain(dict):
+    """A dataclass whose fields are its dict items: the instance's attributes live in the dict itself."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        obj = super().__new__(cls)
+        obj.__dict__ = obj
+        return obj
+
+
+@dataclasses.dataclass(eq=True)
+class ImageRecord(_Plain):
     """One image (or video) of one sample.
 
     Attributes:
@@ -66,8 +77,8 @@ class ImageRecord:
         return sorted(i for i, g in enumerate(self.groups) if g >= 0)
 
 
-@dataclasses.dataclass
-class SampleRecord:
+@dataclasses.dataclass(eq=True)
+class SampleRecord(_Plain):
     """One sample of the batch.
 
     Attributes:
@@ -87,8 +98,8 @@ class SampleRecord:
     position_ids: list[int]
 
 
-@dataclasses.dataclass
-class Record:
+@dataclasses.dataclass(eq=True)
+class Record(_Plain):
     method: str
     config: dict[str, Any]
     family: str
