@@ -46,15 +46,27 @@ def test_demo_refuses_a_video_method(capsys):
 
 def test_methods_lists_json(capsys):
     assert main(["methods"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert {"hired", "divprune"} <= {r["name"] for r in rows}
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"hired", "divprune"} <= set(rows)
+    video = {"llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen2_vl"}
+    assert set(rows["holitom"]["families"]) == set(rows["dycoke"]["families"]) == video  # no image-only family
+    assert {"llava", "llava_next"} | video == set(rows["divprune"]["families"])  # every model type, Qwen2.5-VL too
+    assert rows["holitom"]["budget_counts"] == rows["todre"]["budget_counts"] == "pre_llm"
+    assert rows["fastv"]["budget_counts"] == rows["pdrop"]["budget_counts"] == "last_stage"
 
 
 @pytest.mark.parametrize(
-    "args", [["demo", "--budget", "1.5"], ["demo", "--method", "nope"], ["demo", "--budget", "x"]]
+    "args",
+    [
+        ["demo", "--budget", "1.5"],
+        ["demo", "--method", "nope"],
+        ["demo", "--budget", "x"],
+        ["demo", "--image", "nowhere.png", "--question", "what is it?"],
+    ],
 )
 def test_bad_arguments_exit_with_a_message(args, capsys):
     with pytest.raises(SystemExit) as err:
         main(args)
     assert err.value.code == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "error" in err[0] and err[1].startswith("hint:")  # one line and a hint, no usage

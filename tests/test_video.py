@@ -94,6 +94,21 @@ def test_truncated_file(tmp_path, clip):
         load_video(path, num_frames=4)
 
 
+@pytest.mark.parametrize("cut", [2, 3])
+def test_ffmpeg_messages_do_not_reach_the_terminal(tmp_path, clip, capfd, cut):
+    """decord's ffmpeg prints codec errors straight to file descriptor 2 (pages of them for a damaged file, which
+    breaks a progress bar); they are held back, and the error says what went wrong in one line."""
+    path = tmp_path / "cut.mp4"
+    data = bytearray(clip.read_bytes())
+    data[len(data) // cut :] = b"\x00" * (len(data) - len(data) // cut)  # the moov atom and the tail zeroed
+    path.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.raises(VideoError) as err:
+        load_video(path, num_frames=4)
+    assert capfd.readouterr().err == ""
+    assert "\n" not in str(err.value) and "cut.mp4" in str(err.value)
+
+
 def test_empty_video(tmp_path):
     with pytest.raises(VideoDecodeError, match="no video frames"):
         load_video(write_empty_video(tmp_path / "empty.mp4"), num_frames=4)

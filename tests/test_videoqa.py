@@ -102,11 +102,61 @@ def test_cli_writes_results_records_broken_videos_and_resumes(workspace, tmp_pat
     assert ran == [] and "6/6 samples done" in capsys.readouterr().out
 
 
-def test_resuming_with_another_setup_is_refused(workspace, tmp_path):
+def test_resuming_with_another_setup_is_refused(workspace, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     assert _cli(workspace, out, "--method", "uniform", "--budget", "0.25", "--limit", "1", "--no-timing") == 0
-    with pytest.raises(ValueError, match="another setup"):
-        _cli(workspace, out, "--method", "uniform", "--budget", "0.5", "--no-timing")
+    capsys.readouterr()
+    assert _cli(workspace, out, "--method", "uniform", "--budget", "0.5", "--no-timing") == 1
+    _one_line_and_a_hint(capsys.readouterr().err, "another setup")
+    with pytest.raises(ValueError, match="another setup"):  # --debug: the exception itself, with its traceback
+        _cli(workspace, out, "--method", "uniform", "--budget", "0.5", "--no-timing", "--debug")
+
+
+def _one_line_and_a_hint(err: str, words: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith(("vtc", "hint"))]
+    assert len(lines) == 2 and words in lines[0] and lines[1].startswith("hint: "), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("no model folder", "no such checkpoint folder"),
+        ("malformed JSONL", "not valid JSON"),
+        ("unknown option", "unknown option(s) ['nope']"),
+        ("budget below DyCoke's floor", "budget >= 0.250"),
+        ("a checkpoint without video", "takes no video input"),
+    ],
+)
+def test_cli_user_errors_print_one_line_and_a_hint(workspace, tmp_path, capsys, case, words):
+    model, data = str(workspace["model"]), str(workspace["data"])
+    extra = ["--method", "random"]
+    if case == "no model folder":
+        model = str(tmp_path / "nowhere")
+    elif case == "malformed JSONL":
+        (tmp_path / "bad.jsonl").write_text('{"id": 1, "video": "v.mp4", "question": "q"}\n{"id": 2,\n')
+        data = str(tmp_path / "bad.jsonl")
+    elif case == "unknown option":
+        extra += ["--option", "nope=1"]
+    elif case == "budget below DyCoke's floor":  # found once, at the start, on a blank video of --frames frames
+        extra = ["--method", "dycoke", "--budget", "0.1"]
+    else:
+        from vtc.testing import tiny_llava
+
+        tiny_llava().save_pretrained(tmp_path / "llava")
+        for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+            if (workspace["model"] / name).exists():
+                (tmp_path / "llava" / name).write_bytes((workspace["model"] / name).read_bytes())
+        model = str(tmp_path / "llava")
+    args = ["videoqa", "--model", model, "--data", data, "--out", str(tmp_path / "o.jsonl"), "--frames", "8", *extra]
+    assert main([*args, "--no-progress"]) == 1
+    _one_line_and_a_hint(capsys.readouterr().err, words)
+    assert not (tmp_path / "o.jsonl").exists()  # nothing ran
+
+
+def test_no_method_says_it_runs_uncompressed(workspace, tmp_path, capsys):
+    assert _cli(workspace, tmp_path / "o.jsonl", "--limit", "1", "--no-timing") == 0
+    assert "no --method given: answering uncompressed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["random", "divprune", "uniform", "pool", "fastv"])
@@ -225,6 +275,10 @@ def test_setup_errors_fail_before_any_sample(loaded, workspace, tmp_path):
         VideoQA(model, processor, method="random", options={"nope": 1})
     with pytest.raises(FileNotFoundError, match="checkpoint folder"):
         VideoQA(tmp_path / "none")
+    with pytest.raises(ValueError, match="max_frames"):
+        VideoQA(model, processor, num_frames=100, max_frames=64)
+    with pytest.raises(ValueError, match="budget >= 0.250"):  # DyCoke's floor, on a blank video, once
+        VideoQA(model, processor, method="dycoke", budget=0.1, num_frames=8)
     vtc.compress(model, "random", budget=0.5)
     try:
         with pytest.raises(ValueError, match="already compressed"):
@@ -235,12 +289,19 @@ def test_setup_errors_fail_before_any_sample(loaded, workspace, tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--frames", "4", "--fps", "1"], ["--option", "novalue"], ["--method", "nope"], ["--frames", "0"]],
+    [
+        ["--frames", "4", "--fps", "1"],
+        ["--option", "novalue"],
+        ["--method", "nope"],
+        ["--frames", "0"],
+        ["--frames", "100"],  # over --max-frames: found once, at the start
+    ],
 )
 def test_cli_argument_errors(workspace, tmp_path, extra, capsys):
     with pytest.raises(SystemExit) as err:
         main(["videoqa", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), *extra])
-    assert err.value.code == 2 and "error" in capsys.readouterr().err
+    assert err.value.code == 2
+    _one_line_and_a_hint(capsys.readouterr().err, "error")
 
 
 @pytest.mark.slow

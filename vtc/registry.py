@@ -20,14 +20,25 @@ class MethodInfo:
     method_class: type[Method]
     summary: str
 
+    @property
+    def budget_counts(self) -> str:
+        """What a budget's ``k`` counts: ``"pre_llm"``, the tokens of each image in the prompt the LLM receives
+        (a method with a stage before the LLM; a later stage inside the LLM acts on top: HoliTom's inner merge,
+        ToDRE's conditional drop, DyCoke's decode-time selection), or ``"last_stage"``, the tokens left after
+        the method's last stage inside the LLM (FastV, PyramidDrop)."""
+        return "pre_llm" if {Stage.PRE_LLM, Stage.VISION_MERGE} & set(self.stages) else "last_stage"
+
     def to_dict(self) -> dict:
+        """``name``, ``kind``, ``stages``, ``budget_counts``, ``families`` (the model types it compresses: their
+        adapter has its stages and takes one of its modalities), ``modalities`` and ``summary``."""
         from .adapters.registry import families_supporting
 
         return {
             "name": self.name,
             "kind": self.kind,
             "stages": [s.value for s in self.stages],
-            "families": families_supporting(self.stages),
+            "budget_counts": self.budget_counts,
+            "families": families_supporting(self.stages, self.method_class.modalities),
             "modalities": list(self.method_class.modalities),
             "summary": self.summary,
         }

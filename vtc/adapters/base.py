@@ -69,6 +69,8 @@ class Adapter:
     #: ``config.model_type`` values this adapter serves (empty for standalone towers, found by class name)
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[frozenset[Stage]] = frozenset()
+    #: the kinds of visual input the family's models take (``"image"``, ``"video"``)
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
     #: position policy the family requires (None: any)
     forced_positions: ClassVar[str | None] = None
     #: the model's calls carry its visual input, so the session routes ``forward`` / ``generate``; a

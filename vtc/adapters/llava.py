@@ -50,6 +50,7 @@ class LlavaNextAdapter(VLMAdapter):
 class LlavaOnevisionAdapter(VLMAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+    inputs = ("image", "video")
 
     def modalities_of(self, config: Any) -> list[Modality]:
         extra = ("image_sizes", "batch_num_images", "vision_aspect_ratio")
@@ -63,6 +64,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
 class LlavaNextVideoAdapter(VLMAdapter):
     family = "llava_next_video"
     model_types = ("llava_next_video",)
+    inputs = ("image", "video")
 
     def modalities_of(self, config: Any) -> list[Modality]:
         return [

@@ -81,6 +81,7 @@ class QwenVisual(Modality):
 class QwenVLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    inputs = ("image", "video")
     forced_positions = "original"
     parts = ("visual", "language_model", "get_image_features", "get_rope_index")
     feature_args = ()

@@ -47,7 +47,10 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-def families_supporting(stages: Iterable[Stage]) -> list[str]:
-    """Families whose adapter provides every stage in ``stages``."""
-    need = set(stages)
-    return sorted({cls.family for cls in (*ADAPTERS.values(), *STANDALONE) if need <= cls.stages})
+def families_supporting(stages: Iterable[Stage], modalities: Iterable[str] = ("image", "video")) -> list[str]:
+    """The model types (and standalone families) a method acting at ``stages`` on ``modalities`` can compress:
+    their adapter provides every stage and takes at least one of the modalities."""
+    need, takes = set(stages), set(modalities)
+    out = {t for t, cls in ADAPTERS.items() if need <= cls.stages and takes & set(cls.inputs)}
+    out |= {cls.family for cls in STANDALONE if need <= cls.stages and takes & set(cls.inputs)}
+    return sorted(out)

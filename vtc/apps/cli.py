@@ -1,4 +1,9 @@
-"""Command line: ``vtc demo``, ``vtc methods``, ``vtc videoqa``."""
+"""Command line: ``vtc demo``, ``vtc methods``, ``vtc videoqa``.
+
+A user error (a missing file, a malformed dataset, an option the method does not have, a setup the run cannot
+meet) prints one line and a hint and exits with status 1; an argument error exits with status 2; ``--debug``
+shows the traceback instead. Every handled bad input and its message: ``docs/errors.md``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,30 @@ import argparse
 import json
 import os
 import sys
+
+#: what to try next, by the kind of error (the first match in this order)
+HINTS: tuple[tuple[type[BaseException], str], ...] = (
+    (FileNotFoundError, "check the path"),
+    (ImportError, "install the missing package (README, Install)"),
+    (TimeoutError, "another rank stopped making progress; re-run resumes where it stopped"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line and a hint (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nhint: `{self.prog} --help` lists the options\n")
+
+
+def _report(command: str, err: BaseException) -> None:
+    """Print a user error as one line and a hint."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, TypeError, OSError, RuntimeError, ImportError)):
+        message = f"{type(err).__name__}: {message}"
+    hint = next((h for kind, h in HINTS if isinstance(err, kind)), None)
+    hint = f"{hint}; --debug shows the traceback" if hint else "--debug shows the traceback"
+    print(f"vtc {command}: error: {message}\nhint: {hint}", file=sys.stderr)
 
 
 def _budget(text: str) -> float | int:
@@ -56,9 +85,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_videoqa(sub, names: list[str]) -> None:
+def _add_videoqa(sub, names: list[str], debug: argparse.ArgumentParser) -> None:
     qa = sub.add_parser(
         "videoqa",
+        parents=[debug],
         help="answer a JSONL of video questions with a (compressed) local checkpoint; resumable, torchrun-shardable",
         description="Answer a JSONL dataset of {id, video, question, options?, answer?} with a local checkpoint, "
         "compressed with vtc; writes one JSONL row per sample and prints accuracy and mean prefill time with and "
@@ -67,7 +97,12 @@ def _add_videoqa(sub, names: list[str]) -> None:
     qa.add_argument("--model", required=True, help="local checkpoint folder (model + processor)")
     qa.add_argument("--data", required=True, help="JSONL dataset; relative video paths are relative to its folder")
     qa.add_argument("--out", required=True, help="results JSONL (created, or resumed if it exists)")
-    qa.add_argument("--method", default="none", help=f"a vtc method or 'none' (uncompressed): {names}")
+    qa.add_argument(
+        "--method",
+        default=None,
+        help=f"a vtc method or 'none' (uncompressed; the default here, while the library's default method is "
+        f"divprune): {names}",
+    )
     qa.add_argument("--budget", type=_budget, default=0.2, help="fraction in (0, 1] or tokens per video (default 0.2)")
     frames = qa.add_mutually_exclusive_group()
     frames.add_argument("--frames", type=_positive_int, help="frames sampled evenly over each video (default 8)")
@@ -91,6 +126,10 @@ def _run_videoqa(args, parser) -> int:
     from .pipelines import VideoQA
 
     options = dict(args.option)
+    if args.method is None:
+        note = "no --method given: answering uncompressed (--method divprune compresses with the library's default)"
+        print(f"vtc videoqa: {note}", file=sys.stderr)
+        args.method = "none"
     if args.method.lower() == "none" and options:
         parser.error("--option needs a --method")
     qa = VideoQA(
@@ -146,7 +185,7 @@ def _demo_offline(methods: list[str], args: argparse.Namespace) -> int:
     from ..offline import demo as offline_demo
     from . import demo as demo_mod
 
-    image = Image.open(args.image).convert("RGB") if args.image else None
+    image = Image.open(args.image).convert("RGB") if args.image else None  # checked to exist in main()
     examples = offline_demo.bundled_examples(image, args.question)
     print(
         f"vtc demo: {', '.join(methods)} at budget {args.budget} on the offline VLM (DINOv2-S/14 + trained projector "
@@ -174,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     import vtc
 
     names = [m.name for m in vtc.list_methods()]
-    parser = argparse.ArgumentParser(prog="vtc", description="Training-free visual-token compression for VLMs.")
+    parser = _Parser(prog="vtc", description="Training-free visual-token compression for VLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compress the embedded default model on the bundled images")
+    demo = sub.add_parser("demo", parents=[debug], help="compress the embedded default model on the bundled images")
     demo.add_argument(
         "--model",
         choices=("offline", "tiny"),
@@ -195,13 +237,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights")
     demo.add_argument("--image", default=None, help="offline model: your image instead of the bundled photo")
     demo.add_argument("--question", default=None, help="offline model: the question about that image")
-    sub.add_parser("methods", help="list the registered methods as JSON")
-    _add_videoqa(sub, names)
+    sub.add_parser("methods", parents=[debug], help="list the registered methods as JSON")
+    _add_videoqa(sub, names, debug)
     args = parser.parse_args(argv)
+    try:
+        return _run(args, parser, names)
+    except KeyboardInterrupt:
+        print(f"vtc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        _report(args.command, err)
+        return 1
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]) -> int:
+    import vtc
 
     if args.command == "videoqa":
-        if args.method.lower() != "none" and args.method not in names:
+        if args.method is not None and args.method.lower() != "none" and args.method not in names:
             parser.error(f"unknown method {args.method!r}; choose from {names} or 'none'")
+        if args.frames is not None and args.frames > args.max_frames:
+            parser.error(f"--frames {args.frames} is over --max-frames {args.max_frames} (the memory guard)")
         return _run_videoqa(args, parser)
 
     if args.command == "methods":
@@ -221,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     if args.model == "tiny" and (args.image or args.question):
         parser.error("--image / --question need the offline model (--model offline)")
+    if args.image and not os.path.isfile(args.image):
+        parser.error(f"--image {args.image}: no such file")
     return _demo_tiny(methods, args) if args.model == "tiny" else _demo_offline(methods, args)
 
 

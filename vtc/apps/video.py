@@ -13,13 +13,19 @@ imported only when a video is loaded. Nothing is decoded before the request has 
 most ``max_frames`` frames and ``max_bytes`` bytes of decoded RGB. A file that cannot be used raises
 :class:`VideoError` (a data problem, as opposed to a bug): :class:`VideoDecodeError` for an unreadable, corrupt
 or empty file, :class:`VideoTooLargeError` for the guard. A missing file raises :class:`FileNotFoundError`.
+What decord's ffmpeg writes to the process's stderr while it reads a file (pages of codec messages for a
+corrupt one, which would break a progress bar) is held back; its first line joins the error's message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -141,6 +147,17 @@ def load_video(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such video file: {path}")
+    with _native_stderr_held() as held:
+        try:
+            return _load(path, num_frames, fps, max_frames, max_bytes, width, height, num_threads)
+        except VideoDecodeError as err:
+            said = held()
+            if said and said not in str(err):
+                raise VideoDecodeError(f"{err} (ffmpeg: {said})") from err.__cause__
+            raise
+
+
+def _load(path, num_frames, fps, max_frames, max_bytes, width, height, num_threads) -> Video:
     reader = _open(path, num_threads=num_threads)
     total = len(reader)
     if total <= 0:
@@ -190,6 +207,32 @@ def load_video(
         fps=video_fps,
         num_frames_total=total,
     )
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[Any]:
+    """Send what native code writes to file descriptor 2 to a temporary file while the block runs; yields a
+    function giving its first non-empty line. (Nothing is held where fd 2 cannot be redirected.)"""
+    fd = 2  # where ffmpeg's C code writes, whatever Python's sys.stderr is
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield lambda: ""
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), fd)
+
+        def first_line() -> str:
+            sink.seek(0)
+            lines = [ln.strip() for ln in sink.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            return lines[0][:200] if lines else ""
+
+        try:
+            yield first_line
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def _check_args(num_frames, fps, max_frames, max_bytes, width, height) -> None:

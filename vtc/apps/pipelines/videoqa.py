@@ -14,6 +14,10 @@ untimed warm-up forward for each on the first sample of the process. Those two e
 ``generate``; ``timing=False`` (CLI ``--no-timing``) skips them. ``compare=True`` also generates the answer
 uncompressed, so the summary gives both accuracies.
 
+Setup errors are found once, at construction, before any sample: a checkpoint that takes no video, an unknown
+method or option, more frames than the memory guard allows, and a budget the method cannot meet with these
+frames (a probe runs vtc's part of one call on a blank video).
+
 Errors: a sample whose video is missing, unreadable or over the memory guard, or that the processor rejects,
 becomes a row with its ``error`` and the run goes on (unless ``max_consecutive_failures`` samples in a row fail
 that way: that points at the setup, not the data). Anything raised by vtc or the model stops the run; the
@@ -30,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +98,11 @@ class VideoQA:
     ):
         if num_frames is not None and fps is not None:
             raise ValueError("pass num_frames or fps, not both")
+        if num_frames is not None and num_frames > max_frames:
+            raise ValueError(
+                f"num_frames={num_frames} is over max_frames={max_frames} (the memory guard): every sample would "
+                f"fail; sample fewer frames or raise max_frames (CLI: --frames / --max-frames)"
+            )
         if max_new_tokens < 1 or max_consecutive_failures < 1:
             raise ValueError("max_new_tokens and max_consecutive_failures must be >= 1")
         if isinstance(model, (str, os.PathLike)):
@@ -101,6 +111,11 @@ class VideoQA:
             raise ValueError("pass the model's processor with a loaded model (or give a checkpoint path)")
         if api.is_compressed(model):
             raise ValueError("the model is already compressed by vtc; pass it uncompressed (VideoQA compresses it)")
+        if not _accepts(model.forward, "pixel_values_videos"):
+            raise ValueError(
+                f"this checkpoint ({type(model).__name__}, model_type {model.config.model_type!r}) takes no video "
+                f"input; videoqa needs a video-LLM (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL)"
+            )
         self.model = model.eval()
         self.processor = processor
         self.method = None if isinstance(method, str) and method.lower() == "none" else method
@@ -121,6 +136,28 @@ class VideoQA:
         self._timed_samples = 0
         self._forward_kwargs = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
         self._placeholders = _visual_token_ids(model)
+        self._probe()
+
+    def _probe(self) -> None:
+        """vtc's part of one call on a blank video with this run's frame count: what would fail on every sample
+        (no video tokens in the prompt, a budget the method cannot meet) fails here, once."""
+        count = self.sampling["num_frames"] or min(self.video_kwargs["max_frames"], 8)
+        frames = np.zeros((count, 224, 224, 3), dtype=np.uint8)  # [T, H, W, 3]
+        meta = {"total_num_frames": count, "fps": 1.0, "duration": float(count), "frames_indices": list(range(count))}
+        meta.update(height=224, width=224, video_backend="decord")
+        probe = Sample(id="probe", video="", question="what happens in the video?", options={}, answer=None)
+        try:
+            inputs = self._batch(self.prompt(probe), frames, meta)
+        except SampleError:
+            return  # this processor wants other frames: the samples will tell
+        if not self._count_visual(inputs):
+            raise ValueError(
+                f"the processor puts no video token in the prompt of {type(self.model).__name__}: the model would see "
+                f"no video; use a video-LLM checkpoint with its own processor"
+            )
+        if self.method is not None:
+            with api.compressed(self.model, self.method, self.budget, **self.options), torch.inference_mode():
+                api.session_of(self.model).prepare(dict(inputs), for_generate=True)
 
     # -- one sample --------------------------------------------------------------------------------------------
     @property
@@ -160,12 +197,14 @@ class VideoQA:
             video = load_video(sample.video, **self.sampling, **self.video_kwargs)
         except (OSError, VideoError) as err:
             raise SampleError("video", err) from err
-        text = self.prompt(sample)
+        return self._batch(self.prompt(sample), video.frames, video.metadata()), video
+
+    def _batch(self, text: str, frames: np.ndarray, metadata: dict[str, Any]) -> dict[str, Any]:
         try:
             batch = self.processor(
                 text=[text],
-                videos=[video.frames],
-                video_metadata=[video.metadata()],
+                videos=[frames],
+                video_metadata=[metadata],
                 do_sample_frames=False,  # the frames are already sampled; a processor must not resample them
                 return_tensors="pt",
             )
@@ -178,7 +217,7 @@ class VideoQA:
             else v
             for k, v in batch.items()
         }
-        return moved, video
+        return moved
 
     def answer(self, sample: Sample) -> dict[str, Any]:
         """Run one sample; returns its results row (with ``error`` set for a data error)."""
