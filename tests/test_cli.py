@@ -16,12 +16,15 @@ def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
     picture = Image.open(out).convert("L")
     lo, hi = picture.getextrema()
     assert hi - lo > 50  # not blank
-    # dropped cells are dimmed: the picture is darker than the bundled photo seen by the model
     from vtc.apps.demo import IMAGE_SIZE, default_image
     from vtc.apps.viz import fit_square
 
-    photo = fit_square(default_image(), IMAGE_SIZE).convert("L")
-    assert np.asarray(picture).mean() < 0.8 * np.asarray(photo).mean()
+    # two panels, side by side: the image uncompressed, then hired's (dropped cells dimmed: darker)
+    photo = np.asarray(fit_square(default_image(), IMAGE_SIZE).convert("L"), dtype=np.float32)
+    assert picture.size[0] == 2 * IMAGE_SIZE
+    panels = np.asarray(picture, dtype=np.float32)[-IMAGE_SIZE:]
+    assert np.abs(panels[:, :IMAGE_SIZE] - photo).max() <= 1
+    assert panels[:, IMAGE_SIZE:].mean() < 0.8 * photo.mean()
 
 
 @pytest.mark.slow

@@ -16,11 +16,11 @@ IMAGE_FAMILIES = [name for name, fam in FAMILIES.items() if fam.modality == "ima
 VIDEO = [name for name, fam in FAMILIES.items() if fam.modality == "video"]
 
 
-def _record(name, method="hired", budget=0.25):
+def _record(name, method="hired", budget=0.25, **options):
     family = FAMILIES[name]
     model = family.build(seed=0)
     inputs = family.inputs(model, ((3, 4),), seed=1)
-    with vtc.compressed(model, method, budget=budget):
+    with vtc.compressed(model, method, budget=budget, **options):
         with torch.no_grad():
             model(**inputs)
         return vtc.last_record(model), inputs
@@ -54,10 +54,14 @@ def _check_cells(picture: Image.Image, record, partition):
             elif mask[r, c] == 0:
                 assert after == pytest.approx(0.25 * before, abs=0.5)
             seen.add(int(mask[r, c]))
+    last = set(record.layers[max(record.layers, key=int)]) if record.layers else None  # in-LLM: the last stage
     kept_cells = {
         record.slot[t] - record.prefix
         for t, g in enumerate(record.groups)
-        if g >= 0 and record.partition[t] == partition and record.slot[t] >= record.prefix
+        if g >= 0
+        and (last is None or record.kept[g] in last)
+        and record.partition[t] == partition
+        and record.slot[t] >= record.prefix
     }
     assert set(np.flatnonzero(mask == 1).tolist()) == kept_cells
     return seen
@@ -166,12 +170,18 @@ def test_show_video_counts_per_frame(name):
     fig = viz.show_video(frames, record, size=48)
     _not_blank(fig)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    last = set(im.layers[max(im.layers, key=int)])  # HoliTom: the rows left after its inner merge
     for t, title in enumerate(titles):
-        fed = sum(1 for token in im.kept if token >= 0 and im.partition[token] == t)
-        covered = int((viz.kept_mask(im, t) == 1).sum())
+        fed = sum(1 for token in im.kept if token in last and token >= 0 and im.partition[token] == t)
+        covered = sum(
+            1 for token, g in enumerate(im.groups) if g >= 0 and im.kept[g] in last and im.partition[token] == t
+        )
         rows, cols = im.grids[t]
         assert title == f"frame {t}: {fed} fed, {covered}/{rows * cols} covered"
     assert sum(viz.fed_in_frame(im, t) for t in range(len(im.grids))) == sum(
+        1 for t in im.kept if im.partition[t] >= 0 and t in last
+    )
+    assert sum(viz.fed_in_frame(im, t, stage="pre_llm") for t in range(len(im.grids))) == sum(
         1 for t in im.kept if im.partition[t] >= 0
     )
     spans = viz.temporal_spans(im)
@@ -204,3 +214,79 @@ def test_figures_leave_no_global_state():
     record, _ = _record("llava")
     viz.show_kept(default_image(), record, size=64)
     assert plt.get_fignums() == before
+
+
+IN_LLM = {"fastv": {}, "pdrop": {}, "todre": {"layer": 2, "tau": 1.0}}
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM))
+def test_in_llm_methods_draw_the_tokens_of_their_last_stage(method):
+    """The dimmed and outlined cells are the tokens left after the last prune layer (``ImageRecord.layers``),
+    not every token fed to the LLM's first layer."""
+    record, _ = _record("llava", method, 0.25, **IN_LLM[method])
+    (im,) = record.images
+    layer = max(im.layers, key=int)
+    last = im.layers[layer]
+    mask = viz.kept_mask(im, 0)
+    assert sorted(np.flatnonzero(mask == 1).tolist()) == sorted(im.slot[t] - im.prefix for t in last)
+    assert viz.final_tokens(im) == [t for t in im.kept if t in set(last)]
+    assert int((viz.kept_mask(im, 0, stage="pre_llm") == 1).sum()) == len(im.kept)  # what the LLM received
+    picture = viz.views(default_image(), im, size=96)[0][1]
+    _check_cells(picture, im, 0)
+    title = f"{len(last)} of 16 tokens from LLM layer {layer} ({len(im.kept)} before)"
+    assert [ax.get_title() for ax in viz.show_kept(default_image(), record, size=96).axes] == [title]
+    if method == "todre":  # its second stage removed every visual token
+        assert last == [] and not (mask == 1).any()
+
+
+def test_fastv_and_pdrop_pictures_differ_as_their_records_do():
+    masks = {m: viz.kept_mask(_record("llava", m, 0.25)[0].images[0]) for m in ("fastv", "pdrop")}
+    assert int((masks["fastv"] == 1).sum()) == 4 and int((masks["pdrop"] == 1).sum()) == 4
+    records = {m: _record("llava", m, 0.25)[0].images[0] for m in ("fastv", "pdrop")}
+    assert [max(r.layers, key=int) for r in records.values()] == ["2", "3"]  # different last layers: different sets
+
+
+def test_holitom_inner_merge_is_drawn():
+    record, _ = _record("llava_onevision", "holitom", 0.5)
+    (im,) = record.images
+    last = set(im.layers[max(im.layers, key=int)])
+    alive = [g >= 0 and im.kept[g] in last for g in im.groups]
+    assert viz.final_groups(im) == [g if a else -1 for g, a in zip(im.groups, alive, strict=True)]
+    drawn = sum(int((viz.kept_mask(im, t) == 1).sum()) for t in range(len(im.grids)))
+    received = sum(int((viz.kept_mask(im, t, stage="pre_llm") == 1).sum()) for t in range(len(im.grids)))
+    assert drawn == sum(1 for a, p in zip(alive, im.partition, strict=True) if a and p >= 0) < received
+
+
+def test_show_video_draws_the_whole_frame_the_model_saw():
+    """A 16:9 frame with a green band at its left edge, on a square token grid (LLaVA-OneVision resizes each frame
+    whole to a square): the band is drawn, not cropped away; ``fit="crop"`` is for processors that crop."""
+    record, _ = _record("llava_onevision", "uniform", 1.0)
+    (im,) = record.images
+    frame = np.zeros((90, 160, 3), dtype=np.uint8)
+    frame[:, :, 2] = 200
+    frame[:, :16, 1], frame[:, :16, 2] = 255, 0  # the left tenth is green
+    frames = [frame] * len(im.grids)
+    for fit, band in (("resize", True), ("crop", False)):
+        (panel, *_) = _panels(viz.show_video(frames, record, size=60, fit=fit))
+        assert panel.shape[:2] == (60, 60)
+        left = panel[20:40, 1:4].astype(int)
+        assert (left[..., 1] > left[..., 2]).all() == band, fit
+
+
+def test_seen_frames_are_the_pixels_the_model_got():
+    from vtc.apps.video_demo import frames_tensor
+
+    gen = np.random.default_rng(0)
+    frames = [gen.integers(0, 255, (90, 160, 3), dtype=np.uint8) for _ in range(2)]
+    seen = viz.seen_frames(frames_tensor(frames))
+    assert len(seen) == 2 and seen[0].shape == (224, 224, 3)
+    want = np.asarray(Image.fromarray(frames[1]).resize((224, 224), Image.BICUBIC))
+    assert np.abs(seen[1].astype(int) - want.astype(int)).max() <= 1
+
+
+def test_contact_sheet_has_no_blank_columns_and_readable_labels():
+    tiles = [(f"m{i}", Image.new("RGB", (200, 200), "gray")) for i in range(2)]
+    sheet = viz.contact_sheet(tiles, columns=4)
+    assert sheet.width == 400  # two tiles: two columns, not four
+    label = np.asarray(sheet.convert("L"))[: sheet.height - 200]
+    assert label.shape[0] >= 20 and (label < 128).any()  # a label band of >= 20 px with text in it

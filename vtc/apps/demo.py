@@ -146,9 +146,8 @@ def run(methods: Sequence[str], budget: float | int, out: str | None, repeats: i
         tiles.append((f"{name} ({final}/{n})", kept_overlay(fit_square(image, IMAGE_SIZE), rec.images[0])))
     base = Row("uncompressed", n, 1.0, statistics.median(base_times), 1.0, 0.0)
     rows.insert(0, base)
-    if out:
-        picture = tiles[0][1] if len(tiles) == 1 else contact_sheet(tiles)
-        picture.save(out)
+    if out:  # the image as the model sees it uncompressed, then each method's last stage
+        contact_sheet([(f"uncompressed ({n}/{n})", fit_square(image, IMAGE_SIZE)), *tiles]).save(out)
     return rows
 
 

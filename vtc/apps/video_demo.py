@@ -50,13 +50,13 @@ def video_model(seed: int = 0) -> nn.Module:
 
 
 def frames_tensor(frames: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
-    """``[1, T, 3, 224, 224]`` SigLIP-normalised pixels (mean 0.5, std 0.5) from RGB frames."""
-    from .viz import fit_square
-
+    """``[1, T, 3, 224, 224]`` SigLIP-normalised pixels (mean 0.5, std 0.5) from RGB frames, each resized whole
+    to 224 x 224 as LLaVA-OneVision's video processor does (no crop: what :func:`vtc.apps.viz.show_video` draws)."""
     out = []
     for frame in frames:
         picture = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
-        x = np.asarray(fit_square(picture, FRAME_SIZE), dtype=np.float32) / 255.0
+        seen = picture.convert("RGB").resize((FRAME_SIZE, FRAME_SIZE), Image.BICUBIC)
+        x = np.asarray(seen, dtype=np.float32) / 255.0
         out.append(torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1))
     return torch.stack(out)[None]
 

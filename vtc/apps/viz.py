@@ -4,9 +4,12 @@ Every function takes the picture(s) the model saw plus a record and returns a ``
 (no pyplot state; save with ``fig.savefig(path)``). The overlays themselves are plain arrays, so what is
 drawn can be checked against the record:
 
-* :func:`kept_mask` — per partition, which grid cells reach the LLM (alone or inside a merged token);
+* :func:`final_groups` — per input token, the row that still stands for it after the method's *last* stage
+  (for in-LLM methods, the rows left from their last prune layer on: ``ImageRecord.layers``);
+* :func:`kept_mask` — per partition, which grid cells reach the LLM's last stage (alone or inside a merged token);
 * :func:`overlay` — the partition's picture with dropped cells dimmed and fed tokens outlined;
-* :func:`show_kept`, :func:`show_merges`, :func:`show_video`, :func:`compare`, :func:`budget_curve`.
+* :func:`show_kept`, :func:`show_merges`, :func:`show_video`, :func:`compare`, :func:`budget_curve`;
+* :func:`seen_frames` — a video's frames as the model saw them, from its ``pixel_values_videos``.
 
 Grids: LLaVA-1.5 is one 24 x 24 partition; LLaVA-NeXT shows the base view and the crop canvas as the
 model saw them (the canvas is the image fitted into the ``g_h x g_w`` tiles and centred, as the processor
@@ -49,14 +52,40 @@ def fit_canvas(image: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
-def kept_mask(record: ImageRecord, partition: int = 0) -> np.ndarray:
-    """``[rows, cols]`` int8 per grid cell of ``partition``: 1 fed to the LLM (kept or merged), 0 dropped,
-    -1 no token (cut by unpadding)."""
+def last_layer(record: ImageRecord) -> int | None:
+    """The LLM layer from which the method's last in-LLM stage holds (None: no in-LLM stage acted)."""
+    return max((int(k) for k in record.layers), default=None)
+
+
+def final_groups(record: ImageRecord, stage: str = "last") -> list[int]:
+    """Per input token, the output row that stands for it at ``stage``, -1 if none.
+
+    ``stage="pre_llm"``: the rows fed to the LLM (``record.groups``); ``"last"``: those that are still there
+    after the method's last stage (for in-LLM methods, the rows whose anchor ``ImageRecord.layers`` lists at
+    the last prune layer; a row merged away there, as HoliTom's inner merge does, counts as gone).
+    """
+    layer = last_layer(record) if stage == "last" else None
+    if layer is None:
+        return list(record.groups)
+    alive = set(record.layers[str(layer)])
+    return [g if g >= 0 and record.kept[g] in alive else -1 for g in record.groups]
+
+
+def final_tokens(record: ImageRecord, stage: str = "last") -> list[int]:
+    """The tokens fed to the LLM (their anchors, ``record.kept`` order) that are still there at ``stage``."""
+    rows = set(final_groups(record, stage))
+    return [t for g, t in enumerate(record.kept) if g in rows]
+
+
+def kept_mask(record: ImageRecord, partition: int = 0, stage: str = "last") -> np.ndarray:
+    """``[rows, cols]`` int8 per grid cell of ``partition``: 1 still in the LLM at ``stage`` (kept or merged; see
+    :func:`final_groups`), 0 dropped, -1 no token (cut by unpadding)."""
     rows, cols = record.grids[partition]
+    groups = final_groups(record, stage)
     mask = np.full(rows * cols, -1, dtype=np.int8)
     for token, (p, slot) in enumerate(zip(record.partition, record.slot, strict=True)):
         if p == partition and slot >= record.prefix:
-            mask[slot - record.prefix] = 1 if record.groups[token] >= 0 else 0
+            mask[slot - record.prefix] = 1 if groups[token] >= 0 else 0
     return mask.reshape(rows, cols)
 
 
@@ -67,14 +96,19 @@ def _cells(width: int, height: int, rows: int, cols: int):
 
 
 def overlay(
-    image: Image.Image, record: ImageRecord, partition: int = 0, dim: float = 0.25, outline: bool = True
+    image: Image.Image,
+    record: ImageRecord,
+    partition: int = 0,
+    dim: float = 0.25,
+    outline: bool = True,
+    stage: str = "last",
 ) -> np.ndarray:
-    """``[H, W, 3]`` uint8: the partition's picture with dropped cells dimmed, missing cells grey, and the
-    anchor cell of every token fed to the LLM outlined."""
+    """``[H, W, 3]`` uint8: the partition's picture with the cells dropped by ``stage`` dimmed (the last stage by
+    default: :func:`final_groups`), missing cells grey, and the anchor cell of every token left outlined."""
     rows, cols = record.grids[partition]
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = base.copy()
-    mask = kept_mask(record, partition)
+    mask = kept_mask(record, partition, stage)
     h, w = base.shape[:2]
     for r, c, (x0, y0, x1, y1) in _cells(w, h, rows, cols):
         if mask[r, c] == 0:
@@ -86,7 +120,7 @@ def overlay(
     if outline:
         draw = ImageDraw.Draw(picture)
         width = max(1, w // (cols * 10))
-        for token in record.kept:
+        for token in final_tokens(record, stage):
             if token < 0 or record.partition[token] != partition or record.slot[token] < record.prefix:
                 continue
             r, c = divmod(record.slot[token] - record.prefix, cols)
@@ -98,13 +132,14 @@ def overlay(
     return np.asarray(picture)
 
 
-def group_colours(record: ImageRecord, partition: int = 0) -> np.ndarray:
-    """``[rows, cols]`` output row (merge group) of every cell, -1 if dropped or missing."""
+def group_colours(record: ImageRecord, partition: int = 0, stage: str = "last") -> np.ndarray:
+    """``[rows, cols]`` output row (merge group) of every cell at ``stage``, -1 if dropped or missing."""
     rows, cols = record.grids[partition]
+    groups = final_groups(record, stage)
     out = np.full(rows * cols, -1, dtype=np.int64)
     for token, (p, slot) in enumerate(zip(record.partition, record.slot, strict=True)):
         if p == partition and slot >= record.prefix:
-            out[slot - record.prefix] = record.groups[token]
+            out[slot - record.prefix] = groups[token]
     return out.reshape(rows, cols)
 
 
@@ -171,8 +206,14 @@ def _figure(panels: int, width: float = 4.0, height: float = 4.0, rows: int = 1)
 
 
 def _title(record: ImageRecord, name: str | None = None) -> str:
-    kept, n = len(record.kept), record.num_input
-    return f"{name + ': ' if name else ''}{kept} of {n} tokens"
+    """``"name: k of n tokens"``; for an in-LLM stage, the tokens left from its last layer on and how many the
+    LLM received."""
+    head = f"{name + ': ' if name else ''}"
+    layer = last_layer(record)
+    if layer is None:
+        return f"{head}{len(record.kept)} of {record.num_input} tokens"
+    left = len(final_tokens(record))
+    return f"{head}{left} of {record.num_input} tokens from LLM layer {layer} ({len(record.kept)} before)"
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -198,14 +239,14 @@ def show_merges(image: Image.Image, record: ImageRecord | Record, size: int = 33
     return _show(image, record, size, title, merges=True)
 
 
-def fed_in_frame(record: ImageRecord, partition: int) -> int:
-    """Tokens fed to the LLM whose anchor lies in ``partition`` (a frame, for videos)."""
-    return sum(1 for t in record.kept if t >= 0 and record.partition[t] == partition)
+def fed_in_frame(record: ImageRecord, partition: int, stage: str = "last") -> int:
+    """Tokens left at ``stage`` (:func:`final_tokens`) whose anchor lies in ``partition`` (a frame, for videos)."""
+    return sum(1 for t in final_tokens(record, stage) if t >= 0 and record.partition[t] == partition)
 
 
-def covered(record: ImageRecord, partition: int) -> int:
-    """Cells of ``partition`` whose token reaches the LLM, alone or inside a merged token."""
-    return int((kept_mask(record, partition) == 1).sum())
+def covered(record: ImageRecord, partition: int, stage: str = "last") -> int:
+    """Cells of ``partition`` whose token is in the LLM at ``stage``, alone or inside a merged token."""
+    return int((kept_mask(record, partition, stage) == 1).sum())
 
 
 def temporal_spans(record: ImageRecord) -> dict[int, list[int]]:
@@ -217,9 +258,43 @@ def temporal_spans(record: ImageRecord) -> dict[int, list[int]]:
     return {g: sorted(f) for g, f in frames.items() if len(f) > 1}
 
 
-def show_video(frames: Sequence[Image.Image | np.ndarray], record: ImageRecord | Record, size: int = 160):
-    """A strip of frames, each titled with the tokens fed to the LLM that sit in it and the cells they cover;
-    cells merged across frames are tinted blue and the longest spans are named above the strip."""
+def seen_frames(
+    pixel_values_videos: Any, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+) -> list[np.ndarray]:
+    """The frames of the first video of ``pixel_values_videos`` (``[B, T, 3, H, W]`` or ``[T, 3, H, W]``, as
+    the LLaVA video processors return them) as the model saw them, ``[H, W, 3]`` uint8 each. ``mean`` / ``std``:
+    the processor's ``image_mean`` / ``image_std`` (SigLIP's 0.5 by default)."""
+    x = np.asarray(pixel_values_videos.float().cpu() if hasattr(pixel_values_videos, "float") else pixel_values_videos)
+    x = x[0] if x.ndim == 5 else x  # [T, 3, H, W]
+    x = x * np.asarray(std, dtype=np.float32)[:, None, None] + np.asarray(mean, dtype=np.float32)[:, None, None]
+    return [np.ascontiguousarray((f.transpose(1, 2, 0) * 255).round().clip(0, 255).astype(np.uint8)) for f in x]
+
+
+def _frame_view(picture: Image.Image, rows: int, cols: int, size: int, fit: str) -> Image.Image:
+    """The frame at the aspect ratio of its token grid, ``size`` px on its long side: resized whole (what a
+    processor that resizes to a fixed size, or keeps the aspect ratio, gives the model), or ``fit="crop"``:
+    centre-cropped to that aspect first (a processor that crops)."""
+    width, height = max(1, round(size * cols / max(rows, cols))), max(1, round(size * rows / max(rows, cols)))
+    if fit == "crop":
+        scale = max(width / picture.width, height / picture.height)
+        big = picture.resize((max(width, round(picture.width * scale)), max(height, round(picture.height * scale))))
+        left, top = (big.width - width) // 2, (big.height - height) // 2
+        return big.crop((left, top, left + width, top + height))
+    if fit != "resize":
+        raise ValueError(f"fit must be 'resize' or 'crop', got {fit!r}")
+    return picture.resize((width, height), Image.BICUBIC)
+
+
+def show_video(
+    frames: Sequence[Image.Image | np.ndarray], record: ImageRecord | Record, size: int = 160, fit: str = "resize"
+):
+    """A strip of frames, each titled with the tokens left at the method's last stage that sit in it and the cells
+    they cover; cells merged across frames are tinted blue and the longest spans are named above the strip.
+
+    Each frame is drawn whole at its token grid's aspect ratio, as a processor that resizes gives it to the
+    model (LLaVA-OneVision, Qwen2-VL); ``fit="crop"`` centre-crops it first (a processor that crops, such as
+    LLaVA-NeXT-Video's). :func:`seen_frames` gives the exact frames from the model's inputs.
+    """
     record = record.images[0] if isinstance(record, Record) else record
     n_frames = len(record.grids)
     if len(frames) != n_frames:
@@ -228,10 +303,11 @@ def show_video(frames: Sequence[Image.Image | np.ndarray], record: ImageRecord |
     fig, axes = _figure(n_frames, width=2.2, height=2.6)
     for t, (ax, frame) in enumerate(zip(axes, frames, strict=False)):
         picture = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
-        drawn = overlay(fit_square(picture, size), record, t).astype(np.float32)
-        groups = group_colours(record, t)
         rows, cols = record.grids[t]
-        for r, c, (x0, y0, x1, y1) in _cells(size, size, rows, cols):
+        view = _frame_view(picture.convert("RGB"), rows, cols, size, fit)
+        drawn = overlay(view, record, t).astype(np.float32)
+        groups = group_colours(record, t)
+        for r, c, (x0, y0, x1, y1) in _cells(view.width, view.height, rows, cols):
             if groups[r, c] in spans:  # stands for tokens of several frames: tint it
                 drawn[y0:y1, x0:x1] = 0.5 * drawn[y0:y1, x0:x1] + 0.5 * np.array([0, 160, 255])
         ax.imshow(drawn.clip(0, 255).astype(np.uint8))
@@ -295,14 +371,19 @@ def kept_overlay(image: Image.Image, record: ImageRecord, partition: int = 0, di
 
 
 def contact_sheet(tiles: list[tuple[str, Image.Image]], columns: int = 4) -> Image.Image:
-    """Label and tile several overlays into one picture."""
+    """Label and tile several overlays into one picture (no more columns than tiles; labels sized to the tiles)."""
+    from PIL import ImageFont
+
     w, h = tiles[0][1].size
-    label = 18
+    columns = max(1, min(columns, len(tiles)))
+    size = max(12, min(24, w // 16))
+    font = ImageFont.load_default(size=size)
+    label = size + 8
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * w, rows * (h + label)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (name, tile) in enumerate(tiles):
         x, y = (i % columns) * w, (i // columns) * (h + label)
-        draw.text((x + 4, y + 3), name, fill="black")
+        draw.text((x + 4, y + 4), name, fill="black", font=font)
         sheet.paste(tile, (x, y + label))
     return sheet
