@@ -170,5 +170,5 @@ def test_missing_decord_gives_an_install_hint(clip, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r"pip install 'vtc\[video\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'vtc-compress\[video\]'"):
         load_video(clip, num_frames=2)

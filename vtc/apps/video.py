@@ -254,7 +254,9 @@ def _decord():
     try:
         import decord
     except ImportError as err:
-        raise ImportError("reading videos needs decord: pip install 'vtc[video]' (or pip install decord)") from err
+        raise ImportError(
+            "reading videos needs decord: pip install 'vtc-compress[video]' (or pip install decord)"
+        ) from err
     return decord
 
 

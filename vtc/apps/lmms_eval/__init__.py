@@ -1,6 +1,6 @@
 """lmms-eval model plugin: ``--model vtc_llava_hf | vtc_qwen2_vl | vtc_qwen2_5_vl`` in an unmodified lmms-eval.
 
-Installed with ``pip install 'vtc[lmms-eval]'``; lmms-eval (>= 0.6) finds :func:`manifests` through the
+Installed with ``pip install 'vtc-compress[lmms-eval]'``; lmms-eval (>= 0.6) finds :func:`manifests` through the
 ``lmms_eval.models`` entry-point group and imports a wrapper module only when its model is asked for. Each
 wrapper is lmms-eval's own class with :class:`~vtc.apps.lmms_eval.wrapper.VtcWrapper` in front::
 
