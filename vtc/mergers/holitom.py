@@ -27,8 +27,9 @@ Positions, per stage as in the official code: the outer stage's output is renumb
 receives a new, shorter sequence); the inner merge keeps the kept rows' position ids (``"original"``: gaps
 where rows were merged away, and decoding continues after the sequence the LLM received).
 
-Budget: ``budget`` is the outer stage's keep fraction (the official ``RETAIN_RATIO``; the inner stage halves
-the tokens of layers ``>= K`` on top, shown in the record's equivalent budget). Defaults (official scripts):
+Budget: ``budget`` is the outer stage's keep fraction (the official ``RETAIN_RATIO``; ``budget_counts`` is
+``"pre_llm"``): the inner stage halves the tokens of layers ``>= K`` on top, so ``budget=0.2`` leaves about 0.1
+there, shown in the record's counts and equivalent budget. Defaults (official scripts):
 ``tau = 0.8`` (0.65 with ``budget=0.1``), ``beta = 0.6``, ``K_dpc = 7``, ``inner_ratio = 0.5``, inner layer 18 of 28
 (scaled to the LLM's depth). Deviation, for vtc's exact budget: the official per-frame ceil / per-window
 round counts overshoot ``rho * N`` slightly; here the ``k`` tokens are shared among the windows' static sets
