@@ -61,6 +61,8 @@ class Session:
         #: caches holding a compressed prompt -> how continuations map onto them (vtc.prefix)
         self.prefixes: weakref.WeakKeyDictionary[Any, CachedPrefix] = weakref.WeakKeyDictionary()
         self._generating = 0
+        # set here, not at import: torch.compiler.disable imports dynamo (and triton), which `import vtc` must not
+        self._prepare = torch.compiler.disable(self.prepare)
         self.original_class: type = type(model)  # set again at attach()
         #: the model's own instance-level forward, when it has one (wrapped while compressed)
         self.instance_forward: Callable | None = None
@@ -117,7 +119,7 @@ class Session:
         else:
             return inner(**kwargs)
         try:
-            llm_kwargs = self.prepare(kwargs, for_generate=False)
+            llm_kwargs = self._prepare(kwargs, for_generate=False)
             # rows dropped inside the LLM leave fewer logits than labels: the loss is taken on the rows left
             labels = llm_kwargs.pop("labels", None) if self.adapter.prunes_in_llm else None
             out = inner(**llm_kwargs)
@@ -147,7 +149,7 @@ class Session:
         if prefix is not None:
             llm_kwargs = prefix.translate_generate(kwargs)
         else:
-            llm_kwargs = self.prepare(kwargs, for_generate=True)
+            llm_kwargs = self._prepare(kwargs, for_generate=True)
             if _copies(kwargs, self.model) > 1:
                 self.adapter.check_expandable(llm_kwargs)
         self._generating += 1  # generate's own forward calls already speak the cache's coordinates
@@ -164,11 +166,11 @@ class Session:
             self.prefixes[out_cache] = CachedPrefix.of(caller_ids, llm_kwargs).extended(sequences, raw)
         return restored
 
-    @torch.compiler.disable
     def prepare(self, kwargs: dict, for_generate: bool) -> dict:
         """The keyword arguments the stock ``forward`` / ``generate`` receives for this call (and the record).
 
-        Plain Python over each call's shapes: ``torch.compile`` runs it as it is and compiles the stock code.
+        Plain Python over each call's shapes: calls run it as ``_prepare``, which ``torch.compile`` runs as it is
+        (the stock code around it is compiled).
         """
         adapter = self.adapter
         adapter.check_call(kwargs)
