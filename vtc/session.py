@@ -62,7 +62,7 @@ class Session:
         self.prefixes: weakref.WeakKeyDictionary[Any, CachedPrefix] = weakref.WeakKeyDictionary()
         self._generating = 0
         # set here, not at import: torch.compiler.disable imports dynamo (and triton), which `import vtc` must not
-        self._prepare = torch.compiler.disable(self.prepare)
+        self._prepare = torch.compiler.disable(lambda kwargs, for_generate: self.prepare(kwargs, for_generate))
         self.original_class: type = type(model)  # set again at attach()
         #: the model's own instance-level forward, when it has one (wrapped while compressed)
         self.instance_forward: Callable | None = None
