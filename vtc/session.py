@@ -125,7 +125,7 @@ class Session:
             out = inner(**llm_kwargs)
         finally:
             self.adapter.end_call()
-        if labels is not None:
+        if labels is not None and hasattr(out, "logits"):
             rows = self.record.take_rows(kwargs["labels"], fill=-100)
             extra = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
             out.loss = self.model.loss_function(out.logits, rows, self.adapter.text_config().vocab_size, **extra)
