@@ -315,3 +315,74 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--eval-every", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def word_targets(model, tokenizer, colours, kinds, background: str = "nothing") -> torch.Tensor:
+    """``[len(colours) * len(kinds) + 1, D]``: per (colour, kind) the mean of the two words' input embeddings
+    (row ``c * len(kinds) + k``), and last the embedding of ``background`` (first token of each word)."""
+    table = model.model.language_model.embed_tokens.weight.detach()
+
+    def word(w: str) -> torch.Tensor:
+        return table[tokenizer.encode(w, add_special_tokens=False)[0]]
+
+    rows = [0.5 * (word(c) + word(k)) for c in colours for k in kinds]
+    return torch.stack(rows + [word(background)]).float()
+
+
+def patch_codes(owners: Sequence[int], objects: Sequence, colours: Sequence[str], kinds: Sequence[str]) -> list[int]:
+    """Per patch, the row of :func:`word_targets` for the object that covers it (background: the last row)."""
+    background = len(colours) * len(kinds)
+    return [
+        background
+        if o < 0
+        else list(colours).index(objects[o].colour) * len(kinds) + list(kinds).index(objects[o].kind)
+        for o in owners
+    ]
+
+
+def align_projector(
+    projector: Projector,
+    feats: torch.Tensor,
+    codes: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    lr: float,
+    log: Log,
+    batch: int = 4096,
+    object_weight: float = 4.0,
+    seed: int = 0,
+) -> None:
+    """Alignment stage: fit the projector so that each patch's token is the word embedding of what it shows.
+
+    Args:
+        feats: ``[M, C]`` frozen-tower features of single patches (any dtype).
+        codes: ``[M]`` row of ``targets`` each patch should map to (the last row is the background).
+        targets: ``[R, D]`` target embeddings (:func:`word_targets`).
+        object_weight: weight of object patches against background patches in the squared error.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = list(projector.inner.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    weight = torch.where(codes == targets.shape[0] - 1, 1.0, object_weight)
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, feats.shape[0], (batch,), generator=gen)
+        err = projector(feats[idx].float()) - targets[codes[idx]]
+        loss = (err.pow(2).sum(-1) * weight[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step == 0:
+            log(f"align {step + 1}/{steps}: weighted squared error {loss.item():.3f}")
+    with torch.no_grad():
+        idx = torch.randint(0, feats.shape[0], (20000,), generator=gen)
+        pred = torch.nn.functional.normalize(projector(feats[idx].float()), dim=-1)
+        nearest = (pred @ torch.nn.functional.normalize(targets, dim=-1).T).argmax(-1)
+        obj = codes[idx] != targets.shape[0] - 1
+        acc = (nearest == codes[idx])[obj].float().mean().item()
+    log(
+        f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
+        f"their own (colour, kind): {acc:.3f}"
+    )

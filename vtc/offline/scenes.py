@@ -206,6 +206,27 @@ def render(objects: list[SceneObject], size: int = CANVAS) -> Image.Image:
     return image
 
 
+def patch_owner(objects: list[SceneObject], grid: int, size: int = CANVAS, min_cover: float = 0.15) -> list[int]:
+    """For each cell of a ``grid x grid`` patch grid over a ``size`` px canvas (raster order), the index of the
+    object covering most of it, or -1 when none covers at least ``min_cover`` of the cell (box overlap).
+
+    Training scripts use it to align a projector with word embeddings of what each patch shows.
+    """
+    cell = size / grid
+    owner = []
+    for r in range(grid):
+        for c in range(grid):
+            x0, y0 = c * cell, r * cell
+            best, who = min_cover * cell * cell, -1
+            for i, o in enumerate(objects):
+                w = min(x0 + cell, o.box[2]) - max(x0, o.box[0])
+                h = min(y0 + cell, o.box[3]) - max(y0, o.box[1])
+                if w > 0 and h > 0 and w * h >= best:
+                    best, who = w * h, i
+            owner.append(who)
+    return owner
+
+
 def _place_object(rng: random.Random, kind: str, cell: int, colour: str, split: str) -> SceneObject:
     lo, hi = DIGIT_SIZE if kind in DIGITS else SHAPE_SIZE
     cell_px = CANVAS // GRID
