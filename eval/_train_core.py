@@ -46,8 +46,8 @@ class Packer:
         self.prefix = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._q: dict[str, list[int]] = {}
-        self.answers = {a: tokenizer.encode(a, add_special_tokens=False) + [self.end] for a in answers}
-        self.first = {a: ids[0] for a, ids in self.answers.items()}
+        self.answers = _Answers(tokenizer, self.end)
+        self.first = {a: self.answers[a][0] for a in answers}
 
     def question(self, text: str) -> list[int]:
         if text not in self._q:
@@ -96,6 +96,18 @@ class Packer:
             "targets": t[:, 2],
             "first_rows": torch.tensor(firsts),
         }
+
+
+class _Answers(dict):
+    """Answer text -> its token ids and the closing ``<|im_end|>`` (encoded on first use)."""
+
+    def __init__(self, tokenizer, end: int):
+        super().__init__()
+        self.tok, self.end = tokenizer, end
+
+    def __missing__(self, answer: str) -> list[int]:
+        self[answer] = ids = self.tok.encode(answer, add_special_tokens=False) + [self.end]
+        return ids
 
 
 def lm_hidden(model, packed: dict, visual: torch.Tensor, rows: torch.Tensor, visual_token_id: int) -> torch.Tensor:
@@ -245,7 +257,8 @@ def train(
     Each step takes ``args.images_per_step`` items, each from a source drawn with the step's ``shares(step)``
     (a curriculum can move weight from easy to hard sources); every item keeps
     a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
-    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions. AdamW with the
+    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions (a ``"describe"``
+    question always, but only with every token kept). AdamW with the
     parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``.
     """
     rng = random.Random(args.seed)
@@ -273,7 +286,10 @@ def train(
                 rng.shuffle(queues[s])
             i = queues[s].pop()
             pick = subset(rng, src.candidates, full_prob)
-            qas = rng.sample(src.qas[i], min(len(src.qas[i]), args.max_questions))
+            # a description lists every object: only asked while every visual token is kept
+            always = [qa for qa in src.qas[i] if qa[2] == "describe" and len(pick) == src.candidates]
+            rest = [qa for qa in src.qas[i] if qa[2] != "describe"]
+            qas = always + rng.sample(rest, min(len(rest), args.max_questions - len(always)))
             visual.append(src.visual(src.feats[i], pick))
             items.append((visual[-1].shape[0], [qa[:2] for qa in qas]))
         packed = packer.batch(items)

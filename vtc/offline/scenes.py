@@ -116,7 +116,7 @@ class Question:
 
     @property
     def options(self) -> tuple[str, ...]:
-        return OPTIONS[self.family]
+        return OPTIONS.get(self.family, (self.answer,))
 
 
 @dataclass
@@ -300,6 +300,13 @@ def _candidates(
     return qs
 
 
+def describe(objects: list[SceneObject]) -> Question:
+    """Training only: "What objects are there?" answered by every object as "colour kind", place by place
+    (row-major), e.g. ``"red 7, blue circle, green 3"`` (family ``"describe"``, not in the benchmark)."""
+    text = ", ".join(f"{o.colour} {o.kind}" for o in sorted(objects, key=lambda o: o.cell))
+    return Question("What objects are there?", text, "describe")
+
+
 def _balance(scenes: list[Scene], rng: random.Random) -> None:
     """Keep, per family, the same number of questions for every answer (stratified over the split)."""
     for family in FAMILIES:
@@ -327,9 +334,9 @@ def generate(
 
     Args:
         objects: the range of objects per scene (the benchmark's test set: 2 to 9).
-        dense: for training: up to six questions per family and scene, no balancing pass (every family's
-            answer is still drawn evenly: counts by construction, colours and kinds uniformly, yes/no by
-            a coin).
+        dense: for training: a :func:`describe` question first, then up to six questions per family and
+            scene, no balancing pass (every family's answer is still drawn evenly: counts by construction,
+            colours and kinds uniformly, yes/no by a coin).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -340,6 +347,8 @@ def generate(
         rng = random.Random(f"scenes/{split}/{seed}/{objects}/{i}")
         layout, counted, count = _scene_objects(rng, split, objects)
         questions = _candidates(random.Random(f"{rng.random()}/q"), layout, counted, count, 6 if dense else 2)
+        if dense:
+            questions.insert(0, describe(layout))
         scenes.append(Scene(i, layout, questions))
     if not dense:
         _balance(scenes, random.Random(f"scenes/{split}/{seed}/balance/{n_scenes}"))
