@@ -46,8 +46,8 @@ class Packer:
         self.prefix = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._q: dict[str, list[int]] = {}
-        self.answers = {a: tokenizer.encode(a, add_special_tokens=False) + [self.end] for a in answers}
-        self.first = {a: ids[0] for a, ids in self.answers.items()}
+        self.answers = _Answers(tokenizer, self.end)
+        self.first = {a: self.answers[a][0] for a in answers}
 
     def question(self, text: str) -> list[int]:
         if text not in self._q:
@@ -96,6 +96,18 @@ class Packer:
             "targets": t[:, 2],
             "first_rows": torch.tensor(firsts),
         }
+
+
+class _Answers(dict):
+    """Answer text -> its token ids and the closing ``<|im_end|>`` (encoded on first use)."""
+
+    def __init__(self, tokenizer, end: int):
+        super().__init__()
+        self.tok, self.end = tokenizer, end
+
+    def __missing__(self, answer: str) -> list[int]:
+        self[answer] = ids = self.tok.encode(answer, add_special_tokens=False) + [self.end]
+        return ids
 
 
 def lm_hidden(model, packed: dict, visual: torch.Tensor, rows: torch.Tensor, visual_token_id: int) -> torch.Tensor:
@@ -245,7 +257,8 @@ def train(
     Each step takes ``args.images_per_step`` items, each from a source drawn with the step's ``shares(step)``
     (a curriculum can move weight from easy to hard sources); every item keeps
     a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
-    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions. AdamW with the
+    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions (a ``"describe"``
+    question always, but only with every token kept). AdamW with the
     parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``.
     """
     rng = random.Random(args.seed)
@@ -273,7 +286,10 @@ def train(
                 rng.shuffle(queues[s])
             i = queues[s].pop()
             pick = subset(rng, src.candidates, full_prob)
-            qas = rng.sample(src.qas[i], min(len(src.qas[i]), args.max_questions))
+            # a description lists every object: only asked while every visual token is kept
+            always = [qa for qa in src.qas[i] if qa[2] == "describe" and len(pick) == src.candidates]
+            rest = [qa for qa in src.qas[i] if qa[2] != "describe"]
+            qas = always + rng.sample(rest, min(len(rest), args.max_questions - len(always)))
             visual.append(src.visual(src.feats[i], pick))
             items.append((visual[-1].shape[0], [qa[:2] for qa in qas]))
         packed = packer.batch(items)
@@ -315,3 +331,74 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--eval-every", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def word_targets(model, tokenizer, colours, kinds, background: str = "nothing") -> torch.Tensor:
+    """``[len(colours) * len(kinds) + 1, D]``: per (colour, kind) the mean of the two words' input embeddings
+    (row ``c * len(kinds) + k``), and last the embedding of ``background`` (first token of each word)."""
+    table = model.model.language_model.embed_tokens.weight.detach()
+
+    def word(w: str) -> torch.Tensor:
+        return table[tokenizer.encode(w, add_special_tokens=False)[0]]
+
+    rows = [0.5 * (word(c) + word(k)) for c in colours for k in kinds]
+    return torch.stack(rows + [word(background)]).float()
+
+
+def patch_codes(owners: Sequence[int], objects: Sequence, colours: Sequence[str], kinds: Sequence[str]) -> list[int]:
+    """Per patch, the row of :func:`word_targets` for the object that covers it (background: the last row)."""
+    background = len(colours) * len(kinds)
+    return [
+        background
+        if o < 0
+        else list(colours).index(objects[o].colour) * len(kinds) + list(kinds).index(objects[o].kind)
+        for o in owners
+    ]
+
+
+def align_projector(
+    projector: Projector,
+    feats: torch.Tensor,
+    codes: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    lr: float,
+    log: Log,
+    batch: int = 4096,
+    object_weight: float = 4.0,
+    seed: int = 0,
+) -> None:
+    """Alignment stage: fit the projector so that each patch's token is the word embedding of what it shows.
+
+    Args:
+        feats: ``[M, C]`` frozen-tower features of single patches (any dtype).
+        codes: ``[M]`` row of ``targets`` each patch should map to (the last row is the background).
+        targets: ``[R, D]`` target embeddings (:func:`word_targets`).
+        object_weight: weight of object patches against background patches in the squared error.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = list(projector.inner.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    weight = torch.where(codes == targets.shape[0] - 1, 1.0, object_weight)
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, feats.shape[0], (batch,), generator=gen)
+        err = projector(feats[idx].float()) - targets[codes[idx]]
+        loss = (err.pow(2).sum(-1) * weight[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step == 0:
+            log(f"align {step + 1}/{steps}: weighted squared error {loss.item():.3f}")
+    with torch.no_grad():
+        idx = torch.randint(0, feats.shape[0], (20000,), generator=gen)
+        pred = torch.nn.functional.normalize(projector(feats[idx].float()), dim=-1)
+        nearest = (pred @ torch.nn.functional.normalize(targets, dim=-1).T).argmax(-1)
+        obj = codes[idx] != targets.shape[0] - 1
+        acc = (nearest == codes[idx])[obj].float().mean().item()
+    log(
+        f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
+        f"their own (colour, kind): {acc:.3f}"
+    )

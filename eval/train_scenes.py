@@ -13,9 +13,18 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
   (up to six per family and scene), easy scenes of 1 to 3 objects for a curriculum (most of the first
   ``--easy-steps`` steps, a tenth afterwards) and easy-VQA train images (at 168 px); the frozen DINOv2
   features of every image are computed once and cached under ``$VTC_CACHE``;
-* trained: the LLaVA projector (behind a per-channel standardisation folded in when saving) and rank-8
-  adapters on every linear layer of the language model (q, k, v, o, gate, up, down), merged into its
-  weights when the checkpoint is built, so the checkpoint stays a stock ``LlavaForConditionalGeneration``;
+* the features are DINOv2's block-6 output (``vision_feature_layer=6``, the middle of its 12 blocks): per-patch
+  probes recover colour and digit far better there than at the last block, which is trained to be invariant
+  to colour;
+* alignment stage first (``--align-steps``): the projector alone learns to map every patch to the word
+  embeddings of what it shows (the mean of the colour word and the kind word for an object's patches, the
+  word "nothing" for background; the generator knows which object covers which patch), so the language model
+  starts from visual tokens that read like words; a few thousand regression steps on single patches, no
+  language model involved;
+* then trained end to end on the questions: the projector (behind a per-channel standardisation folded in
+  when saving) and rank-8 adapters on every linear layer of the language model (q, k, v, o, gate, up, down),
+  merged into its weights when the checkpoint is built, so the checkpoint stays a stock
+  ``LlavaForConditionalGeneration``;
 * after a first phase with all tokens, every image keeps a **random subset of its 144 visual tokens** (all
   of them with probability ``--full-prob``, otherwise a log-uniform count, raster order kept), so that a
   compressed prompt measures lost content rather than a shift in sequence length;
@@ -46,10 +55,13 @@ from _train_core import (  # noqa: E402
     Projector,
     Source,
     add_training_args,
+    align_projector,
     evaluate,
     fmt,
     lm_hidden,
+    patch_codes,
     train,
+    word_targets,
 )
 
 from vtc.demo import machine  # noqa: E402
@@ -62,7 +74,7 @@ from vtc.offline.easyvqa import load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = VARIANTS["scenes"]
-FEATURES_VERSION = "2"
+FEATURES_VERSION = "3"  # 3: block-6 features
 
 
 @torch.no_grad()
@@ -93,12 +105,13 @@ def cached(name: str, make, log) -> torch.Tensor:
     return value
 
 
-def scene_data(model, processor, split, n, seed, log, objects=(2, 9), dense=False) -> tuple[torch.Tensor, list]:
-    """Features ``[n, 144, 384]`` and per scene its ``(question, answer, family, options)`` list."""
+def scene_data(model, processor, split, n, seed, log, objects=(2, 9), dense=False) -> tuple[torch.Tensor, list, list]:
+    """Features ``[n, 144, 384]``, per scene its ``(question, answer, family, options)`` list, and the scenes."""
     items = scenes.generate(split, n, seed, objects, dense)
     qas = [[(q.question, q.answer, q.family, q.options) for q in s.questions] for s in items]
     name = f"{split}-{n}-{seed}-{objects[0]}to{objects[1]}"
-    return cached(name, lambda: image_features(model, processor, [s.render() for s in items]), log), qas
+    feats = cached(name, lambda: image_features(model, processor, [s.render() for s in items]), log)
+    return feats, qas, items
 
 
 def easyvqa_data(model, processor, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
@@ -149,7 +162,7 @@ def check(model, processor, packer, n: int = 4) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_args(parser, steps=400, images_per_step=3)
-    parser.set_defaults(max_questions=12, full_only_steps=150)
+    parser.set_defaults(max_questions=12, full_only_steps=150, lr=1e-3)
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--easy-scenes", type=int, default=600, help="curriculum scenes of 1 to 3 objects")
     parser.add_argument("--easy-steps", type=int, default=120, help="steps that mostly take easy scenes")
@@ -157,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-scenes", type=int, default=300)
     parser.add_argument("--easyvqa-images", type=int, default=1200, help="easy-VQA train images used")
     parser.add_argument("--easyvqa-share", type=float, default=0.15, help="share of images taken from easy-VQA")
+    parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
+    parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_scenes.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -177,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     answers = sorted(set(scenes.KINDS) | set(scenes.COLORS) | set(EASYVQA_ANSWERS) | {"yes", "no"})
     packer = Packer(processor.tokenizer, model.config.image_token_id, answers)
 
-    train_f, train_qa = scene_data(model, processor, "train", args.train_scenes, args.seed, log, dense=True)
-    easy_f, easy_qa = scene_data(model, processor, "train", args.easy_scenes, args.seed + 1, log, (1, 3), True)
-    val_f, val_qa = scene_data(model, processor, "val", args.val_scenes, args.seed, log)
+    train_f, train_qa, train_s = scene_data(model, processor, "train", args.train_scenes, args.seed, log, dense=True)
+    easy_f, easy_qa, _ = scene_data(model, processor, "train", args.easy_scenes, args.seed + 1, log, (1, 3), True)
+    val_f, val_qa, _ = scene_data(model, processor, "val", args.val_scenes, args.seed, log)
     ez_f, ez_qa = easyvqa_data(model, processor, args.easyvqa_images, args.seed, log)
     log(
         f"train: {len(train_qa)} scenes ({sum(map(len, train_qa))} questions), {len(easy_qa)} easy scenes "
@@ -195,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
     proj = Projector(inner, mean, std)
+    if args.align_steps:
+        grid = int(train_f.shape[1] ** 0.5)
+        codes = [
+            patch_codes(scenes.patch_owner(s.objects, grid), s.objects, scenes.COLORS, scenes.KINDS) for s in train_s
+        ]
+        targets = word_targets(model, processor.tokenizer, scenes.COLORS, scenes.KINDS)
+        flat = train_f.reshape(-1, train_f.shape[-1])
+        align_projector(proj, flat, torch.tensor(codes).flatten(), targets, args.align_steps, args.align_lr, log)
     groups = [{"params": list(inner.parameters()), "lr": args.lr, "base": args.lr}]
     lora = None
     if args.lora_rank:
@@ -243,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
         t0 = time.perf_counter()
-        test_f, test_qa = scene_data(model, processor, "test", args.test_scenes, args.seed, log)
+        test_f, test_qa, _ = scene_data(model, processor, "test", args.test_scenes, args.seed, log)
         src = Source(test_f, test_qa, SceneVisual(inner), n_tok)
         for keep in (None, 16):
             r = evaluate(model, packer, src, keep, seed=2)

@@ -15,6 +15,10 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
   frozen DINOv2 features of every frame are computed once from the rendered frames and cached under
   ``$VTC_CACHE`` (the mp4 files the benchmark reads are H.264 at CRF 12: a mean absolute difference of about
   0.7 of 255 per pixel from the rendered frames);
+* the features are DINOv2's block-6 output (``vision_feature_layer=6``), where small objects keep their colour
+  and identity (see ``train_scenes.py``); an alignment stage first maps every patch of every frame to the word
+  embeddings of what it shows (``--align-steps``, as for the scenes model); the training clips also carry
+  extra questions (each object's colour, whether a kind appears) that the benchmark does not ask;
 * trained: the projector (behind a per-channel standardisation folded in when saving), OneVision's
   ``image_newline`` embedding and rank-8 adapters on every linear layer of the language model, merged into
   its weights when the checkpoint is built (the checkpoint stays stock);
@@ -44,20 +48,23 @@ from _train_core import (  # noqa: E402
     Projector,
     Source,
     add_training_args,
+    align_projector,
     evaluate,
     fmt,
     lm_hidden,
+    patch_codes,
     train,
+    word_targets,
 )
 
 from vtc.demo import machine  # noqa: E402
-from vtc.offline import clips  # noqa: E402
+from vtc.offline import clips, scenes  # noqa: E402
 from vtc.offline.assets import asset_versions  # noqa: E402
 from vtc.offline.build import VARIANTS, assemble, cache_root, merge_lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = VARIANTS["video"]
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"  # 2: block-6 features
 
 
 @torch.no_grad()
@@ -70,20 +77,21 @@ def clip_features(model, processor, frames, dtype: torch.dtype = torch.float16) 
     return hidden[:, 1:].to(dtype)
 
 
-def clip_data(model, processor, split: str, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
-    items = clips.generate(split, n, seed)
+def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool = False) -> tuple:
+    """Features ``[n, T, 64, 384]``, per clip its ``(question, answer, family, options)`` list, and the clips."""
+    items = clips.generate(split, n, seed, dense=dense)
     qas = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
     path = cache_root() / f"train-video-v{FEATURES_VERSION}-{split}-{n}-{seed}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")
-        return torch.load(path), qas
+        return torch.load(path), qas, items
     start = time.perf_counter()
     feats = torch.stack([clip_features(model, processor, c.render()) for c in items])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     log(f"features: {split} {tuple(feats.shape)} in {time.perf_counter() - start:.0f} s")
-    return feats, qas
+    return feats, qas, items
 
 
 class ClipVisual:
@@ -121,9 +129,12 @@ def check(model, processor, packer, n: int = 2) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_args(parser, steps=380, images_per_step=4)
+    parser.set_defaults(lr=1e-3)
     parser.add_argument("--train-clips", type=int, default=900)
     parser.add_argument("--val-clips", type=int, default=60)
     parser.add_argument("--test-clips", type=int, default=150)
+    parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
+    parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -145,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     answers = sorted({a for c in clips.generate("val", 30) for q in c.questions for a in q.options} | set(clips.KINDS))
     packer = Packer(processor.tokenizer, video_token, answers)
 
-    train_f, train_qa = clip_data(model, processor, "train", args.train_clips, args.seed, log)
-    val_f, val_qa = clip_data(model, processor, "val", args.val_clips, args.seed, log)
+    train_f, train_qa, train_c = clip_data(model, processor, "train", args.train_clips, args.seed, log, dense=True)
+    val_f, val_qa, _ = clip_data(model, processor, "val", args.val_clips, args.seed, log)
     log(f"train: {len(train_qa)} clips ({sum(map(len, train_qa))} questions); validation: {len(val_qa)} clips")
 
     x = train_f[: min(300, len(train_f))].float()
@@ -157,6 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
     proj = Projector(inner, mean, std)
+    if args.align_steps:
+        grid = int(train_f.shape[2] ** 0.5)
+        codes = [
+            patch_codes(
+                scenes.patch_owner(c.objects_at(t), grid, clips.SIZE), c.objects_at(t), clips.COLORS, clips.KINDS
+            )
+            for c in train_c
+            for t in range(c.frames)
+        ]
+        targets = word_targets(model, processor.tokenizer, clips.COLORS, clips.KINDS)
+        flat = train_f.reshape(-1, train_f.shape[-1])
+        align_projector(proj, flat, torch.tensor(codes).flatten(), targets, args.align_steps, args.align_lr, log)
     newline = model.model.image_newline
     groups = [{"params": [*inner.parameters(), newline], "lr": args.lr, "base": args.lr}]
     lora = None
@@ -201,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
         t0 = time.perf_counter()
-        test_f, test_qa = clip_data(model, processor, "test", args.test_clips, args.seed, log)
+        test_f, test_qa, _ = clip_data(model, processor, "test", args.test_clips, args.seed, log)
         plain = ClipVisual(model, inner)
         src = Source(test_f, test_qa, plain, candidates)
         for keep in (None, candidates // 10):

@@ -49,7 +49,7 @@ class Variant:
     """One offline checkpoint: the same pretrained parts, its own input size and trained weights.
 
     Attributes:
-        name: ``"easyvqa"`` (the first model, the demo default) or ``"scenes"``.
+        name: ``"easyvqa"`` (the first model, the demo default), ``"scenes"`` or ``"video"``.
         image_size: input side in pixels; ``(image_size // 14) ** 2`` visual tokens per image.
         projector: file name of the trained projector under ``vtc/assets``.
         lora: file name of low-rank adapters merged into the language model's weights at build time
@@ -63,6 +63,9 @@ class Variant:
     lora: str | None = None
     trained_by: str = "eval/train_projector.py"
     family: str = "llava"  # or "llava_onevision" (video)
+    #: ``vision_feature_layer``: -1 is the last block; 6 (the middle of DINOv2-S's 12 blocks) keeps the colour
+    #: and identity of small objects far better (patch probes: colour 93 % vs 74 %, digit 68 % vs 56 %)
+    feature_layer: int = -1
 
     @property
     def visual_tokens(self) -> int:
@@ -78,6 +81,7 @@ VARIANTS: dict[str, Variant] = {
         "offline_scenes_projector.safetensors",
         "offline_scenes_lora.safetensors",
         "eval/train_scenes.py",
+        feature_layer=6,
     ),
     "video": Variant(
         "video",
@@ -86,6 +90,7 @@ VARIANTS: dict[str, Variant] = {
         "offline_video_lora.safetensors",
         "eval/train_video.py",
         family="llava_onevision",
+        feature_layer=6,
     ),
 }
 VIDEO_TOKEN = "<video>"
@@ -301,7 +306,7 @@ def assemble(
     added = 2 if video else 1
     common = {
         "text_config": _text_config(lm.config, vocab_size=lm.config.vocab_size + added),
-        "vision_feature_layer": -1,
+        "vision_feature_layer": spec.feature_layer,
         "vision_feature_select_strategy": "default",
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,

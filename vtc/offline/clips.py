@@ -87,21 +87,21 @@ class Clip:
     def render(self) -> np.ndarray:
         """``[T, H, W, 3]`` uint8 RGB frames."""
         out = []
-        scale = self.size / SIZE
         for t in range(self.frames):
-            objects = []
-            for tr in self.tracks:
-                corner = tr.corners[t]
-                if corner is None:
-                    continue
-                x, y = corner
-                colour = tr.colours[t] if tr.colours else tr.colour
-                objects.append(SceneObject(tr.kind, colour, 0, (x, y, x + tr.side, y + tr.side), tr.source))
             # scenes.render draws on a 168 px canvas; clip coordinates are at SIZE px
-            picture = render(_rescale(objects, 168 / SIZE), 168).resize((self.size, self.size), Image.BILINEAR)
-            out.append(np.asarray(picture))
-        del scale
+            objects = _rescale(self.objects_at(t), 168 / SIZE)
+            out.append(np.asarray(render(objects, 168).resize((self.size, self.size), Image.BILINEAR)))
         return np.stack(out)
+
+    def objects_at(self, t: int) -> list[SceneObject]:
+        """The objects visible in frame ``t`` (clip coordinates, :data:`SIZE` px)."""
+        out = []
+        for tr in self.tracks:
+            if tr.corners[t] is not None:
+                x, y = tr.corners[t]
+                colour = tr.colours[t] if tr.colours else tr.colour
+                out.append(SceneObject(tr.kind, colour, 0, (x, y, x + tr.side, y + tr.side), tr.source))
+        return out
 
     def write(self, path: str, fps: int = FPS) -> str:
         """Encode the clip as an H.264 mp4 (PyAV, yuv420p, near-lossless CRF 12)."""
@@ -286,15 +286,39 @@ def _make_clip(index: int, rng: random.Random, split: str, counters: dict, frame
     raise RuntimeError("could not lay out a clip")  # not reached: three or four objects always fit
 
 
-def generate(split: str, n_clips: int, seed: int = 0, frames: int = FRAMES) -> list[Clip]:
-    """``n_clips`` clips of ``split`` (themes in turn, answers balanced per family), deterministic."""
+def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
+    """Extra questions for training only: the colour of every object whose kind is unique in the clip and
+    whose colour never changes (family ``"colour"``), and whether a kind appears (``"exists"``, yes and no)."""
+    kinds = [t.kind for t in clip.tracks]
+    asked = {q.question for q in clip.questions}
+    out = []
+    for t in clip.tracks:
+        q = f"What colour is the {t.kind}?"
+        if kinds.count(t.kind) == 1 and not t.colours and q not in asked:
+            out.append(ClipQuestion(q, t.colour, "colour", tuple(COLORS)))
+    present, absent = sorted(set(kinds)), [k for k in KINDS if k not in kinds]
+    for kind, answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
+        out.append(ClipQuestion(f"Is there {_article(kind)} {kind}?", answer, "exists", ("yes", "no")))
+    return out
+
+
+def generate(split: str, n_clips: int, seed: int = 0, frames: int = FRAMES, dense: bool = False) -> list[Clip]:
+    """``n_clips`` clips of ``split`` (themes in turn, answers balanced per family), deterministic.
+
+    ``dense`` (training): add :func:`_training_questions` to every clip (families outside the benchmark's).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 16 <= frames <= 32:
         raise ValueError(f"frames must be in 16..32, got {frames}")
     rng = random.Random(f"clips/{split}/{seed}")
     counters: dict = {}
-    return [_make_clip(i, rng, split, counters, frames) for i in range(n_clips)]
+    out = [_make_clip(i, rng, split, counters, frames) for i in range(n_clips)]
+    if dense:
+        extra = random.Random(f"clips/{split}/{seed}/dense")
+        for clip in out:
+            clip.questions = clip.questions + _training_questions(clip, extra)
+    return out
 
 
 def write(out: str, split: str = "test", n_clips: int = 150, seed: int = 0, frames: int = FRAMES) -> str:

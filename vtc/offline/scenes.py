@@ -116,7 +116,7 @@ class Question:
 
     @property
     def options(self) -> tuple[str, ...]:
-        return OPTIONS[self.family]
+        return OPTIONS.get(self.family, (self.answer,))
 
 
 @dataclass
@@ -206,6 +206,27 @@ def render(objects: list[SceneObject], size: int = CANVAS) -> Image.Image:
     return image
 
 
+def patch_owner(objects: list[SceneObject], grid: int, size: int = CANVAS, min_cover: float = 0.15) -> list[int]:
+    """For each cell of a ``grid x grid`` patch grid over a ``size`` px canvas (raster order), the index of the
+    object covering most of it, or -1 when none covers at least ``min_cover`` of the cell (box overlap).
+
+    Training scripts use it to align a projector with word embeddings of what each patch shows.
+    """
+    cell = size / grid
+    owner = []
+    for r in range(grid):
+        for c in range(grid):
+            x0, y0 = c * cell, r * cell
+            best, who = min_cover * cell * cell, -1
+            for i, o in enumerate(objects):
+                w = min(x0 + cell, o.box[2]) - max(x0, o.box[0])
+                h = min(y0 + cell, o.box[3]) - max(y0, o.box[1])
+                if w > 0 and h > 0 and w * h >= best:
+                    best, who = w * h, i
+            owner.append(who)
+    return owner
+
+
 def _place_object(rng: random.Random, kind: str, cell: int, colour: str, split: str) -> SceneObject:
     lo, hi = DIGIT_SIZE if kind in DIGITS else SHAPE_SIZE
     cell_px = CANVAS // GRID
@@ -279,6 +300,13 @@ def _candidates(
     return qs
 
 
+def describe(objects: list[SceneObject]) -> Question:
+    """Training only: "What objects are there?" answered by every object as "colour kind", place by place
+    (row-major), e.g. ``"red 7, blue circle, green 3"`` (family ``"describe"``, not in the benchmark)."""
+    text = ", ".join(f"{o.colour} {o.kind}" for o in sorted(objects, key=lambda o: o.cell))
+    return Question("What objects are there?", text, "describe")
+
+
 def _balance(scenes: list[Scene], rng: random.Random) -> None:
     """Keep, per family, the same number of questions for every answer (stratified over the split)."""
     for family in FAMILIES:
@@ -306,9 +334,9 @@ def generate(
 
     Args:
         objects: the range of objects per scene (the benchmark's test set: 2 to 9).
-        dense: for training: up to six questions per family and scene, no balancing pass (every family's
-            answer is still drawn evenly: counts by construction, colours and kinds uniformly, yes/no by
-            a coin).
+        dense: for training: a :func:`describe` question first, then up to six questions per family and
+            scene, no balancing pass (every family's answer is still drawn evenly: counts by construction,
+            colours and kinds uniformly, yes/no by a coin).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -319,6 +347,8 @@ def generate(
         rng = random.Random(f"scenes/{split}/{seed}/{objects}/{i}")
         layout, counted, count = _scene_objects(rng, split, objects)
         questions = _candidates(random.Random(f"{rng.random()}/q"), layout, counted, count, 6 if dense else 2)
+        if dense:
+            questions.insert(0, describe(layout))
         scenes.append(Scene(i, layout, questions))
     if not dense:
         _balance(scenes, random.Random(f"scenes/{split}/{seed}/balance/{n_scenes}"))
