@@ -127,7 +127,7 @@ def test_config():
 
 def test_listed_families():
     row = next(m.to_dict() for m in vtc.list_methods() if m.name == "tome")
-    assert row["stages"] == ["vision", "vision_merge"] and row["families"] == ["llava", "open_clip", "timm"]
+    assert row["stages"] == ["vision", "vision_merge"] and row["families"] == ["llava", "open_clip", "timm", "transformers"]
     assert row["modalities"] == ["image"]
 
 
@@ -411,6 +411,50 @@ def test_open_clip_tower_alone_with_avg_pooling():
             rec = vtc.last_record(tower)
         assert torch.equal(tower(x), ref)
     assert rec.flops["vision_tokens"] == [17, 14, 11, 8]
+
+
+# -- transformers backbones on their own: Dinov2Model, CLIPVisionModel --------------------------------------
+
+
+def _hf_backbone(kind):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, patch_size=4)
+    if kind == "dinov2":
+        return Dinov2Model(Dinov2Config(image_size=16, attn_implementation="sdpa", **small)).eval()
+    return CLIPVisionModel(CLIPVisionConfig(image_size=16, attn_implementation="sdpa", **small)).eval()
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip"])
+def test_transformers_backbone_budget_r0_and_restore(kind):
+    model, x = _hf_backbone(kind), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        vtc.compress(model, "tome", r=0)
+        same = model(pixel_values=x)
+        vtc.restore(model)
+        vtc.compress(model, "tome", budget=0.25)
+        out = model(pixel_values=x)
+        rec = vtc.last_record(model)
+        vtc.restore(model)
+        back = model(pixel_values=x)
+    torch.testing.assert_close(same.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert torch.equal(back.last_hidden_state, ref.last_hidden_state)
+    assert out.last_hidden_state.shape[1] == 1 + 4  # CLS + k = keep_count(0.25, 16) patch tokens
+    assert out.pooler_output.shape == ref.pooler_output.shape
+    assert not torch.allclose(out.pooler_output, ref.pooler_output, atol=1e-4)  # the CLS saw merged tokens
+    assert rec.family == "transformers"
+    assert [im.counts for im in rec.images] == [{"input": 16, "vision": 4}] * 2 and rec.images[0].grids == [[4, 4]]
+
+
+def test_dinov2_backbone_grid_follows_the_input_size():
+    model = _hf_backbone("dinov2")
+    with torch.no_grad(), vtc.compressed(model, "tome", r=2):
+        out = model(pixel_values=torch.randn(1, 3, 16, 24))  # 4 x 6 patches, position table interpolated
+        rec = vtc.last_record(model)
+    assert rec.images[0].grids == [[4, 6]] and rec.images[0].counts["input"] == 24
+    assert out.last_hidden_state.shape[1] == 1 + 24 - 3 * 2
 
 
 # -- LLaVA: CLIP, SigLIP and DINOv2 towers -------------------------------------------------------------------

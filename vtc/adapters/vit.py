@@ -1,6 +1,7 @@
-"""Standalone vision transformers (no LLM): timm's ``VisionTransformer`` and open_clip's image tower.
+"""Standalone vision transformers (no LLM): timm's ``VisionTransformer``, open_clip's image tower, and
+transformers' ``Dinov2Model`` / ``CLIPVisionModel``.
 
-These models have no ``config.model_type``; they are recognised by data: the qualified name of the model's
+These models have no ``config.model_type`` that vtc serves as a VLM family; they are recognised by data: the qualified name of the model's
 class or one of its bases (:attr:`ViTAdapter.model_classes`), so neither timm nor open_clip is imported
 here. The only stage is token merging inside the tower (``VISION_MERGE``): the blocks run through block
 runners (:mod:`vtc.adapters.runners`) on every call that runs them (``forward``, ``forward_features``,
@@ -190,6 +191,46 @@ class OpenCLIPAdapter(ViTAdapter):
             return _weighted_mean(x[:, 1:], size[:, 1:]), x[:, 1:]
 
         return {"_global_pool": _global_pool}
+
+
+@register_adapter
+class TransformersViTAdapter(ViTAdapter):
+    """A transformers vision backbone used on its own: ``Dinov2Model`` and ``CLIPVisionModel`` (with or
+    without its projection). Their blocks are the ones the VLM families' towers run (Dinov2Layer,
+    CLIPEncoderLayer), so ToMe runs here exactly as inside a LLaVA tower. The patch grid is read from each
+    call's ``pixel_values`` (Dinov2 takes any input size); the pooled output is the CLS token, which needs no
+    size weighting."""
+
+    family = "transformers"
+    _pixels: tuple[int, int] | None = None  # (height, width) of the last call's pixel_values
+    model_classes = (
+        "transformers.models.dinov2.modeling_dinov2.Dinov2Model",
+        "transformers.models.clip.modeling_clip.CLIPVisionModel",
+        "transformers.models.clip.modeling_clip.CLIPVisionModelWithProjection",
+    )
+
+    def find_blocks(self, tower: nn.Module) -> nn.ModuleList:
+        encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
+        return getattr(encoder, "layer", None) or encoder.layers
+
+    def prefix_tokens(self, tower: nn.Module) -> int:
+        return 1  # CLS (Dinov2Model has no register tokens)
+
+    def patch_grid(self) -> tuple[int, int]:
+        patch = int(self.tower.config.patch_size)
+        size = self._pixels or (int(self.tower.config.image_size),) * 2
+        return size[0] // patch, size[1] // patch
+
+    def install(self) -> None:
+        self._pixels: tuple[int, int] | None = None
+
+        def remember(module, args, kwargs):
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
+                self._pixels = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+
+        self.handles.append(self.tower.register_forward_pre_hook(remember, with_kwargs=True))
+        super().install()
 
 
 def _weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
