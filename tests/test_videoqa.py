@@ -334,6 +334,6 @@ def test_a_real_torchrun_launch_merges_to_the_single_process_results(workspace, 
         return row
 
     assert [same_in_any_process(r) for r in merged] == [same_in_any_process(r) for r in single]
-    assert sum(r["error"] is not None for r in merged) == 1  # the broken clip, in both runs
+    assert any(r["error"] for r in merged)  # the broken clips: their errors compared too
     assert len(merged) == 6 and not list(tmp_path.glob("dist.jsonl.shard-*"))
     assert "accuracy" in dist.stdout  # rank 0 printed the summary line
