@@ -153,8 +153,10 @@ def table(result: dict) -> str:
     ]
     for row in result["rows"]:
         d = row["minus_r0"]
-        diff = "—" if row["r"] == result["rows"][0]["r"] else (
-            f"{100 * d['diff']:+.1f} ({100 * d['low']:+.1f}, {100 * d['high']:+.1f})"
+        diff = (
+            "—"
+            if row["r"] == result["rows"][0]["r"]
+            else (f"{100 * d['diff']:+.1f} ({100 * d['low']:+.1f}, {100 * d['high']:+.1f})")
         )
         lines.append(
             f"| {row['r']} | {row['tokens_out']} of {result['patches']} "
@@ -189,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from vtc.apps.demo import cpu_name
 
     load = os.getloadavg()[0]
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s), load {load:.1f}"
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s), load {load:.1f}"
+    )
     result = run(args)
     header = (
         f"DINOv2-S/14 (real weights) k-NN on MNIST-5k digits at {args.size} px: bank {result['bank']} images, "

@@ -146,7 +146,8 @@ def test_videoqa_cli_on_the_video_model_and_generated_clips(video_checkpoint, tm
 @pytest.mark.skipif(not TRAINED["video"], reason="the video model's weights are not in vtc/assets yet")
 def test_video_benchmark_smoke(video_checkpoint, tmp_path):
     bench = _load_eval("video_accuracy")
-    args = ["--clips", "2", "--methods", "divprune,random", "--budgets", "0.25", "--timed", "1", "--out", str(tmp_path)]
+    args = ["--clips", "2", "--methods", "divprune,random", "--budgets", "0.25", "--timed", "1"]
+    args += ["--out", str(tmp_path)]
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in report["results"]] == ["uncompressed", "divprune", "random"]

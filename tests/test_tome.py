@@ -127,7 +127,12 @@ def test_config():
 
 def test_listed_families():
     row = next(m.to_dict() for m in vtc.list_methods() if m.name == "tome")
-    assert row["stages"] == ["vision", "vision_merge"] and row["families"] == ["llava", "open_clip", "timm", "transformers"]
+    assert row["stages"] == ["vision", "vision_merge"] and row["families"] == [
+        "llava",
+        "open_clip",
+        "timm",
+        "transformers",
+    ]
     assert row["modalities"] == ["image"]
 
 
