@@ -1,12 +1,12 @@
 """Standalone vision transformers (no LLM): timm's ``VisionTransformer``, open_clip's image tower, and
 transformers' ``Dinov2Model`` / ``CLIPVisionModel``.
 
-These models have no ``config.model_type`` that vtc serves as a VLM family; they are recognised by data:
-the qualified name of the model's class or one of its bases (:attr:`ViTAdapter.model_classes`), so neither
-timm nor open_clip is imported here. The only stage is token merging inside the tower (``VISION_MERGE``):
-the blocks run through block runners (:mod:`vtc.adapters.runners`) on every call that runs them (``forward``, ``forward_features``,
-open_clip's ``encode_image``), so the session routes nothing; the tower outputs ``prefix + k`` tokens, and
-the session's recorder keeps, per image, which patches each output token stands for.
+These models have no ``config.model_type`` that vtc serves as a VLM family; they are recognised by data: the
+qualified name of the model's class or one of its bases (:attr:`ViTAdapter.model_classes`), so neither timm
+nor open_clip is imported here. The only stage is token merging inside the tower (``VISION_MERGE``): the
+blocks run through block runners (:mod:`vtc.adapters.runners`) on every call that runs them (``forward``,
+``forward_features``, open_clip's ``encode_image``), so the session routes nothing; the tower outputs
+``prefix + k`` tokens, and the session's recorder keeps, per image, which patches each output token stands for.
 
 The consumer of a standalone ViT is its own head; ``n`` counts its patch tokens (prefix tokens, which are
 never merged, excluded), so ``k = keep_count(budget, n)`` patch tokens leave the last block. A model that
