@@ -22,6 +22,23 @@ TRAINED = {name: asset_file(v.projector) is not None for name, v in VARIANTS.ite
 needs = pytest.mark.skipif(bool(MISSING), reason=f"offline assets missing; install: {assets.PIP_COMMAND}")
 
 
+def trained(name: str):
+    """Marks of a test that needs the offline assets and the committed weights of model ``name`` (slow)."""
+    weights = pytest.mark.skipif(not TRAINED[name], reason=f"the {name} model's weights are not in vtc/assets yet")
+
+    def mark(test):
+        return needs(pytest.mark.slow(weights(test)))
+
+    return mark
+
+
+def _load(checkpoint: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
 def _load_eval(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -47,14 +64,11 @@ def video_checkpoint() -> Path:
     return build_offline_vlm(model="video", log=lambda m: print(m, file=sys.stderr))
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["scenes"], reason="the scenes model's weights are not in vtc/assets yet")
+@trained("scenes")
 def test_scenes_checkpoint_is_a_stock_llava_with_144_tokens(scenes_checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    model = AutoModelForImageTextToText.from_pretrained(scenes_checkpoint, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(scenes_checkpoint)
+    model, processor = _load(scenes_checkpoint)
     assert type(model) is LlavaForConditionalGeneration and model.config.vision_feature_layer == 6
     from vtc.offline import scenes
 
@@ -67,9 +81,7 @@ def test_scenes_checkpoint_is_a_stock_llava_with_144_tokens(scenes_checkpoint):
     assert info["model"] == "scenes" and info["lora"] and info["visual_tokens"] == 144
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["scenes"], reason="the scenes model's weights are not in vtc/assets yet")
+@trained("scenes")
 def test_scenes_benchmark_smoke_with_shared_prefixes_and_paired_intervals(scenes_checkpoint, tmp_path):
     accuracy = _load_eval("accuracy")
     args = ["--model", "scenes", "--questions", "10", "--methods", "random,divprune", "--budgets", "0.111"]
@@ -85,9 +97,7 @@ def test_scenes_benchmark_smoke_with_shared_prefixes_and_paired_intervals(scenes
     assert "minus random" in table and "At budget 0.111" in table
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["scenes"], reason="the scenes model's weights are not in vtc/assets yet")
+@trained("scenes")
 def test_generic_runner_takes_a_users_scenes_jsonl(scenes_checkpoint, tmp_path):
     from vtc.offline import scenes
 
@@ -104,16 +114,13 @@ def test_generic_runner_takes_a_users_scenes_jsonl(scenes_checkpoint, tmp_path):
     assert [r["n"] for r in report["results"]] == [len(rows), len(rows)]
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["video"], reason="the video model's weights are not in vtc/assets yet")
+@trained("video")
 def test_video_checkpoint_is_a_stock_onevision_with_256_frame_tokens(video_checkpoint):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     from vtc.offline import clips
 
-    model = AutoModelForImageTextToText.from_pretrained(video_checkpoint, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(video_checkpoint)
+    model, processor = _load(video_checkpoint)
     assert type(model) is LlavaOnevisionForConditionalGeneration
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Does a 3 appear?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -121,9 +128,7 @@ def test_video_checkpoint_is_a_stock_onevision_with_256_frame_tokens(video_check
     assert int((inputs["input_ids"] == model.config.video_token_index).sum()) == 16 * 16 + 1  # frames + newline
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["video"], reason="the video model's weights are not in vtc/assets yet")
+@trained("video")
 def test_videoqa_cli_on_the_video_model_and_generated_clips(video_checkpoint, tmp_path, capsys):
     pytest.importorskip("decord")
     from vtc.cli import main
@@ -141,9 +146,7 @@ def test_videoqa_cli_on_the_video_model_and_generated_clips(video_checkpoint, tm
     assert len([json.loads(line) for line in open(out)]) == 6
 
 
-@needs
-@pytest.mark.slow
-@pytest.mark.skipif(not TRAINED["video"], reason="the video model's weights are not in vtc/assets yet")
+@trained("video")
 def test_video_benchmark_smoke(video_checkpoint, tmp_path):
     bench = _load_eval("video_accuracy")
     args = ["--clips", "2", "--methods", "divprune,random", "--budgets", "0.25", "--timed", "1"]
