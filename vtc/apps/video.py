@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -151,7 +152,7 @@ def load_video(
         try:
             return _load(path, num_frames, fps, max_frames, max_bytes, width, height, num_threads)
         except VideoDecodeError as err:
-            said = held()
+            said = re.sub(r" @ 0x[0-9a-f]+", "", held())  # ffmpeg names its context's heap address: not the file's
             if said and said not in str(err):
                 raise VideoDecodeError(f"{err} (ffmpeg: {said})") from err.__cause__
             raise
