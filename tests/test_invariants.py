@@ -184,14 +184,30 @@ def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method)
     start = int((ids == placeholder).nonzero()[0])
     with torch.no_grad():
         visual = {key: inputs[key] for key in family.image_keys}
-        feats = getattr(model.model, f"get_{family.modality}_features")(**visual).pooler_output[0]
+        output = getattr(model.model, f"get_{family.modality}_features")(**visual)
+        kept = torch.tensor(im.kept)
+        feats = output.pooler_output[0]
         embed = model.get_input_embeddings()
         n = im.num_input
-        seq = torch.cat([embed(ids[:start]), feats[torch.tensor(im.kept)], embed(ids[start + n :])])[None]
+        seq = torch.cat([embed(ids[:start]), feats[kept], embed(ids[start + n :])])[None]
         pos = torch.tensor(rec.samples[0].position_ids)
         pos = pos[None] if pos.dim() == 1 else pos[:, None]  # 1-D, or M-RoPE rows
         mask = torch.ones(1, seq.shape[1], dtype=torch.long)
-        by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask).logits
+        if getattr(output, "deepstack_features", None) is None:
+            by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask).logits
+        else:  # Qwen3-VL: each DeepStack level's kept rows, added at the kept visual rows after the first layers
+            rows = torch.zeros(1, seq.shape[1], dtype=torch.bool)
+            rows[0, start : start + len(im.kept)] = True
+            deepstack = [level[0][kept] for level in output.deepstack_features]
+            text_row = torch.arange(seq.shape[1])[None, None]
+            hidden = model.model.language_model(
+                inputs_embeds=seq,
+                position_ids=torch.cat([text_row, pos]),
+                attention_mask=mask,
+                visual_pos_masks=rows,
+                deepstack_visual_embeds=deepstack,
+            ).last_hidden_state
+            by_hand = model.lm_head(hidden)
     torch.testing.assert_close(out, by_hand, atol=TOL["logits_fp32"], rtol=0)
 
 

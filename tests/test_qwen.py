@@ -1,12 +1,13 @@
-"""Qwen2-VL / Qwen2.5-VL: kept tokens keep their M-RoPE positions; decoding continues at max + 1."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their M-RoPE positions; decoding continues at max + 1.
+Qwen3-VL's DeepStack: in-LLM pruning before its last injection is refused; its videos are refused for now."""
 
 import pytest
 import torch
 
 import vtc
-from vtc.testing import qwen_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtc.testing import qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
-BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -99,3 +100,25 @@ def test_window_permutation_is_undone_for_attention_signals():
     window_index, _ = get_vision_window_index(inputs["image_grid_thw"], 2, vcfg.window_size, vcfg.patch_size)
     natural = received.view(-1, 4)[torch.argsort(window_index)].mean(1)
     torch.testing.assert_close(torch.tensor(im.scores), natural, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "options"), [("fastv", {}), ("pdrop", {}), ("fastv", {"layer": 1})])
+def test_qwen3_in_llm_pruning_before_the_last_deepstack_injection_is_refused(method, options):
+    model = tiny_qwen3_vl(seed=0, deepstack=(0, 1, 2))  # injections after layers 0, 1 and 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"DeepStack .* after layers 0-2; prune at layer 3 or later"):
+        vtc.compress(model, method, budget=0.25, **options)
+    assert vtc.session_of(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with vtc.compressed(model, "fastv", budget=0.25, layer=3):  # after the last injection: runs
+        out = model(**qwen_inputs(model, ((3, 4),)))
+        assert vtc.last_record(model).images[0].counts["llm_layer_3"] < vtc.last_record(model).images[0].num_input
+    assert out.logits.isfinite().all()
+
+
+def test_qwen3_videos_are_refused_with_the_reason():
+    model = tiny_qwen3_vl(seed=0)
+    inputs = qwen_video_inputs(model, ((3, 4),))
+    with vtc.compressed(model, "random", budget=0.5):
+        with pytest.raises(ValueError, match="Qwen3-VL videos yet: each frame is its own block"):
+            model(**inputs)

@@ -2,6 +2,7 @@
 
 import types
 
+import pytest
 import torch
 
 import vtc
@@ -52,3 +53,17 @@ def test_token_streams_are_packed_with_the_tokens():
     out = pack(adapter, encoded, [Reduction.keep(torch.tensor([1, 3])), None])["image"]
     assert torch.equal(out["deepstack"][:, 0], torch.tensor([1.0, 3.0, 4.0, 5.0]))
     assert torch.equal(out["pooler_output"][0], images[0].tokens[[1, 3]])
+
+
+def test_a_stream_already_split_per_image_keeps_that_shape():
+    """Qwen3-VL's feature function returns each DeepStack level as a tuple with one tensor per image."""
+    stream = TokenStream("deepstack_features", per_item=True)
+    value = [tuple(torch.arange(float(n))[:, None] + 10 * level for n in (4, 2)) for level in range(3)]
+    first, second = stream.split(value, [4, 2])
+    assert len(first) == 3 and torch.equal(first[2][:, 0], torch.arange(4.0) + 20)
+    kept = stream.reduce(first, Reduction.keep(torch.tensor([1, 3])))
+    packed = stream.pack([kept, second])
+    assert isinstance(packed, list) and all(isinstance(level, tuple) and len(level) == 2 for level in packed)
+    assert torch.equal(packed[1][0][:, 0], torch.tensor([11.0, 13.0])) and torch.equal(packed[1][1], second[1])
+    with pytest.raises(ValueError, match="rows per image \\[4, 2\\] do not match the visual tokens \\[3, 3\\]"):
+        stream.split(value, [3, 3])

@@ -336,6 +336,56 @@ def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa", dtype: tor
     return model.to(dtype).eval()
 
 
+def tiny_qwen3_vl(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    deepstack: tuple[int, ...] = (0,),
+    moe: bool = False,
+) -> nn.Module:
+    """A Qwen3-VL-layout model: ViT with 4 px patches, learned position grid plus 2-D RoPE, 2 x 2 merger, and
+    DeepStack mergers on ViT blocks ``deepstack`` whose outputs are added after the first ``len(deepstack)``
+    decoder layers; M-RoPE decoder with interleaved frequencies. One DeepStack level by default, so in-LLM
+    pruning from layer 1 on (the tiny matrix's PyramidDrop) is valid; the real models use three. ``moe=True``
+    gives the ``qwen3_vl_moe`` layout (4 experts, 2 per token, in every decoder layer)."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    vision = {
+        "depth": max(2, max(deepstack) + 1),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "patch_size": 4,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": list(deepstack),
+        "in_channels": 3,
+    }
+    text = {**_qwen_text(), "head_dim": 16}
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e4,
+        "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True,
+    }
+    config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        config_class, model_class = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    config = config_class(text_config=text, vision_config=vision, **_qwen_ids())
+    torch.manual_seed(seed)
+    model = model_class._from_config(config, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
 #: ViT patch grids (t, h, w) qwen_inputs cycles through: images of different sizes and aspect ratios
 QWEN_GRIDS = ((1, 8, 8), (1, 4, 8), (1, 8, 4), (1, 6, 10))
 
@@ -382,6 +432,13 @@ class _QwenFamily(TinyFamily):
 
 FAMILIES["qwen2_vl"] = _QwenFamily("qwen2_vl", tiny_qwen2_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
 FAMILIES["qwen2_5_vl"] = _QwenFamily("qwen2_5_vl", tiny_qwen2_5_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
+FAMILIES["qwen3_vl"] = _QwenFamily("qwen3_vl", tiny_qwen3_vl, qwen_inputs, ("pixel_values", "image_grid_thw"))
+FAMILIES["qwen3_vl_moe"] = _QwenFamily(
+    "qwen3_vl_moe",
+    lambda seed=0, **kw: tiny_qwen3_vl(seed, moe=True, **kw),
+    qwen_inputs,
+    ("pixel_values", "image_grid_thw"),
+)
 
 
 def tiny_llava_onevision(

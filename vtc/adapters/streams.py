@@ -42,16 +42,31 @@ class RowStream:
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
     """A field of the feature output with one row per visual token: a tensor ``[N, ...]`` over all visual tokens
-    of the call (images concatenated in order), or a list / tuple of such tensors (one per LLM layer)."""
+    of the call (images concatenated in order), or a list / tuple of such tensors (one per LLM layer).
+
+    Attributes:
+        field: the field's name in the feature output.
+        per_item: the model's feature function has already split each tensor per image: where a tensor over
+            all tokens would be, there is a tuple with one ``[n_i, ...]`` tensor per image (Qwen3-VL's
+            ``get_image_features``), and the stock forward concatenates it itself.
+    """
 
     field: str
+    per_item: bool = False
+
+    def _items(self, value: Any) -> bool:
+        return self.per_item and isinstance(value, list | tuple) and all(torch.is_tensor(v) for v in value)
 
     def split(self, value: Any, counts: Sequence[int]) -> list[Any]:
         """Per image (``counts`` tokens each, in order), its rows of ``value``."""
-        if isinstance(value, list | tuple):
+        if isinstance(value, list | tuple) and not self._items(value):
             per_part = [self.split(part, counts) for part in value]
             return [type(value)(part[i] for part in per_part) for i in range(len(counts))]
-        return list(torch.split(value, list(counts)))
+        parts = list(value) if self._items(value) else list(torch.split(value, list(counts)))
+        sizes = [int(p.shape[0]) for p in parts]
+        if sizes != list(counts):
+            raise ValueError(f"{self.field}: rows per image {sizes} do not match the visual tokens {list(counts)}")
+        return parts
 
     def reduce(self, value: Any, red: Reduction | None) -> Any:
         """An image's rows after its reduction: the same indices as its tokens (see module docstring)."""
@@ -74,4 +89,4 @@ class TokenStream:
         first = items[0]
         if isinstance(first, list | tuple):
             return type(first)(self.pack([item[i] for item in items]) for i in range(len(first)))
-        return torch.cat(list(items))
+        return tuple(items) if self.per_item else torch.cat(list(items))
