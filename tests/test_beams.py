@@ -100,6 +100,8 @@ def _cache_free(tiny, model, inputs, beams):
 
     def logits_of(seqs, mask, rows):
         step = {**expanded, "input_ids": torch.cat([expanded["input_ids"], seqs], dim=1), "attention_mask": mask}
+        if "token_type_ids" in step:  # Gemma 3: the new tokens are text (outside the bidirectional image blocks)
+            step["token_type_ids"] = torch.cat([step["token_type_ids"], torch.zeros_like(seqs)], dim=1)
         if "mm_token_type_ids" in step:  # M-RoPE: the model derives its 3-D positions from the token types
             step["mm_token_type_ids"] = torch.cat([step["mm_token_type_ids"], torch.zeros_like(seqs)], dim=1)
         else:

@@ -153,6 +153,8 @@ def test_generate_with_cache_equals_cache_free_steps(model, family, method, posi
     assert torch.equal(generated[:, :prompt_len], inputs["input_ids"])  # the caller's prompt comes back
     new_tokens = generated[:, prompt_len:]
     ids, mask, pos = short["input_ids"], short["attention_mask"], short["position_ids"]
+    # row-aligned inputs that shape the prompt's attention (Gemma 3's token_type_ids: bidirectional image blocks)
+    types = {key: short[key] for key in ("token_type_ids",) if short.get(key) is not None}
     for t in range(steps):
         with torch.no_grad():
             logits = model(
@@ -161,12 +163,14 @@ def test_generate_with_cache_equals_cache_free_steps(model, family, method, posi
                 position_ids=pos,
                 use_cache=False,
                 mm_encoder_outputs=short["mm_encoder_outputs"],
+                **types,
             ).logits[:, -1]
         nxt = logits.argmax(-1)
         assert torch.equal(nxt, new_tokens[:, t]), f"step {t}"
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+        types = {key: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for key, v in types.items()}
 
 
 @pytest.mark.parametrize("method", PRE_LLM_ONLY)
@@ -194,7 +198,11 @@ def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method)
         pos = pos[None] if pos.dim() == 1 else pos[:, None]  # 1-D, or M-RoPE rows
         mask = torch.ones(1, seq.shape[1], dtype=torch.long)
         if getattr(output, "deepstack_features", None) is None:
-            by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask).logits
+            extra = {}
+            if "token_type_ids" in inputs:  # Gemma 3: the kept image rows form one bidirectional block
+                extra["token_type_ids"] = torch.zeros_like(mask)
+                extra["token_type_ids"][0, start : start + len(im.kept)] = 1
+            by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask, **extra).logits
         else:  # Qwen3-VL: each DeepStack level's kept rows, added at the kept visual rows after the first layers
             rows = torch.zeros(1, seq.shape[1], dtype=torch.bool)
             rows[0, start : start + len(im.kept)] = True

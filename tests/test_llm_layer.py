@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vtc
+from vtc.adapters import ADAPTERS
 from vtc.contexts import Stage
 from vtc.testing import FAMILIES, llava_inputs, tiny_llava
 
@@ -53,6 +54,8 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
     tiny = FAMILIES[family]
     if tiny.modality not in vtc.get_method(method).method_class.modalities:
         pytest.skip(f"{method} takes {vtc.get_method(method).method_class.modalities} inputs")
+    if Stage.LLM_LAYER not in ADAPTERS[tiny.model_type].stages:
+        pytest.skip(f"{family} has no LLM-layer hook point")
     model = tiny.build(seed=4)
     inputs = tiny.inputs(model, BATCH, padding_side="left", seed=7)
     mrope = "mm_token_type_ids" in inputs  # M-RoPE: the model derives 3-D positions from the token types

@@ -587,3 +587,88 @@ VIDEO_FAMILIES: dict[str, TinyFamily] = {
     ),
 }
 FAMILIES.update(VIDEO_FAMILIES)
+
+
+GEMMA_BOI, GEMMA_EOI = 302, 303
+
+
+def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Gemma 3-layout model: SigLIP of 32 px / 4 px patches (8 x 8, no CLS), average-pooled 2 x 2 to 4 x 4 = 16
+    tokens per image, RMSNorm + projection; Gemma 3 decoder (sliding and global layers, bidirectional image
+    blocks through ``token_type_ids``)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        vision_use_head=False,
+    )
+    text = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=512,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=16,
+        boi_token_index=GEMMA_BOI,
+        eoi_token_index=GEMMA_EOI,
+        image_token_index=IMAGE_TOKEN,
+        pad_token_id=PAD_TOKEN,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    _sharpen(model.model.vision_tower.encoder.layers, seed)
+    with torch.no_grad():  # the real projection is trained; a zero-initialised one would make every image the same
+        w = model.model.multi_modal_projector.mm_input_projection_weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.2)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+def gemma3_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    images_per_sample: int = 1,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch for the tiny Gemma 3: ``<boi> 16 x <image> <eoi>`` per image, with ``token_type_ids``."""
+    size = model.config.vision_config.image_size
+    n = int(model.config.mm_tokens_per_image)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for before, after in prompt_lengths:
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
+        for _ in range(images_per_sample):
+            ids += (
+                [GEMMA_BOI]
+                + [IMAGE_TOKEN] * n
+                + [GEMMA_EOI]
+                + torch.randint(3, IMAGE_TOKEN, (1,), generator=gen).tolist()
+            )
+        rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
+    out = _pad(rows, padding_side)
+    out["token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).long()
+    images = len(prompt_lengths) * images_per_sample
+    out["pixel_values"] = torch.randn(images, 3, size, size, generator=gen).to(model.dtype)
+    return out
+
+
+FAMILIES["gemma3"] = TinyFamily("gemma3", tiny_gemma3, gemma3_inputs)

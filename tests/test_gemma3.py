@@ -1,0 +1,78 @@
+"""Gemma 3: bidirectional attention among exactly the kept image tokens of each block; pooled signals and
+pre-projector features line up with the model's 4 x 4-pooled tokens; in-LLM methods are refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vtc
+from vtc.testing import gemma3_inputs, tiny_gemma3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gemma3(seed=1)
+
+
+def test_the_mask_the_model_builds_is_bidirectional_among_exactly_the_kept_image_tokens(model):
+    inputs = gemma3_inputs(model, ((2, 3), (5, 1)), images_per_sample=2, padding_side="left", seed=4)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["masks"], seen["embeds"] = kwargs["attention_mask"], kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with vtc.compressed(model, "divprune", budget=0.25):
+            with torch.no_grad():
+                model(**inputs)
+            short = vtc.testing.compressed_inputs(model, inputs)
+    finally:
+        handle.remove()
+    ids, pad = short["input_ids"], short["attention_mask"].bool()
+    image = short["token_type_ids"] == 1
+    assert torch.equal(image, ids == model.config.image_token_id)  # the stream took the rows of the ids
+    assert image.sum(-1).tolist() == [8, 8]  # two images of 16 tokens each, 4 kept of each
+    # by hand: causal, plus both directions inside each run of kept image rows, never onto padding
+    n = ids.shape[1]
+    start = image & ~F.pad(image, (1, 0))[:, :-1]
+    block = torch.where(image, start.long().cumsum(-1), torch.zeros_like(ids))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] > 0)
+    expected = (causal | same) & pad[:, None, :]
+    full = seen["masks"]["full_attention"]
+    assert full.dtype == torch.bool and full.shape[-2:] == (n, n)
+    real = pad[:, :, None]  # rows of padding queries are not compared (the model fills them its own way)
+    assert torch.equal(full[:, 0] & real, expected & real)
+    for b in range(2):
+        runs = block[b].unique()
+        assert len(runs[runs > 0]) == 2  # each image is still its own block
+
+
+def test_pooled_signals_and_pre_projector_features_match_the_models_tokens(model):
+    inputs = gemma3_inputs(model, ((3, 2),), seed=2)
+    with vtc.compressed(model, "fopru", budget=0.5):  # fopru asks for head-mean attention received
+        adapter = vtc.session_of(model).adapter
+        encoded = adapter.encode(inputs)
+    (im,) = encoded.images
+    assert im.layout.grids == ((4, 4),) and im.tokens.shape[0] == 16
+    # the pre-projector features are the 2 x 2-pooled SigLIP features: projecting them gives the model's tokens
+    torch.testing.assert_close(im.project(im.vision_tokens), im.tokens, atol=1e-5, rtol=0)
+    # the signal by hand: attention each patch receives (mean over heads and queries), averaged per 2 x 2 window
+    with torch.no_grad():
+        model.model.vision_tower.set_attn_implementation("eager")
+        try:
+            out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+        finally:
+            model.model.vision_tower.set_attn_implementation("sdpa")
+    received = out.attentions[-1][0].mean(0).mean(0)  # [64]
+    by_hand = F.avg_pool2d(received.reshape(1, 1, 8, 8), 2).flatten()
+    (signal,) = im.signals.values()
+    torch.testing.assert_close(signal[0].float(), by_hand, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_in_llm_methods_are_refused_and_the_model_left_alone(model, method):
+    with pytest.raises(ValueError, match=r"acts at \['llm_layer'\], which the gemma3 adapter does not provide"):
+        vtc.compress(model, method, budget=0.25)
+    assert not vtc.is_compressed(model)
