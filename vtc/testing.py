@@ -672,3 +672,86 @@ def gemma3_inputs(
 
 
 FAMILIES["gemma3"] = TinyFamily("gemma3", tiny_gemma3, gemma3_inputs)
+
+
+def tiny_internvl(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An InternVL-layout model: InternViT tiles of 32 px / 4 px patches (CLS + 8 x 8), pixel shuffle 0.5 to
+    4 x 4 = 16 tokens per tile, LayerNorm + MLP projector; Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=[32, 32],
+        patch_size=[4, 4],
+    )
+    text = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    _sharpen(model.model.vision_tower.encoder.layer, seed)
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.to(dtype).eval()
+
+
+INTERNVL_START, INTERNVL_END = 302, 303
+#: tiles per image internvl_inputs cycles through (one tile; two tiles plus the thumbnail)
+INTERNVL_TILES = (1, 3)
+
+
+def internvl_inputs(
+    model: nn.Module,
+    prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
+    images_per_sample: int = 1,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch for the tiny InternVL: ``<img> 16 x tiles <IMG_CONTEXT> </img>`` per image."""
+    size = model.config.vision_config.image_size[0]
+    per_tile = int(model.config.image_seq_length)
+    gen = torch.Generator().manual_seed(seed)
+    rows, tiles, image = [], 0, 0
+    for before, after in prompt_lengths:
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
+        for _ in range(images_per_sample):
+            n = INTERNVL_TILES[(seed + image) % len(INTERNVL_TILES)]
+            ids += [INTERNVL_START] + [IMAGE_TOKEN] * (per_tile * n) + [INTERNVL_END]
+            tiles, image = tiles + n, image + 1
+        rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
+    out = _pad(rows, padding_side)
+    out["pixel_values"] = torch.randn(tiles, 3, size, size, generator=gen).to(model.dtype)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _TiledFamily(TinyFamily):
+    def sample_visual(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
+        """Sample ``b``'s tiles alone (its rows of the tile batch, counted from the placeholders)."""
+        per_tile = 16
+        counts = [int((row == IMAGE_TOKEN).sum()) // per_tile for row in inputs["input_ids"]]
+        start = sum(counts[:b])
+        return {"pixel_values": inputs["pixel_values"][start : start + counts[b]]}
+
+
+FAMILIES["internvl"] = _TiledFamily("internvl", tiny_internvl, internvl_inputs)

@@ -6,7 +6,7 @@ adapters only through :func:`adapter_for` and :func:`families_supporting`.
 
 from __future__ import annotations
 
-from . import gemma3, llava, qwen2_vl, qwen3_vl, vit  # noqa: F401  (registers the families)
+from . import gemma3, internvl, llava, qwen2_vl, qwen3_vl, vit  # noqa: F401  (registers the families)
 from .base import Adapter, UnsupportedModelError
 from .registry import ADAPTERS, STANDALONE, adapter_for, families_supporting, register_adapter
 

@@ -31,10 +31,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..contexts import Layout, Stage
-from .modalities import Modality
+from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
 from .streams import RowStream
 from .vision import find_tower
@@ -55,11 +54,7 @@ class PooledImages(Modality):
         return list(output.pooler_output)
 
     def pack_features(self, output: Any, items: list[torch.Tensor]) -> Any:
-        # the model scatters pooler_output.flatten() into the placeholders: images with the same count stay one
-        # row each (its own layout, which generate() can repeat per prompt), ragged counts go in one row
-        if len({int(x.shape[0]) for x in items}) == 1:
-            return output.__class__(**{**output, "pooler_output": torch.stack(items)})
-        return output.__class__(**{**output, "pooler_output": torch.cat(items)[None]})
+        return output.__class__(**{**output, "pooler_output": equal_rows(items)})
 
     def layouts(self, adapter: Any, kwargs: Mapping[str, Any], strategy: str) -> list[tuple[Layout, Any]]:
         side = adapter.tokens_per_side
@@ -103,11 +98,7 @@ class Gemma3Adapter(VLMAdapter):
 
     def pool(self, value: torch.Tensor) -> torch.Tensor:
         """``[N, R*R, ...]`` per-patch values -> ``[N, r*r, ...]`` averaged over each ``k x k`` window (float)."""
-        side, n = self.patches_per_side, value.shape[0]
-        tail = value.shape[2:]
-        maps = value.float().reshape(n, side, side, -1).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(maps, kernel_size=self.kernel, stride=self.kernel)
-        return pooled.permute(0, 2, 3, 1).reshape(n, -1, *tail)
+        return pool_to_token_grid(value, self.patches_per_side, self.kernel)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled SigLIP features ``[..., C]`` -> LLM tokens ``[..., D]`` (the projector after its pooling)."""

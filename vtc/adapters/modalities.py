@@ -217,3 +217,29 @@ def anyres_layout(
     slot.append(torch.where(codes >= 0, codes % stride, -1))
     grids = ((rows, cols),) * (1 + g_h * g_w)
     return Layout(grids, prefix, torch.cat(partition), torch.cat(slot), (g_h, g_w))
+
+
+def pool_to_token_grid(value: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
+    """Per-patch values -> per-LLM-token values, for towers whose LLM token covers ``kernel x kernel`` patches.
+
+    ``value``: ``[N, side * side, ...]`` raster patch values of ``N`` images or tiles (no CLS slot). Returns
+    ``[N, (side // kernel) ** 2, ...]`` (fp32): each token's value is the mean over its patches, in raster
+    order of the token grid. Used where the model pools or pixel-shuffles patches into one token (Gemma 3's
+    4 x 4 average pool, InternVL's 2 x 2 pixel shuffle), so scores rank the tokens the LLM actually receives.
+    """
+    n, tail = value.shape[0], value.shape[2:]
+    maps = value.float().reshape(n, side, side, -1).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.avg_pool2d(maps, kernel_size=kernel, stride=kernel)
+    return pooled.permute(0, 2, 3, 1).reshape(n, -1, *tail)
+
+
+def equal_rows(items: list[torch.Tensor]) -> torch.Tensor:
+    """Items' tokens ``[n_i, D]`` as one ``[rows, g, D]`` tensor, ``g`` the greatest common divisor of the ``n_i``.
+
+    For models that scatter ``pooler_output.flatten()`` into the placeholders in order (Gemma 3, InternVL):
+    every row belongs to one item, so ``generate`` can still split the rows per prompt when it repeats prompts
+    (beams, ``num_return_sequences``), even when the items kept different counts.
+    """
+    g = math.gcd(*(int(x.shape[0]) for x in items)) or 1
+    flat = torch.cat(items)
+    return flat.reshape(-1, g, flat.shape[-1])

@@ -148,18 +148,23 @@ def views(image: Image.Image, record: ImageRecord, size: int = 336) -> list[tupl
     """The pictures the model saw for ``record``: ``(title, picture, partitions drawn on it)``.
 
     LLaVA-NeXT: the base view (partition 0) and the crop canvas (all crops, as one picture); otherwise one
-    view per partition (LLaVA-1.5 and Qwen: one; videos: see :func:`show_video`).
+    view per partition (LLaVA-1.5 and Qwen: one; videos: see :func:`show_video`). Tiles whose place in the
+    picture the call does not give (InternVL: its processor keeps the tile grid to itself) are each drawn over
+    the whole picture, titled ``tile i``.
     """
     if record.arrangement:
         g_h, g_w = record.arrangement
         canvas = fit_canvas(image, g_w * size, g_h * size)
         return [("base view", fit_square(image, size), [0]), ("crops", canvas, list(range(1, 1 + g_h * g_w)))]
-    rows, cols = record.grids[0]
-    if rows == cols:
-        return [("image", fit_square(image, size), [0])]
-    return [
-        ("image", image.convert("RGB").resize((size * cols // max(rows, cols), size * rows // max(rows, cols))), [0])
-    ]
+
+    def fit(rows: int, cols: int) -> Image.Image:
+        if rows == cols:
+            return fit_square(image, size)
+        return image.convert("RGB").resize((size * cols // max(rows, cols), size * rows // max(rows, cols)))
+
+    if len(record.grids) == 1:
+        return [("image", fit(*record.grids[0]), [0])]
+    return [(f"tile {p}", fit(*grid), [p]) for p, grid in enumerate(record.grids)]
 
 
 def _canvas_overlay(picture: Image.Image, record: ImageRecord, parts: list[int], merges: bool) -> np.ndarray:
