@@ -18,7 +18,7 @@ import torch
 
 import vtc
 
-from .tiny_pretrained import QWEN_PIXELS, save_llava, save_qwen
+from .tiny_pretrained import QWEN3_PIXELS, QWEN_PIXELS, save_llava, save_qwen
 
 pytestmark = [
     pytest.mark.skipif(
@@ -34,14 +34,18 @@ TASK_DIR = ROOT / "examples" / "lmms_eval_task"
 TASK = "vtc_shapes"
 LIMIT = 3  # documents per run
 N_VISUAL = 16  # visual tokens per image of every tiny checkpoint
+#: upstream's qwen3_vl chat wrapper sizes images itself (qwen-vl-utils, 32 px units, the task's 96 px pictures)
+N_VISUAL_OF = {"qwen3_vl": 9}
 BUDGET = 0.25
 _QWEN_ARGS = ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}".format(**QWEN_PIXELS)
+_QWEN3_ARGS = ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}".format(**QWEN3_PIXELS)
 
 #: family -> (lmms-eval model name, extra model_args, the methods run besides method=none)
 CASES = {
     "llava": ("vtc_llava_hf", "", ("hired", "fastv")),  # chat wrapper
     "qwen2_vl": ("vtc_qwen2_vl", _QWEN_ARGS, ("divprune", "pool")),  # simple wrapper
     "qwen2_5_vl": ("vtc_qwen2_5_vl", _QWEN_ARGS, ("visionzip",)),  # chat wrapper, bfloat16 upstream
+    "qwen3_vl": ("vtc_qwen3_vl", _QWEN3_ARGS, ("divprune",)),  # chat wrapper (DeepStack rows gathered)
 }
 
 
@@ -74,7 +78,7 @@ def lmms(tmp_path_factory):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     saved = {"llava": save_llava(root / "llava")}
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         saved[family] = save_qwen(root / family, family)
     return saved
 
@@ -111,13 +115,15 @@ def _run(lmms, name: str, args: str, force_simple: bool = False):
 
 
 def test_entry_point_resolves_every_wrapper(lmms):
-    from vtc.apps.lmms_eval import llava_hf, qwen2_5_vl, qwen2_vl
+    from vtc.apps.lmms_eval import llava_hf, qwen2_5_vl, qwen2_vl, qwen3_vl
 
     assert lmms.get_model("vtc_llava_hf") is llava_hf.VtcLlavaHfChat
     assert lmms.get_model("vtc_llava_hf", force_simple=True) is llava_hf.VtcLlavaHf
     assert lmms.get_model("vtc_qwen2_vl") is qwen2_vl.VtcQwen2VL
     assert lmms.get_model("vtc_qwen2_5_vl") is qwen2_5_vl.VtcQwen2_5VLChat
     assert lmms.get_model("vtc_qwen2_5_vl", force_simple=True) is qwen2_5_vl.VtcQwen2_5VL
+    assert lmms.get_model("vtc_qwen3_vl") is qwen3_vl.VtcQwen3VLChat
+    assert lmms.get_model("vtc_qwen3_vl", force_simple=True) is qwen3_vl.VtcQwen3VL
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
@@ -125,19 +131,20 @@ def test_baseline_and_two_methods_feed_fewer_visual_tokens(lmms, checkpoints, fa
     name, base_args = _model_args(family, checkpoints)
     base = _run(lmms, name, base_args + ",method=none")
     assert not vtc.is_compressed(base.model)
-    assert base.placeholders == [N_VISUAL] * LIMIT
+    n_visual = N_VISUAL_OF.get(family, N_VISUAL)
+    assert base.placeholders == [n_visual] * LIMIT
     assert all(isinstance(a, str) for a in base.answers)
-    kept = vtc.keep_count(BUDGET, N_VISUAL)
+    kept = vtc.keep_count(BUDGET, n_visual)
     for method in CASES[family][2]:
         run = _run(lmms, name, f"{base_args},method={method},budget={BUDGET}")
         record = vtc.last_record(run.model)
         assert record.method == method and record.config["budget"] == BUDGET
         in_llm = vtc.Stage.LLM_LAYER in vtc.get_method(method).stages
         # pre-LLM methods: fewer placeholders reach the LLM; in-LLM ones drop rows inside it (fewer in the last layer)
-        assert run.placeholders == [N_VISUAL if in_llm else kept] * LIMIT, method
+        assert run.placeholders == [n_visual if in_llm else kept] * LIMIT, method
         assert record.visual_per_layer[0][-1] == kept
         # the compressed prefill length is what lmms-eval records as input tokens (samples and efficiency summary)
-        assert run.input_tokens == [n - (N_VISUAL - kept) for n in base.input_tokens], method
+        assert run.input_tokens == [n - (n_visual - kept) for n in base.input_tokens], method
         assert run.out["efficiency"]["overall"]["total_input_tokens"] == sum(run.input_tokens)
         assert all(isinstance(a, str) and a for a in run.answers)
 

@@ -73,17 +73,26 @@ def save_llava(path: Path) -> Path:
 
 #: Qwen pixel bounds: images end up 32 x 32 px, 8 x 8 patches of 4 px, 16 visual tokens after the 2 x 2 merge
 QWEN_PIXELS = {"min_pixels": 28 * 28, "max_pixels": 32 * 32}
+#: Qwen3-VL (16 px patches): images end up 128 x 128 px, 8 x 8 patches, again 16 visual tokens
+QWEN3_PIXELS = {"min_pixels": 128 * 128, "max_pixels": 128 * 128}
 
 
 def save_qwen(path: Path, family: str = "qwen2_vl") -> Path:
-    """A tiny Qwen2-VL / Qwen2.5-VL (``vtc.testing``) with its processor, saved to ``path`` (see QWEN_PIXELS)."""
+    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``vtc.testing``) with its processor, saved to ``path``."""
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    model = {"qwen2_vl": testing.tiny_qwen2_vl, "qwen2_5_vl": testing.tiny_qwen2_5_vl}[family]()
-    processor_class = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}[
-        family
-    ]
+    builders = {
+        "qwen2_vl": testing.tiny_qwen2_vl,
+        "qwen2_5_vl": testing.tiny_qwen2_5_vl,
+        "qwen3_vl": lambda: testing.tiny_qwen3_vl(patch=16),  # upstream's wrapper sizes images for 16 px patches
+    }
+    model = builders[family]()
+    processor_class = {
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+    }[family]
     vcfg = model.config.vision_config
     tok = tokenizer(
         {
@@ -97,11 +106,12 @@ def save_qwen(path: Path, family: str = "qwen2_vl") -> Path:
         "patch_size": vcfg.patch_size,
         "temporal_patch_size": vcfg.temporal_patch_size,
         "merge_size": vcfg.spatial_merge_size,
-        **QWEN_PIXELS,
+        **(QWEN3_PIXELS if family == "qwen3_vl" else QWEN_PIXELS),
     }
+    video_processor = transformers.Qwen3VLVideoProcessor if family == "qwen3_vl" else Qwen2VLVideoProcessor
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**kw),
-        video_processor=Qwen2VLVideoProcessor(**kw),
+        video_processor=video_processor(**kw),
         tokenizer=tok,
         chat_template=_TEMPLATE.replace("IMAGE ", "<|vision_start|><|image_pad|><|vision_end|>"),
     )

@@ -342,12 +342,14 @@ def tiny_qwen3_vl(
     dtype: torch.dtype = torch.float32,
     deepstack: tuple[int, ...] = (0,),
     moe: bool = False,
+    patch: int = 4,
 ) -> nn.Module:
     """A Qwen3-VL-layout model: ViT with 4 px patches, learned position grid plus 2-D RoPE, 2 x 2 merger, and
     DeepStack mergers on ViT blocks ``deepstack`` whose outputs are added after the first ``len(deepstack)``
     decoder layers; M-RoPE decoder with interleaved frequencies. One DeepStack level by default, so in-LLM
     pruning from layer 1 on (the tiny matrix's PyramidDrop) is valid; the real models use three. ``moe=True``
-    gives the ``qwen3_vl_moe`` layout (4 experts, 2 per token, in every decoder layer)."""
+    gives the ``qwen3_vl_moe`` layout (4 experts, 2 per token, in every decoder layer); ``patch=16`` the real
+    models' patch size (what lmms-eval's wrapper assumes when it sizes images)."""
     from transformers import (
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
@@ -360,7 +362,7 @@ def tiny_qwen3_vl(
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_heads": 4,
-        "patch_size": 4,
+        "patch_size": patch,
         "temporal_patch_size": 2,
         "spatial_merge_size": 2,
         "out_hidden_size": 64,

@@ -1,4 +1,4 @@
-"""lmms-eval model plugin: ``--model vtc_llava_hf | vtc_qwen2_vl | vtc_qwen2_5_vl`` in an unmodified lmms-eval.
+"""lmms-eval model plugin: ``--model vtc_llava_hf | vtc_qwen2_vl | vtc_qwen2_5_vl | vtc_qwen3_vl`` in lmms-eval.
 
 Installed with ``pip install 'vtc-compress[lmms-eval]'``; lmms-eval (>= 0.6) finds :func:`manifests` through the
 ``lmms_eval.models`` entry-point group and imports a wrapper module only when its model is asked for. Each
@@ -25,6 +25,7 @@ MODELS: dict[str, tuple[str | None, str | None]] = {
     "vtc_llava_hf": (f"{_BASE}.llava_hf.VtcLlavaHf", f"{_BASE}.llava_hf.VtcLlavaHfChat"),
     "vtc_qwen2_vl": (f"{_BASE}.qwen2_vl.VtcQwen2VL", None),  # upstream qwen2_vl is simple only
     "vtc_qwen2_5_vl": (f"{_BASE}.qwen2_5_vl.VtcQwen2_5VL", f"{_BASE}.qwen2_5_vl.VtcQwen2_5VLChat"),
+    "vtc_qwen3_vl": (f"{_BASE}.qwen3_vl.VtcQwen3VL", f"{_BASE}.qwen3_vl.VtcQwen3VLChat"),
 }
 
 
