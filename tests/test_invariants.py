@@ -185,27 +185,38 @@ def test_selection_equals_feeding_kept_embeddings_by_hand(model, family, method)
         pytest.skip(f"{method} merges tokens: not a pure selection")
     ids = inputs["input_ids"][0]
     placeholder = model.config.video_token_id if family.modality == "video" else model.config.image_token_id
-    start = int((ids == placeholder).nonzero()[0])
+    rows_in = (ids == placeholder).nonzero().flatten()  # one run, or (Qwen3-VL video) one run per frame
+    segment = torch.cat([torch.zeros(1, dtype=torch.long), (rows_in[1:] - rows_in[:-1] != 1).long().cumsum(0)])
     with torch.no_grad():
         visual = {key: inputs[key] for key in family.image_keys}
         output = getattr(model.model, f"get_{family.modality}_features")(**visual)
         kept = torch.tensor(im.kept)
         feats = output.pooler_output[0]
         embed = model.get_input_embeddings()
-        n = im.num_input
-        seq = torch.cat([embed(ids[:start]), feats[kept], embed(ids[start + n :])])[None]
+        # the prompt with each run of placeholders replaced by the kept features of that run, in the kept order
+        pieces, is_visual, taken = [], [], []
+        first_of = {int(rows_in[segment == s][0]): s for s in segment.unique().tolist()}
+        for r in range(ids.shape[0]):
+            if r in first_of:
+                mine = kept[segment[kept] == first_of[r]]
+                pieces.append(feats[mine])
+                is_visual += [True] * len(mine)
+                taken.append(mine)
+            elif ids[r] != placeholder:
+                pieces.append(embed(ids[r : r + 1]))
+                is_visual.append(False)
+        seq = torch.cat(pieces)[None]
+        rows = torch.tensor(is_visual)[None]
+        assert torch.equal(torch.cat(taken), kept)  # the record's LLM order is the prompt order
         pos = torch.tensor(rec.samples[0].position_ids)
         pos = pos[None] if pos.dim() == 1 else pos[:, None]  # 1-D, or M-RoPE rows
         mask = torch.ones(1, seq.shape[1], dtype=torch.long)
         if getattr(output, "deepstack_features", None) is None:
             extra = {}
             if "token_type_ids" in inputs:  # Gemma 3: the kept image rows form one bidirectional block
-                extra["token_type_ids"] = torch.zeros_like(mask)
-                extra["token_type_ids"][0, start : start + len(im.kept)] = 1
+                extra["token_type_ids"] = rows.long()
             by_hand = model(inputs_embeds=seq, position_ids=pos, attention_mask=mask, **extra).logits
         else:  # Qwen3-VL: each DeepStack level's kept rows, added at the kept visual rows after the first layers
-            rows = torch.zeros(1, seq.shape[1], dtype=torch.bool)
-            rows[0, start : start + len(im.kept)] = True
             deepstack = [level[0][kept] for level in output.deepstack_features]
             text_row = torch.arange(seq.shape[1])[None, None]
             hidden = model.model.language_model(

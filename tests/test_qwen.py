@@ -1,11 +1,11 @@
 """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: kept tokens keep their M-RoPE positions; decoding continues at max + 1.
-Qwen3-VL's DeepStack: in-LLM pruning before its last injection is refused; its videos are refused for now."""
+Qwen3-VL's DeepStack: in-LLM pruning before its last injection is refused; its video frames are separate blocks."""
 
 import pytest
 import torch
 
 import vtc
-from vtc.testing import qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
+from vtc.testing import qwen_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
 BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 
@@ -116,9 +116,37 @@ def test_qwen3_in_llm_pruning_before_the_last_deepstack_injection_is_refused(met
     assert out.logits.isfinite().all()
 
 
-def test_qwen3_videos_are_refused_with_the_reason():
-    model = tiny_qwen3_vl(seed=0)
-    inputs = qwen_video_inputs(model, ((3, 4),))
-    with vtc.compressed(model, "random", budget=0.5):
-        with pytest.raises(ValueError, match="Qwen3-VL videos yet: each frame is its own block"):
-            model(**inputs)
+@pytest.mark.parametrize("method", ["random", "holitom", "divprune"])
+def test_qwen3_video_tokens_go_back_into_their_own_frame_block(method):
+    """Every frame of a Qwen3-VL video is its own block behind a timestamp: its kept tokens return to that block;
+    a frame that keeps none stays as an empty block (timestamp, start, end), and kept tokens keep their 3-D
+    positions."""
+    from vtc.testing import QWEN_VISION_END, QWEN_VISION_START, VIDEO_TOKEN, compressed_inputs, qwen3_video_inputs
+
+    model = tiny_qwen3_vl(seed=1)
+    empty_seen = False
+    for seed in range(6):
+        inputs = qwen3_video_inputs(model, ((3, 4),), seed=seed)
+        t = int(inputs["video_grid_thw"][0, 0])
+        options = {"seed": seed} if method == "random" else {}
+        with vtc.compressed(model, method, budget=0.1 if method == "random" else 0.25, **options):
+            short = compressed_inputs(model, inputs)
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            im = vtc.last_record(model).images[0]
+        assert logits.isfinite().all()
+        ids = short["input_ids"][0]
+        starts = (ids == QWEN_VISION_START).nonzero().flatten().tolist()
+        ends = (ids == QWEN_VISION_END).nonzero().flatten().tolist()
+        assert len(starts) == len(ends) == t  # every frame keeps its block
+        per_block = [int((ids[a:b] == VIDEO_TOKEN).sum()) for a, b in zip(starts, ends, strict=True)]
+        # the tokens of block f are those whose anchor lies in frame f (a merged token: its anchor's frame)
+        anchors = [im.partition[i] if i >= 0 else -1 for i in im.kept]
+        assert per_block == [anchors.count(f) for f in range(t)]
+        assert sum(per_block) == im.counts["pre_llm"]
+        empty_seen |= 0 in per_block
+        # the text between blocks (the timestamps) is unchanged
+        full = inputs["input_ids"][0]
+        assert torch.equal(ids[ids != VIDEO_TOKEN], full[full != VIDEO_TOKEN])
+    if method == "random":
+        assert empty_seen  # at 10 % of 16-32 tokens some frame keeps nothing

@@ -283,6 +283,16 @@ class Reduction:
             scores[index.to(self.scores.device)] = self.scores.float()
         return Reduction(index=anchors, tokens=self.tokens, groups=groups, scores=scores)
 
+    def reordered(self, order: torch.Tensor, n: int) -> Reduction:
+        """The same reduction of ``n`` input tokens with its output tokens in ``order`` (a permutation of ``k``)."""
+        order = order.to(self.index.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        groups = self.resolve_groups(n)
+        groups = torch.where(groups >= 0, inverse.to(groups.device)[groups.clamp_min(0)], groups)
+        tokens = None if self.tokens is None else self.tokens[order.to(self.tokens.device)]
+        return Reduction(index=self.index[order], tokens=tokens, groups=groups, scores=self.scores)
+
     def resolve_groups(self, n: int) -> torch.Tensor:
         if self.groups is not None:
             return self.groups

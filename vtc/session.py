@@ -178,6 +178,7 @@ class Session:
         timer.start()
         encoded = adapter.encode(kwargs)
         reductions = self.reducer.run(encoded.images, encoded.reductions, adapter.tower_info())
+        reductions = adapter.arrange(encoded, reductions)
         if all(r is None for r in reductions):
             out, rebuilt = adapter.passthrough(kwargs, encoded), None
         else:

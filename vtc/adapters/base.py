@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..contexts import ImageTokens, Reduction, Stage, TowerInfo
@@ -35,13 +36,14 @@ class Encoded:
 
     Attributes:
         images: one context per image, in the order the model consumes them (batch order).
-        spans: per image, ``(sample, start)``: its placeholder run starts at ``input_ids[sample, start]``.
+        spans: per image, ``(sample, start)``: its first placeholder is ``input_ids[sample, start]``.
         encoder_output: the model's own feature outputs by modality, reused so nothing is encoded twice.
         reductions: per image, the reduction a ``VISION_MERGE`` method already made inside the vision tower
             (None: the image left the tower whole, or no such method). The session uses it as the image's
             result instead of calling ``reduce``; the image's :class:`~vtc.contexts.ImageTokens` keep the
             uncompressed count ``n`` (its ``tokens`` are the merged rows spread back over the ``n`` inputs).
         streams: per image, its rows of every token stream the adapter declares (see :mod:`vtc.adapters.streams`).
+        rows: per image, every placeholder row it fills (see :func:`vtc.adapters.sequence.assign`).
     """
 
     images: list[ImageTokens]
@@ -49,6 +51,8 @@ class Encoded:
     encoder_output: Any
     reductions: list[Reduction | None] | None = None
     streams: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: per image, all its placeholder rows of ``input_ids[sample]`` (one run, or a segmented image's pieces)
+    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -130,6 +134,10 @@ class Adapter:
 
     def tower_info(self) -> TowerInfo:
         raise NotImplementedError
+
+    def arrange(self, encoded: Encoded, reductions: list[Reduction | None]) -> list[Reduction | None]:
+        """The reductions in the order the rebuilt prompt holds their tokens (as given, unless overridden)."""
+        return reductions
 
     def text_config(self) -> Any:
         """The LLM's config (for FLOPs)."""

@@ -43,8 +43,9 @@ def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
         layouts = modality.layouts(adapter, kwargs, strategy)
         counts = [f.shape[0] for f in features] if merged is None else [lay.num_tokens for lay, _ in layouts]
         streams = [s.split(getattr(out, s.field), counts) for s in adapter.token_streams]
-        spans = assign(input_ids == modality.token_id, counts, modality.name)
-        for j, (feat, (sample, start), (layout, rows)) in enumerate(zip(features, spans, layouts, strict=True)):
+        spans = assign(input_ids == modality.token_id, counts, modality.name, modality.segmented)
+        for j, (feat, (sample, where), (layout, rows)) in enumerate(zip(features, spans, layouts, strict=True)):
+            start = int(where[0]) if where.numel() else 0
             vision_tokens, red = None, None
             if merged is not None:
                 red, feat, vision_tokens = merged_item(merged, feat, proj_in, rows, layout, strategy)
@@ -54,7 +55,7 @@ def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
                 )
             if vision_tokens is None:
                 vision_tokens = modality.item_vision_tokens(adapter, proj_in, rows, layout, strategy == "full")
-            text_ids = text_after(input_ids, mask, visual, sample, start + feat.shape[0])
+            text_ids = text_after(input_ids, mask, visual, sample, int(where[-1]) + 1 if where.numel() else start)
             encoded.images.append(
                 ImageTokens(
                     tokens=feat,
@@ -71,6 +72,7 @@ def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
                 )
             )
             encoded.spans.append((sample, start))
+            encoded.rows.append(where)
             encoded.reductions.append(red)
             encoded.streams.append(
                 {s.field: values[j] for s, values in zip(adapter.token_streams, streams, strict=True)}

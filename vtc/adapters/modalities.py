@@ -39,6 +39,9 @@ class Modality:
 
     #: items are a full view plus crops (``TowerInfo.crops``)
     crops: ClassVar[bool] = False
+    #: an item's placeholders may be several runs of its prompt with text between them (one per partition,
+    #: e.g. Qwen3-VL's video frames behind their timestamps); its output tokens are then kept in run order
+    segmented: ClassVar[bool] = False
 
     name: str
     pixels: str

@@ -20,14 +20,16 @@ within each image through ``cu_seqlens`` and has no windows and no CLS token):
 * **Positions** are the model's own 3-D ids of the full prompt, gathered at the kept tokens
   (``positions="original"``, enforced), decoding at the maximum + 1; Qwen3-VL interleaves the frequency
   channels of the three axes, which changes the rotary embedding, not the ids.
-* **Videos** are refused for now: the processor writes every frame as its own block (a text timestamp,
-  ``<|vision_start|>``, the frame's tokens, ``<|vision_end|>``), so a video's tokens are not one contiguous
-  run of the prompt, which is what vtc's prompt rebuild takes today. Images (any number per prompt) work.
+* **Videos**: the processor writes every frame (temporal group) as its own block: ``<t seconds>`` text,
+  ``<|vision_start|>``, the frame's tokens, ``<|vision_end|>``. A video is still one item (its frames are its
+  partitions, so the temporal mergers see the whole clip under one budget); its kept tokens go back into their
+  own frame's block, in order. A frame whose tokens are all removed keeps its timestamp and its start / end
+  tokens, as an empty block: the text stays what the processor wrote, and every kept token keeps the 3-D
+  position it had in the full prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,16 +40,11 @@ from .registry import register_adapter
 from .streams import RowStream, TokenStream
 
 
-class Qwen3Visual(QwenVisual):
-    """Qwen3-VL's images (as Qwen2-VL's); its videos are refused with the reason (see module docstring)."""
+class Qwen3Frames(QwenVisual):
+    """Qwen3-VL's videos: every frame (temporal group) is its own block of the prompt behind a text timestamp,
+    so a video's placeholders are one segment per frame (:attr:`Modality.segmented`)."""
 
-    def check(self, kwargs: Mapping[str, Any]) -> None:
-        if self.name == "video":
-            raise ValueError(
-                "vtc does not compress Qwen3-VL videos yet: each frame is its own block behind a text timestamp, "
-                "so a video is not one run of placeholders; pass frames as images, or run the video uncompressed"
-            )
-        super().check(kwargs)
+    segmented = True
 
 
 @register_adapter
@@ -60,7 +57,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def modalities_of(self, config: Any) -> list[Modality]:
         image = ("image", "pixel_values", int(config.image_token_id), (), ("image_grid_thw",))
         video = ("video", "pixel_values_videos", int(config.video_token_id), (), ("video_grid_thw",))
-        return [Qwen3Visual(*image), Qwen3Visual(*video)]
+        return [QwenVisual(*image), Qwen3Frames(*video)]
 
     def find_tower(self) -> None:
         super().find_tower()

@@ -41,25 +41,58 @@ def find_runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
     return runs
 
 
-def assign(placeholders: torch.Tensor, lengths: Sequence[int], what: str = "image") -> list[tuple[int, int]]:
-    """Give each image (in batch order) the next ``n`` placeholders; returns ``(sample, start)`` per image."""
+def assign(
+    placeholders: torch.Tensor, lengths: Sequence[int], what: str = "image", segmented: bool = False
+) -> list[tuple[int, torch.Tensor]]:
+    """Give each image (in batch order) the next ``n`` placeholders; returns ``(sample, rows)`` per image.
+
+    An image's placeholders are one contiguous run, unless ``segmented``: then they may span several runs of
+    its sample with text between them (Qwen3-VL writes every video frame as its own block behind a text
+    timestamp), never two samples.
+    """
     total, expected = int(placeholders.sum()), int(sum(lengths))
     if total != expected:
         raise ValueError(
             f"the prompt has {total} {what} placeholder tokens but the {what}s give {expected} visual tokens; "
             f"build inputs with the model's processor so every <{what}> is expanded"
         )
-    spans, queue = [], [(b, start, length) for b, runs in enumerate(find_runs(placeholders)) for start, length in runs]
-    run, offset = 0, 0
+    rows = [torch.nonzero(row).flatten() for row in placeholders]
+    out, b, used = [], 0, 0
     for n in lengths:
-        b, start, length = queue[run]
-        if offset + n > length:
+        while used == rows[b].numel():
+            b, used = b + 1, 0
+        if used + n > rows[b].numel():
+            raise ValueError(f"a {what}'s placeholder tokens span two prompts of the batch")
+        mine = rows[b][used : used + n]
+        if n and not segmented and int(mine[-1] - mine[0]) != n - 1:
             raise ValueError(f"a {what}'s placeholder tokens are not contiguous in the prompt")
-        spans.append((b, start + offset))
-        offset += n
-        if offset == length:
-            run, offset = run + 1, 0
-    return spans
+        out.append((b, mine))
+        used += n
+    return out
+
+
+def segments(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """The contiguous pieces of sorted ``rows`` as ``(offset into rows, length)``."""
+    if rows.numel() == 0:
+        return []
+    breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+    bounds = [0, *breaks, int(rows.numel())]
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def token_segments(rows: torch.Tensor, red: Reduction | None) -> torch.Tensor:
+    """``[k]`` for each output token of an image whose placeholders are ``rows``, the segment it belongs to: its
+    anchor's segment; a token without a source joins the segment of the token before it (the first: 0)."""
+    n = int(rows.numel())
+    seg_of_input = torch.zeros(n, dtype=torch.long)
+    for s, (offset, length) in enumerate(segments(rows)):
+        seg_of_input[offset : offset + length] = s
+    anchors = torch.arange(n) if red is None else red.index.cpu()
+    out = torch.where(anchors >= 0, seg_of_input[anchors.clamp_min(0)], torch.full_like(anchors, -1))
+    for t in range(out.numel()):  # source-less tokens: the segment of the previous token
+        if out[t] < 0:
+            out[t] = out[t - 1] if t else 0
+    return out
 
 
 def text_after(
@@ -115,21 +148,23 @@ def splice(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     base_positions: torch.Tensor,
-    images: Sequence[tuple[int, int, int]],
+    images: Sequence[tuple[int, torch.Tensor]],
     reductions: Sequence[Reduction | None],
     pad_id: int,
     policy: str,
     side: str,
     rows: Mapping[str, tuple[torch.Tensor, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[list[int]]]:
-    """Rebuild a batch of prompts after each image's placeholder run is reduced.
+    """Rebuild a batch of prompts after each image's placeholders are reduced.
 
     Args:
         input_ids, attention_mask: ``[B, L]``.
         base_positions: ``[..., B, L]`` positions the stock model would use for the full prompt (1-D RoPE:
             ``[B, L]``; M-RoPE: ``[C, B, L]``).
-        images: per image ``(sample, start, n)``; the run ``input_ids[sample, start:start+n]``.
-        reductions: per image; None keeps the run unchanged.
+        images: per image ``(sample, rows)``: its placeholder rows of ``input_ids[sample]`` (ascending; one
+            contiguous run, or several segments with text between them).
+        reductions: per image; None keeps its rows unchanged. A segmented image's output tokens must be in
+            segment order (:func:`token_segments` nondecreasing): each segment's tokens take its place.
         pad_id: id of the padding rows added when samples end up with different lengths.
         policy: ``"original"`` keeps each kept row's base position; ``"compact"`` subtracts the number of
             tokens removed before it (1-D positions only).
@@ -140,48 +175,54 @@ def splice(
     Returns:
         ``(input_ids, attention_mask, positions, rows, source_positions)`` of the new batch, where
         ``source_positions[b][r]`` is the input position row ``r`` came from (-1: added padding, or a
-        merged / source-less visual row). A visual row keeps its run's placeholder id.
+        merged / source-less visual row). A visual row keeps its segment's placeholder id.
     """
     bsz, _ = input_ids.shape
     device = input_ids.device
     if policy == "compact" and base_positions.dim() != 2:
         raise ValueError("compact positions are only defined for 1-D position ids")
-    per_sample: list[list[tuple[int, int, Reduction | None]]] = [[] for _ in range(bsz)]
-    for (sample, start, n), red in zip(images, reductions, strict=True):
-        per_sample[sample].append((start, n, red))
+    # per sample, every segment of every image: (first row, length, the image's take / src rows of that segment)
+    pieces: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(bsz)]
+    for (sample, image_rows), red in zip(images, reductions, strict=True):
+        image_rows = image_rows.to(device)
+        n = int(image_rows.numel())
+        parts = segments(image_rows)
+        if red is None:
+            take = src = image_rows
+        else:
+            anchor = red.index.to(device)
+            has = anchor >= 0
+            src = torch.where(has, image_rows[anchor.clamp_min(0)], torch.full_like(anchor, -1))
+            if red.tokens is not None:  # merged rows have no single source
+                merged = red.resolve_groups(n).to(device)
+                sizes = torch.bincount(merged[merged >= 0], minlength=int(anchor.numel()))
+                src = torch.where(sizes == 1, src, torch.full_like(src, -1))
+            take = torch.where(has, image_rows[anchor.clamp_min(0)], torch.full_like(anchor, -1))
+        seg = token_segments(image_rows.cpu(), red).to(device)
+        if seg.numel() and bool((seg[1:] < seg[:-1]).any()):
+            raise ValueError("an image's output tokens are not in the order of its prompt segments")
+        for s, (offset, length) in enumerate(parts):
+            first = int(image_rows[offset])
+            mine = seg == s
+            t = torch.where(take[mine] >= 0, take[mine], torch.full_like(take[mine], first))  # source-less: its id
+            pieces[sample].append((first, length, t, src[mine]))
 
     take_rows, src_rows, pos_rows = [], [], []
     for b in range(bsz):
         takes, srcs, poss = [], [], []
         cursor, removed = 0, 0
-        for start, n, red in sorted(per_sample[b], key=lambda t: t[0]):
+        for start, n, take, src in sorted(pieces[b], key=lambda p: p[0]):
             text = torch.arange(cursor, start, device=device)
             takes.append(text)
             srcs.append(text)
             poss.append(base_positions[..., b, cursor:start] - (removed if policy == "compact" else 0))
-            if red is None:
-                run = torch.arange(start, start + n, device=device)
-                takes.append(run)
-                srcs.append(run)
-                poss.append(base_positions[..., b, start : start + n] - (removed if policy == "compact" else 0))
-                k = n
+            k = int(take.numel())
+            takes.append(take)
+            srcs.append(src)
+            if policy == "compact":
+                poss.append(base_positions[..., b, start] - removed + torch.arange(k, device=device))
             else:
-                anchor = red.index.to(device)
-                k = int(anchor.numel())
-                has = anchor >= 0
-                src = torch.where(has, anchor + start, torch.full_like(anchor, -1))
-                take = torch.where(has, src, torch.full_like(anchor, start))  # source-less rows: the run's id
-                if red.tokens is not None:  # merged rows have no single source
-                    merged = red.resolve_groups(n).to(device)
-                    sizes = torch.bincount(merged[merged >= 0], minlength=k)
-                    src = torch.where(sizes == 1, src, torch.full_like(src, -1))
-                takes.append(take)
-                srcs.append(src)
-                if policy == "compact":
-                    first = base_positions[..., b, start] - removed
-                    poss.append(first + torch.arange(k, device=device))
-                else:
-                    poss.append(base_positions[..., b, take])
+                poss.append(base_positions[..., b, take])
             removed += n - k
             cursor = start + n
         tail = torch.arange(cursor, input_ids.shape[1], device=device)

@@ -27,7 +27,7 @@ from .llm_hooks import LLMHooks
 from .llm_state import LLMPlan
 from .modalities import Modality
 from .runners import TowerMerging
-from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice
+from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice, token_segments
 from .streams import RowStream, TokenStream
 from .vision import Capture, QKReader, feature_block, find_tower, install_signals, projection_qk
 
@@ -204,7 +204,7 @@ class VLMAdapter(Adapter):
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        runs = [(s, start, im.n) for (s, start), im in zip(encoded.spans, encoded.images, strict=True)]
+        runs = [(s, rows) for (s, _), rows in zip(encoded.spans, encoded.rows, strict=True)]
         rows = {s.key: (kwargs[s.key], s.fill) for s in self.row_streams if kwargs.get(s.key) is not None}
         ids, new_mask, pos, rows, sources = splice(
             input_ids,
@@ -223,6 +223,19 @@ class VLMAdapter(Adapter):
         out["mm_encoder_outputs"] = pack(self, encoded, reductions)
         lengths = mask.sum(-1).tolist(), new_mask.sum(-1).tolist()
         return Rebuilt(out, sources, self.record_positions(pos), *lengths)
+
+    def arrange(self, encoded: Encoded, reductions: list[Reduction | None]) -> list[Reduction | None]:
+        """A segmented image's output tokens in the order of its prompt segments (stable within a segment): the
+        model scatters an item's tokens into its placeholders in order, and each segment keeps its own."""
+        segmented = {m.name for m in self.modalities if m.segmented}
+        out = list(reductions)
+        for j, (im, red) in enumerate(zip(encoded.images, reductions, strict=True)):
+            if red is None or im.modality not in segmented:
+                continue
+            order = torch.sort(token_segments(encoded.rows[j].cpu(), red), stable=True).indices
+            if not torch.equal(order, torch.arange(order.numel())):
+                out[j] = red.reordered(order, im.n)
+        return out
 
     def _encoder_args(self) -> set[str]:
         return {*self.feature_args, *(key for m in self.modalities for key in (m.pixels, *m.extra))}
