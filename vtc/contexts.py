@@ -324,6 +324,21 @@ class LayerTokens:
     last: torch.Tensor
     text_after: list[torch.Tensor]
     _attend: Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+    _keys: Callable[[int], torch.Tensor] | None = None
+    _norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def keys(self, layer: int | None = None) -> torch.Tensor:
+        """``[B, H, L, d]`` keys of every current row in ``layer`` (default: the layer about to run), from that
+        layer's own input norm, k projection and RoPE, grouped KV heads repeated (no attention map needed)."""
+        if self._keys is None:
+            raise RuntimeError("this hook point gives no keys")
+        return self._keys(self.layer if layer is None else layer)
+
+    def final_normed(self) -> torch.Tensor:
+        """``[B, L, D]`` the hidden states entering ``layer`` through the LM's final norm."""
+        if self._norm is None:
+            raise RuntimeError("this hook point gives no final norm")
+        return self._norm(self.hidden)
 
     def attention(self, rows: Sequence[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
         """Head-mean attention probabilities of the given query rows over all current rows, per sample.

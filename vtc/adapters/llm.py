@@ -58,6 +58,22 @@ class Decoder:
             layer_idx=layer,
         )
 
+    @torch.no_grad()
+    def keys(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``[B, H, L, d]`` layer ``layer``'s keys of ``x [B, L, D]`` (its input norm, k projection, RoPE), every
+        grouped KV head repeated for the query heads it serves."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        bsz, length, _ = h.shape
+        keys = attn.k_proj(h).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        keys = self.rope(keys, cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1))
+        return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM's final norm (what the LM head reads) applied to ``x``."""
+        return self.lm.norm(x)
+
     @torch.no_grad()  # scores rank rows: no gradient goes through a selection
     def attention_rows(
         self,

@@ -150,6 +150,22 @@ class LLMHooks:
 
         return attend
 
+    def _keys(self, current: int, hidden: torch.Tensor, cos, sin):
+        call = self.call
+
+        def keys(layer: int) -> torch.Tensor:
+            if layer == current:
+                x, c, s = hidden, cos, sin
+            elif layer in call.stash:
+                x, c, s, _ = call.stash[layer]
+                if x.shape[1] != hidden.shape[1]:
+                    raise RuntimeError(f"layer {layer}'s input was stashed before a prune: rows no longer match")
+            else:
+                raise ValueError(f"keys of LLM layer {layer} were not captured; list it in llm_score_layers()")
+            return self.decoder.keys(layer, x, c, s)
+
+        return keys
+
     def _prune(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         start = time.perf_counter()
         call = self.call
@@ -172,6 +188,8 @@ class LLMHooks:
             last=last,
             text_after=text_after,
             _attend=self._attend(idx, hidden, cos, sin),
+            _keys=self._keys(idx, hidden, cos, sin),
+            _norm=self.decoder.final_norm,
         )
         kept = self.method.prune(ctx)
         if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones
