@@ -14,5 +14,6 @@ from . import (  # noqa: F401
     scope,
     todre,
     uniform,
+    vidcom2,
     vispruner,
 )
