@@ -4,7 +4,7 @@ Default: the offline video model (``vtc.offline``, ``model="video"``: a stock LL
 from PyPI packages on first use) on test clips of :mod:`vtc.offline.clips`, written once as mp4 files and
 read back with decord by the same :class:`vtc.pipelines.VideoQA` runner that ``vtc videoqa`` uses::
 
-    python eval/video_accuracy.py --out docs/video          # 8 methods x {0.5, 0.25, 0.1}, 300 questions
+    python eval/video_accuracy.py --out docs/video          # 10 methods x {0.5, 0.25, 0.1}, 300 questions
     python eval/video_accuracy.py --quick                   # a 10-minute subset
 
 Each (method, budget) answers every question (greedy, exact match of the one-word answer); the question-only
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_report import plot  # noqa: E402
 from _accuracy_stats import paired_difference  # noqa: E402
 
-METHODS = "holitom,dycoke,fastvid,divprune,visionzip,pool,uniform,random"
+METHODS = "holitom,dycoke,fastvid,evs,vidcom2,divprune,visionzip,pool,uniform,random"
 BUDGETS = (0.5, 0.25, 0.1)
 QUICK = {"clips": 24, "methods": "holitom,divprune,random", "budgets": [0.1]}
 
@@ -124,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, processor, label = load_model(args.model)
     runs = [(None, 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
-    results = []
+    results, skipped = [], {}
     for method, budget in runs:
         t0 = time.perf_counter()
-        qa = VideoQA(model, processor, method, budget, num_frames=args.frames, max_new_tokens=4, timing=False)
         name = "uncompressed" if method is None else f"{method}@{budget:g}"
-        summary = qa.run(data, out / "runs" / f"{name}.jsonl", verbose=False)
+        try:
+            qa = VideoQA(model, processor, method, budget, num_frames=args.frames, max_new_tokens=4, timing=False)
+            summary = qa.run(data, out / "runs" / f"{name}.jsonl", verbose=False)
+        except ValueError as err:  # a setting the method refuses (DyCoke below its one-frame-in-four floor)
+            skipped[name] = str(err)
+            print(f"{name}: skipped ({err})", flush=True)
+            continue
         answered = {str(r["id"]): r for r in _read(out / "runs" / f"{name}.jsonl")}
         correct = [int(bool(answered[str(r["id"])]["correct"])) for r in rows]
         timed = VideoQA(model, processor, method, budget, num_frames=args.frames, max_new_tokens=1, timing=True)
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 "equivalent_budget": first.get("equivalent_budget"),
                 "prefill_s": statistics.median(t["prefill_s"] for t in times),
                 "prefill_s_uncompressed": statistics.median(t["prefill_s_uncompressed"] for t in times),
-                "errors": summary.errors if summary is not None else None,
+                "errors": summary.failed if summary is not None else None,
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "majority": _majority(rows),
         "results": results,
         "floor": floor_row,
-        "skipped": {},
+        "skipped": skipped,
         "family_vs_random": family_vs_random(results, rows),
     }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -221,6 +226,8 @@ def markdown(report: dict) -> str:
             f"| {1000 * r['prefill_s']:.0f} ({1000 * r['prefill_s_uncompressed']:.0f}) "
             f"| {'–' if speed is None else f'{speed:.2f}x'} |"
         )
+    if report.get("skipped"):
+        lines += ["", "Not run: " + "; ".join(f"{name} ({why})" for name, why in report["skipped"].items())]
     lines += _family_tables(report) + _paired_tables(report) + _family_vs_random(report, results)
     return "\n".join(lines)
 
