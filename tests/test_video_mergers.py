@@ -194,3 +194,26 @@ def test_video_mergers_record_per_frame_counts(name, method):
             per_frame[im.partition[token]] += 1
     assert im.modality == "video" and len(im.grids) >= 2
     assert sum(per_frame) <= sum(r * c for r, c in im.grids)
+
+
+def test_fastvid_anchor_plan_keeps_the_segment_budget_when_anchor_frames_are_full():
+    from vtc.mergers.fastvid import anchor_plan
+
+    # 4-frame segment, one anchor frame (3) holding 11 rest tokens, 12 slots needed: one goes to frame 2
+    assert anchor_plan([3], (0, 3), 12, {0: 11, 1: 11, 2: 11, 3: 11}) == [(2, 1), (3, 11)]
+    assert anchor_plan([3, 7], (0, 7), 10, dict.fromkeys(range(8), 11)) == [(3, 5), (7, 5)]
+    # both anchor frames full: the 2 left go to the nearest other frame (ties: the later one)
+    assert anchor_plan([3, 7], (0, 7), 24, dict.fromkeys(range(8), 11)) == [(3, 11), (6, 2), (7, 11)]
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.6, 0.8])
+def test_fastvid_budget_is_exact_on_long_segments(budget):
+    """One 16-frame segment (4 anchor frames) whose contextual slots outnumber the anchor frames' rest tokens
+    (as on the offline video model at budget 0.5): still exactly k tokens."""
+    model = tiny_llava_onevision(seed=0)
+    inputs = llava_video_inputs(model, ((3, 4),), frames=16, seed=5)
+    with vtc.compressed(model, "fastvid", budget=budget, segments=1, tau=-1.0):
+        with torch.no_grad():
+            model(**inputs)
+        (im,) = vtc.last_record(model).images
+    assert im.counts["pre_llm"] == vtc.keep_count(budget, 16 * 9 + 1) + 1

@@ -14,7 +14,10 @@ NeurIPS 2025). Official code LunarShen/FastVID @ a40a109c; the method page is ``
 Budget and defaults: ``budget`` is the fraction of the video's tokens kept (official ``rho = 0.10``): each
 frame's share ``n`` is split into ``n_s = n - int(n * d)`` salient tokens and ``n - n_s`` contextual slots that
 move to the anchor frames of its segment (``d = 0.4``, ``p = 4``, ``segments = 8``, ``tau = 0.9``,
-``beta = 0.6``). The frame shares come from ``vtc.budget.split_count`` so the total is exactly ``k``.
+``beta = 0.6``). The frame shares come from ``vtc.budget.split_count`` so the total is exactly ``k``. When a
+long segment's contextual slots outnumber its anchor frames' non-salient tokens (16 frames of 16 tokens at
+budget 0.5: 12 slots for one anchor frame's 11), the rest go to the segment's other frames, nearest to an
+anchor frame first (:func:`anchor_plan`); the official code would keep fewer than ``k`` tokens there.
 
 Signals (documented deviation): the official LLaVA-OneVision code uses SigLIP's attention-pooling head
 (probe attention for salience, its output for the global feature), which Hugging Face's OneVision tower
@@ -94,6 +97,31 @@ def anchor_frames(start: int, end: int, step: int) -> list[int]:
     return sorted(range(end, start - 1, -step))
 
 
+def anchor_plan(frames: list[int], segment: tuple[int, int], need: int, room: dict[int, int]) -> list[tuple[int, int]]:
+    """``(frame, anchors)`` pairs giving a segment's ``need`` contextual slots: shared evenly over its anchor
+    frames (largest remainder, earlier frames first), never more than a frame's non-salient tokens (``room``).
+
+    What the anchor frames cannot hold goes to the anchor frames with room left, then to the segment's other
+    frames, nearest to an anchor frame first (vtc's exact budget; the official code would keep fewer tokens).
+    """
+    counts = dict.fromkeys(frames, 0)
+    for frame, n in zip(frames, split_count(need, [1] * len(frames)), strict=True):
+        counts[frame] = min(n, room[frame])
+    left = need - sum(counts.values())
+    while left > 0 and any(counts[f] < room[f] for f in frames):
+        for f in frames:
+            if left and counts[f] < room[f]:
+                counts[f] += 1
+                left -= 1
+    others = [t for t in range(segment[0], segment[1] + 1) if t not in counts]
+    for t in sorted(others, key=lambda t: (min(abs(t - f) for f in frames), -t)):
+        if left <= 0:
+            break
+        counts[t] = min(left, room[t])
+        left -= counts[t]
+    return sorted(counts.items())
+
+
 @register_method("fastvid", config=FastVIDConfig, kind="merger", stages=(Stage.VISION, Stage.PRE_LLM))
 class FastVIDMerger(Method):
     """Dynamic segmentation, salient tokens per frame, density-peak anchors absorbing the rest."""
@@ -123,13 +151,13 @@ class FastVIDMerger(Method):
             rest[top] = False
             non_salient.append(torch.nonzero(rest).flatten())
         for s, e in dyseg(feats.float().mean(dim=1), c.segments, c.tau):
-            frames = anchor_frames(s, e, c.anchor_step)
-            slots = split_count(sum(shares[t] - salient[t] for t in range(s, e + 1)), [1] * len(frames))
+            need = sum(shares[t] - salient[t] for t in range(s, e + 1))
+            room = {t: int(non_salient[t].numel()) for t in range(s, e + 1)}
+            plan = anchor_plan(anchor_frames(s, e, c.anchor_step), (s, e), need, room)
             pool_x = torch.cat([feats[t, non_salient[t]] for t in range(s, e + 1)])  # the segment's rest
             pool_i = torch.cat([index[t, non_salient[t]] for t in range(s, e + 1)])
-            for frame, n_anchor in zip(frames, slots, strict=True):
+            for frame, n_anchor in plan:
                 cand = non_salient[frame]
-                n_anchor = min(n_anchor, cand.numel())
                 if not n_anchor:
                     continue
                 _, _, gamma = dpc_knn(feats[frame, cand], 1, c.k_dpc)
