@@ -14,10 +14,12 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ..contexts import ImageTokens, Reduction
 from .base import Encoded
 from .runners import merged_item
-from .sequence import assign, reduced_tokens, text_after
+from .sequence import assign, reduced_tokens, text_after, token_segments
 
 
 def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
@@ -120,3 +122,17 @@ def check_expandable(modalities: Sequence[Any], out: Mapping[str, Any]) -> None:
                 f"for a batch of {modality.name}s that kept different token counts ({items} in one packed row); "
                 f"send these {modality.name}s one per call, or give them the same size and frames"
             )
+
+
+def arrange(modalities: Sequence[Any], encoded: Encoded, reductions: Sequence[Reduction | None]) -> list:
+    """Each segmented image's output tokens in the order of its prompt segments (stable within a segment): the
+    model scatters an item's tokens into its placeholders in order, and each segment keeps its own."""
+    segmented = {m.name for m in modalities if m.segmented}
+    out = list(reductions)
+    for j, (im, red) in enumerate(zip(encoded.images, reductions, strict=True)):
+        if red is None or im.modality not in segmented:
+            continue
+        order = torch.sort(token_segments(encoded.rows[j].cpu(), red), stable=True).indices
+        if not torch.equal(order, torch.arange(order.numel())):
+            out[j] = red.reordered(order, im.n)
+    return out

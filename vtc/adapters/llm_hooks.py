@@ -13,8 +13,7 @@ every layer shares:
   new tokens' positions minus the visual tokens the group dropped. A method with a decode layer (DyCoke)
   re-selects, at every step, the cached visual rows the layers from there on may attend to.
 
-Layers below the first prune layer are never touched: their cache, mask and positions are the model's own.
-The adapter owns an :class:`LLMHooks` and arms it per call with an :class:`~vtc.adapters.llm_state.LLMPlan`.
+Layers below the first prune layer are never touched (cache, mask, positions); the adapter arms the hooks per call.
 """
 
 from __future__ import annotations
@@ -134,37 +133,20 @@ class LLMHooks:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _attend(self, current: int, hidden: torch.Tensor, cos, sin):
-        call = self.call
+    def _inputs(self, current: int, hidden: torch.Tensor, cos, sin):
+        call = self.call  # layer -> (x, cos, sin, valid): its input at this prune point (its own, or its stash)
 
-        def attend(layer: int, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        def at(layer: int):
             if layer == current:
-                x, c, s, valid = hidden, cos, sin, call.mask2d
-            elif layer in call.stash:
-                x, c, s, valid = call.stash[layer]
-                if x.shape[1] != hidden.shape[1]:
-                    raise RuntimeError(f"layer {layer}'s input was stashed before a prune: rows no longer match")
-            else:
-                raise ValueError(f"attention of LLM layer {layer} was not captured; list it in llm_score_layers()")
-            return self.decoder.attention_rows(layer, x, c, s, valid, rows)
+                return hidden, cos, sin, call.mask2d
+            if layer not in call.stash:
+                raise ValueError(f"the input of LLM layer {layer} was not captured; list it in llm_score_layers()")
+            x, c, s, valid = call.stash[layer]
+            if x.shape[1] != hidden.shape[1]:
+                raise RuntimeError(f"layer {layer}'s input was stashed before a prune: rows no longer match")
+            return x, c, s, valid
 
-        return attend
-
-    def _keys(self, current: int, hidden: torch.Tensor, cos, sin):
-        call = self.call
-
-        def keys(layer: int) -> torch.Tensor:
-            if layer == current:
-                x, c, s = hidden, cos, sin
-            elif layer in call.stash:
-                x, c, s, _ = call.stash[layer]
-                if x.shape[1] != hidden.shape[1]:
-                    raise RuntimeError(f"layer {layer}'s input was stashed before a prune: rows no longer match")
-            else:
-                raise ValueError(f"keys of LLM layer {layer} were not captured; list it in llm_score_layers()")
-            return self.decoder.keys(layer, x, c, s)
-
-        return keys
+        return at
 
     def _prune(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         start = time.perf_counter()
@@ -179,6 +161,7 @@ class LLMHooks:
             after = real[b][real[b] > visual_rows[b][-1]] if visual_rows[b].numel() else real[b][:0]
             text_after.append(after)
         cos, sin = kwargs["position_embeddings"]
+        at = self._inputs(idx, hidden, cos, sin)
         ctx = LayerTokens(
             layer=idx,
             num_layers=self.decoder.num_layers,
@@ -187,8 +170,8 @@ class LLMHooks:
             n_input=[int(n) for n in call.plan.visual.sum(1).tolist()],
             last=last,
             text_after=text_after,
-            _attend=self._attend(idx, hidden, cos, sin),
-            _keys=self._keys(idx, hidden, cos, sin),
+            _attend=lambda layer, rows: self.decoder.attention_rows(layer, *at(layer), rows),
+            _keys=lambda layer: self.decoder.keys(layer, *at(layer)[:3]),
             _norm=self.decoder.final_norm,
         )
         kept = self.method.prune(ctx)

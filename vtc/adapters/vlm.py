@@ -21,13 +21,13 @@ from torch import nn
 
 from ..contexts import Reduction, Stage, TowerInfo
 from .base import Adapter, Encoded, Rebuilt, UnsupportedModelError
-from .encode import check_expandable, encode, pack
+from .encode import arrange, check_expandable, encode, pack
 from .llm import Decoder
 from .llm_hooks import LLMHooks
 from .llm_state import LLMPlan
 from .modalities import Modality
 from .runners import TowerMerging
-from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice, token_segments
+from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice
 from .streams import RowStream, TokenStream
 from .vision import Capture, QKReader, feature_block, find_tower, install_signals, projection_qk
 
@@ -225,27 +225,15 @@ class VLMAdapter(Adapter):
         return Rebuilt(out, sources, self.record_positions(pos), *lengths)
 
     def arrange(self, encoded: Encoded, reductions: list[Reduction | None]) -> list[Reduction | None]:
-        """A segmented image's output tokens in the order of its prompt segments (stable within a segment): the
-        model scatters an item's tokens into its placeholders in order, and each segment keeps its own."""
-        segmented = {m.name for m in self.modalities if m.segmented}
-        out = list(reductions)
-        for j, (im, red) in enumerate(zip(encoded.images, reductions, strict=True)):
-            if red is None or im.modality not in segmented:
-                continue
-            order = torch.sort(token_segments(encoded.rows[j].cpu(), red), stable=True).indices
-            if not torch.equal(order, torch.arange(order.numel())):
-                out[j] = red.reordered(order, im.n)
-        return out
+        return arrange(self.modalities, encoded, reductions)  # segmented images: tokens in segment order
 
     def _encoder_args(self) -> set[str]:
         return {*self.feature_args, *(key for m in self.modalities for key in (m.pixels, *m.extra))}
 
     def pad_token_id(self) -> int:
         """The id of new padding rows: the model's own, unless it is a placeholder id."""
-        return pad_id(
-            (getattr(self.model, "generation_config", None), self.model.config, self.text_config()),
-            {m.token_id for m in self.modalities},
-        )
+        configs = (getattr(self.model, "generation_config", None), self.model.config, self.text_config())
+        return pad_id(configs, {m.token_id for m in self.modalities})
 
     def check_expandable(self, out: Mapping[str, Any]) -> None:
         """Raise when ``generate`` could not repeat the rebuilt call per prompt (beams, ``num_return_sequences``)."""
