@@ -26,6 +26,7 @@ from vtc.testing import (
 #: every in-LLM method, with the options that make all of its stages act on the tiny models
 CASES = {
     "fastv": ("image", {}),
+    "dart": ("image", {}),
     "pdrop": ("image", {}),
     "todre": ("image", {"layer": 2, "tau": 1.0}),
     "holitom": ("video", {}),

@@ -51,9 +51,10 @@ def test_methods_lists_json(capsys):
     assert main(["methods"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert {"hired", "divprune"} <= set(rows)
-    video = {"llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen2_vl"}
+    video = {"llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"}
     assert set(rows["holitom"]["families"]) == set(rows["dycoke"]["families"]) == video  # no image-only family
-    assert {"llava", "llava_next"} | video == set(rows["divprune"]["families"])  # every model type, Qwen2.5-VL too
+    image_only = {"llava", "llava_next", "internvl", "gemma3"}
+    assert image_only | video == set(rows["divprune"]["families"])  # every model type, Qwen2.5-VL too
     assert rows["holitom"]["budget_counts"] == rows["todre"]["budget_counts"] == "pre_llm"
     assert rows["fastv"]["budget_counts"] == rows["pdrop"]["budget_counts"] == "last_stage"
 

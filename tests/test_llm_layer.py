@@ -15,6 +15,7 @@ from .conftest import TOL
 
 LLM_METHODS = {
     "fastv": {},
+    "dart": {"pivot_image": 2, "pivot_text": 2},
     "pdrop": {},
     "todre": {"layer": 2, "tau": 1.0},  # tau=1 makes stage 2 fire on the tiny model
     "todre-kept": {"layer": 2, "tau": 0.0},  # stage 2 never fires: visual tokens stay to the end

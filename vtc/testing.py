@@ -539,8 +539,10 @@ def qwen_video_inputs(
     prompt_lengths: tuple[tuple[int, int], ...] = ((3, 4),),
     padding_side: str = "left",
     seed: int = 0,
+    frame_blocks: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A padded batch of one video per sample for the tiny Qwen models (grids of 2-4 temporal groups)."""
+    """A padded batch of one video per sample for the tiny Qwen models (grids of 2-4 temporal groups); with
+    ``frame_blocks`` each temporal group is its own block behind two stand-in timestamp tokens (Qwen3-VL)."""
     vcfg = model.config.vision_config
     merge = vcfg.spatial_merge_size
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
@@ -549,7 +551,10 @@ def qwen_video_inputs(
     rows = []
     for (before, after), (t, h, w) in zip(prompt_lengths, grids, strict=True):
         ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
-        ids += [QWEN_VISION_START] + [VIDEO_TOKEN] * (t * h * w // merge**2) + [QWEN_VISION_END]
+        for _ in range(t if frame_blocks else 1):
+            stamp = torch.randint(3, IMAGE_TOKEN, (2,), generator=gen).tolist() if frame_blocks else []
+            n = h * w // merge**2 if frame_blocks else t * h * w // merge**2
+            ids += stamp + [QWEN_VISION_START] + [VIDEO_TOKEN] * n + [QWEN_VISION_END]
         rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
     out = _pad(rows, padding_side)
     out["mm_token_type_ids"] = (out["input_ids"] == VIDEO_TOKEN).long() * 2
@@ -765,28 +770,9 @@ def qwen3_video_inputs(
     padding_side: str = "left",
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """A padded batch of one video per sample for the tiny Qwen3-VL, written as its processor writes videos:
-    every frame (temporal group) its own block, ``<timestamp text> <vision_start> frame tokens <vision_end>``."""
-    vcfg = model.config.vision_config
-    merge = vcfg.spatial_merge_size
-    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
-    gen = torch.Generator().manual_seed(seed)
-    grids = [((2 + (seed + i) % 3), 4, 8) for i in range(len(prompt_lengths))]
-    rows = []
-    for (before, after), (t, h, w) in zip(prompt_lengths, grids, strict=True):
-        ids = [1] + torch.randint(3, IMAGE_TOKEN, (before,), generator=gen).tolist()
-        for _ in range(t):
-            stamp = torch.randint(3, IMAGE_TOKEN, (2,), generator=gen).tolist()  # "<0.5 seconds>"
-            ids += stamp + [QWEN_VISION_START] + [VIDEO_TOKEN] * (h * w // merge**2) + [QWEN_VISION_END]
-        rows.append(ids + torch.randint(3, IMAGE_TOKEN, (after,), generator=gen).tolist())
-    out = _pad(rows, padding_side)
-    out["mm_token_type_ids"] = (out["input_ids"] == VIDEO_TOKEN).long() * 2
-    patches = sum(t * h * w for t, h, w in grids)
-    # neighbouring frames are similar (as in real video), so temporal mergers have something to merge
-    frames = torch.randn(patches, patch_dim, generator=gen)
-    out["pixel_values_videos"] = frames.to(model.dtype)
-    out["video_grid_thw"] = torch.tensor(grids)
-    return out
+    """As :func:`qwen_video_inputs`, written as Qwen3-VL's processor writes videos: every frame (temporal
+    group) its own block, ``<timestamp text> <vision_start> frame tokens <vision_end>``."""
+    return qwen_video_inputs(model, prompt_lengths, padding_side, seed, frame_blocks=True)
 
 
 VIDEO_FAMILIES["qwen3_vl_video"] = _QwenVideoFamily(

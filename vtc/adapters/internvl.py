@@ -32,14 +32,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..contexts import Layout
 from .frames import frames_layout
 from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
 from .sequence import find_runs
-from .vision import Capture, Emit, QKReader, Tower, module_at
+from .vision import QKReader, Tower, module_at, projection_qk
 from .vlm import VLMAdapter
 
 TOWER = Tower("encoder.layer", "attention", 1)
@@ -146,32 +145,4 @@ class InternVLAdapter(VLMAdapter):
         return grid.reshape(n, (side // k) ** 2, k * k * c)
 
     def qk_reader(self) -> QKReader:
-        return _normed_qk(self.attention, self.num_heads)
-
-
-def _normed_qk(attention: str, num_heads: int) -> QKReader:
-    """Read q and k after InternViT's ``q_norm`` / ``k_norm`` (RMSNorm, or identity without ``use_qk_norm``)."""
-
-    def install(block: nn.Module, capture: Capture, emit: Emit) -> list[Any]:
-        attn = getattr(block, attention)
-        stash: dict[str, torch.Tensor] = {}
-
-        def keep(name: str):
-            def hook(module, args, output):
-                if capture.active:
-                    stash[name] = output
-
-            return hook
-
-        def finish(module, args, output):
-            if capture.active:
-                q, k = stash.pop("q"), stash.pop("k")  # [B, T, H*d]
-                emit(q.unflatten(-1, (num_heads, -1)), k.unflatten(-1, (num_heads, -1)), None)
-
-        return [
-            attn.q_norm.register_forward_hook(keep("q")),
-            attn.k_norm.register_forward_hook(keep("k")),
-            attn.register_forward_hook(finish),
-        ]
-
-    return install
+        return projection_qk(self.attention, self.num_heads, q="q_norm", k="k_norm")  # identity without qk norm

@@ -149,8 +149,9 @@ def attention_signals(
     return out
 
 
-def projection_qk(attention: str, num_heads: int) -> QKReader:
-    """Read q and k from a block's ``<attention>.q_proj`` / ``.k_proj`` outputs (CLIP, SigLIP, DINOv2)."""
+def projection_qk(attention: str, num_heads: int, q: str = "q_proj", k: str = "k_proj") -> QKReader:
+    """Read q and k from the outputs of a block's ``<attention>.<q>`` / ``.<k>`` (CLIP, SigLIP, DINOv2: the
+    projections; InternViT: its q / k norms, which come after them)."""
 
     def install(block: nn.Module, capture: Capture, emit: Emit) -> list[Any]:
         attn = getattr(block, attention)
@@ -169,8 +170,8 @@ def projection_qk(attention: str, num_heads: int) -> QKReader:
                 emit(q.unflatten(-1, (num_heads, -1)), k.unflatten(-1, (num_heads, -1)), None)
 
         return [
-            attn.q_proj.register_forward_hook(keep("q")),
-            attn.k_proj.register_forward_hook(keep("k")),
+            getattr(attn, q).register_forward_hook(keep("q")),
+            getattr(attn, k).register_forward_hook(keep("k")),
             attn.register_forward_hook(finish),
         ]
 
