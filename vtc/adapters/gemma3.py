@@ -36,7 +36,6 @@ from ..contexts import Layout, Stage
 from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
 from .streams import RowStream
-from .vision import find_tower
 from .vlm import VLMAdapter
 
 
@@ -81,14 +80,7 @@ class Gemma3Adapter(VLMAdapter):
         return [PooledImages("image", "pixel_values", int(config.image_token_id))]
 
     def find_tower(self) -> None:
-        cfg = self.model.config
-        tower, self.blocks = find_tower(self.base.vision_tower, cfg.vision_config.model_type, self.family)
-        self.prefix, self.attention = tower.prefix, tower.attention
-        self.patch_size = int(cfg.vision_config.patch_size)
-        self.num_heads = int(cfg.vision_config.num_attention_heads)
-        self.projector = self.base.multi_modal_projector
-        self.feature_layer = -1  # last_hidden_state: the last block, then the tower's final LayerNorm
-        self.feature_block = len(self.blocks) - 1
+        super().find_tower()  # no vision_feature_layer: last_hidden_state, the last block then the final LayerNorm
         self.patches_per_side = int(self.projector.patches_per_image)
         self.tokens_per_side = int(self.projector.tokens_per_side)
         self.kernel = int(self.projector.kernel_size)

@@ -73,7 +73,7 @@ class VLMAdapter(Adapter):
         self.patch_size = int(cfg.vision_config.patch_size)
         self.num_heads = int(cfg.vision_config.num_attention_heads)
         self.projector: nn.Module = self.base.multi_modal_projector
-        self.feature_layer = cfg.vision_feature_layer
+        self.feature_layer = getattr(cfg, "vision_feature_layer", -1)  # Gemma 3: the last block
         layer = self.feature_layer if isinstance(self.feature_layer, int) else max(self.feature_layer)
         self.feature_block = feature_block(layer, len(self.blocks))
 
