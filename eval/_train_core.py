@@ -333,27 +333,55 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
-def word_targets(model, tokenizer, colours, kinds, background: str = "nothing") -> torch.Tensor:
-    """``[len(colours) * len(kinds) + 1, D]``: per (colour, kind) the mean of the two words' input embeddings
-    (row ``c * len(kinds) + k``), and last the embedding of ``background`` (first token of each word)."""
+def word_targets(
+    model,
+    tokenizer,
+    colours,
+    kinds,
+    background: str = "nothing",
+    places: Sequence[str] = (),
+    place_weight: float = 0.5,
+) -> torch.Tensor:
+    """Target embeddings of the alignment stage, one row per (content, place).
+
+    Content ``c * len(kinds) + k`` is the mean of the colour and kind words' input embeddings, the last content
+    is the embedding of ``background`` (first token of each word). With ``places`` (phrases such as
+    ``"top left"``), row ``content * len(places) + p`` adds ``place_weight`` times the mean embedding of the
+    tokens of ``" " + places[p]`` (as the phrase reads inside a question), so that every visual token also says
+    where it is; without, there is one row per content.
+    """
     table = model.model.language_model.embed_tokens.weight.detach()
 
     def word(w: str) -> torch.Tensor:
         return table[tokenizer.encode(w, add_special_tokens=False)[0]]
 
-    rows = [0.5 * (word(c) + word(k)) for c in colours for k in kinds]
-    return torch.stack(rows + [word(background)]).float()
+    content = torch.stack([0.5 * (word(c) + word(k)) for c in colours for k in kinds] + [word(background)]).float()
+    if not places:
+        return content
+    place = torch.stack([table[tokenizer.encode(" " + p, add_special_tokens=False)].mean(0) for p in places]).float()
+    return (content[:, None] + place_weight * place[None]).reshape(-1, content.shape[-1])
 
 
-def patch_codes(owners: Sequence[int], objects: Sequence, colours: Sequence[str], kinds: Sequence[str]) -> list[int]:
-    """Per patch, the row of :func:`word_targets` for the object that covers it (background: the last row)."""
+def patch_codes(
+    owners: Sequence[int],
+    objects: Sequence,
+    colours: Sequence[str],
+    kinds: Sequence[str],
+    cells: Sequence[int] | None = None,
+    n_places: int = 1,
+) -> list[int]:
+    """Per patch, the row of :func:`word_targets` for the object that covers it (background: the last content)
+    and, with ``cells`` (per patch its place index among ``n_places``), for the place it lies in."""
     background = len(colours) * len(kinds)
-    return [
+    content = [
         background
         if o < 0
         else list(colours).index(objects[o].colour) * len(kinds) + list(kinds).index(objects[o].kind)
         for o in owners
     ]
+    if cells is None:
+        return content
+    return [c * n_places + p for c, p in zip(content, cells, strict=True)]
 
 
 def align_projector(
@@ -367,21 +395,24 @@ def align_projector(
     batch: int = 4096,
     object_weight: float = 4.0,
     seed: int = 0,
+    n_places: int = 1,
 ) -> None:
     """Alignment stage: fit the projector so that each patch's token is the word embedding of what it shows.
 
     Args:
         feats: ``[M, C]`` frozen-tower features of single patches (any dtype).
-        codes: ``[M]`` row of ``targets`` each patch should map to (the last row is the background).
-        targets: ``[R, D]`` target embeddings (:func:`word_targets`).
+        codes: ``[M]`` row of ``targets`` each patch should map to (:func:`patch_codes`).
+        targets: ``[R, D]`` target embeddings (:func:`word_targets`; the last content is the background).
         object_weight: weight of object patches against background patches in the squared error.
+        n_places: places per content in ``targets`` (1: no place in the targets).
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(projector.inner.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    weight = torch.where(codes == targets.shape[0] - 1, 1.0, object_weight)
+    background = targets.shape[0] // n_places - 1
+    weight = torch.where(codes // n_places == background, 1.0, object_weight)
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, feats.shape[0], (batch,), generator=gen)
@@ -396,9 +427,11 @@ def align_projector(
         idx = torch.randint(0, feats.shape[0], (20000,), generator=gen)
         pred = torch.nn.functional.normalize(projector(feats[idx].float()), dim=-1)
         nearest = (pred @ torch.nn.functional.normalize(targets, dim=-1).T).argmax(-1)
-        obj = codes[idx] != targets.shape[0] - 1
-        acc = (nearest == codes[idx])[obj].float().mean().item()
+        obj = codes[idx] // n_places != background
+        acc = (nearest // n_places == codes[idx] // n_places)[obj].float().mean().item()
+        where = (nearest % n_places == codes[idx] % n_places).float().mean().item()
     log(
         f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
         f"their own (colour, kind): {acc:.3f}"
+        + (f"; patches whose nearest target is their place: {where:.3f}" if n_places > 1 else "")
     )

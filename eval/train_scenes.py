@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--easyvqa-share", type=float, default=0.15, help="share of images taken from easy-VQA")
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--place-words",
+        type=int,
+        default=1,
+        help="1: alignment targets also hold the words of the patch's place (its 3 x 3 cell); 0: content only",
+    )
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_scenes.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -212,12 +218,27 @@ def main(argv: list[str] | None = None) -> int:
     proj = Projector(inner, mean, std)
     if args.align_steps:
         grid = int(train_f.shape[1] ** 0.5)
-        codes = [
-            patch_codes(scenes.patch_owner(s.objects, grid), s.objects, scenes.COLORS, scenes.KINDS) for s in train_s
+        places = scenes.PLACES if args.place_words else ()
+        # the place (3 x 3 cell of the canvas) each patch of the grid lies in, raster order
+        cells = [
+            (r * scenes.GRID // grid) * scenes.GRID + c * scenes.GRID // grid for r in range(grid) for c in range(grid)
         ]
-        targets = word_targets(model, processor.tokenizer, scenes.COLORS, scenes.KINDS)
+        n_places = len(places) or 1
+        codes = [
+            patch_codes(
+                scenes.patch_owner(s.objects, grid),
+                s.objects,
+                scenes.COLORS,
+                scenes.KINDS,
+                cells if places else None,
+                n_places,
+            )
+            for s in train_s
+        ]
+        targets = word_targets(model, processor.tokenizer, scenes.COLORS, scenes.KINDS, places=places)
         flat = train_f.reshape(-1, train_f.shape[-1])
-        align_projector(proj, flat, torch.tensor(codes).flatten(), targets, args.align_steps, args.align_lr, log)
+        codes = torch.tensor(codes).flatten()
+        align_projector(proj, flat, codes, targets, args.align_steps, args.align_lr, log, n_places=n_places)
     groups = [{"params": list(inner.parameters()), "lr": args.lr, "base": args.lr}]
     lora = None
     if args.lora_rank:

@@ -18,7 +18,7 @@ import torch
 
 import vtc
 
-from .tiny_pretrained import QWEN3_PIXELS, QWEN_PIXELS, save_llava, save_qwen
+from .tiny_pretrained import QWEN3_PIXELS, QWEN_PIXELS, save_gemma3, save_internvl, save_llava, save_qwen
 
 pytestmark = [
     pytest.mark.skipif(
@@ -35,7 +35,8 @@ TASK = "vtc_shapes"
 LIMIT = 3  # documents per run
 N_VISUAL = 16  # visual tokens per image of every tiny checkpoint
 #: upstream's qwen3_vl chat wrapper sizes images itself (qwen-vl-utils, 32 px units, the task's 96 px pictures)
-N_VISUAL_OF = {"qwen3_vl": 9}
+#: upstream's internvl_hf tiles them (max_patches=4: 2 x 2 tiles of 32 px plus the thumbnail, 16 tokens each)
+N_VISUAL_OF = {"qwen3_vl": 9, "internvl": 80}
 BUDGET = 0.25
 _QWEN_ARGS = ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}".format(**QWEN_PIXELS)
 _QWEN3_ARGS = ",device_map=cpu,min_pixels={min_pixels},max_pixels={max_pixels}".format(**QWEN3_PIXELS)
@@ -46,6 +47,8 @@ CASES = {
     "qwen2_vl": ("vtc_qwen2_vl", _QWEN_ARGS, ("divprune", "pool")),  # simple wrapper
     "qwen2_5_vl": ("vtc_qwen2_5_vl", _QWEN_ARGS, ("visionzip",)),  # chat wrapper, bfloat16 upstream
     "qwen3_vl": ("vtc_qwen3_vl", _QWEN3_ARGS, ("divprune",)),  # chat wrapper (DeepStack rows gathered)
+    "internvl": ("vtc_internvl", ",device_map=cpu,max_patches=4", ("hired",)),  # chat wrapper, tiles as partitions
+    "gemma3": ("vtc_gemma3", ",device_map=cpu", ("divprune",)),  # simple wrapper, bfloat16 upstream
 }
 
 
@@ -77,7 +80,8 @@ def lmms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    saved = {"llava": save_llava(root / "llava")}
+    saved = {"llava": save_llava(root / "llava"), "internvl": save_internvl(root / "internvl")}
+    saved["gemma3"] = save_gemma3(root / "gemma3")
     for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         saved[family] = save_qwen(root / family, family)
     return saved
@@ -115,7 +119,7 @@ def _run(lmms, name: str, args: str, force_simple: bool = False):
 
 
 def test_entry_point_resolves_every_wrapper(lmms):
-    from vtc.apps.lmms_eval import llava_hf, qwen2_5_vl, qwen2_vl, qwen3_vl
+    from vtc.apps.lmms_eval import gemma3, internvl, llava_hf, qwen2_5_vl, qwen2_vl, qwen3_vl
 
     assert lmms.get_model("vtc_llava_hf") is llava_hf.VtcLlavaHfChat
     assert lmms.get_model("vtc_llava_hf", force_simple=True) is llava_hf.VtcLlavaHf
@@ -124,6 +128,8 @@ def test_entry_point_resolves_every_wrapper(lmms):
     assert lmms.get_model("vtc_qwen2_5_vl", force_simple=True) is qwen2_5_vl.VtcQwen2_5VL
     assert lmms.get_model("vtc_qwen3_vl") is qwen3_vl.VtcQwen3VLChat
     assert lmms.get_model("vtc_qwen3_vl", force_simple=True) is qwen3_vl.VtcQwen3VL
+    assert lmms.get_model("vtc_internvl") is internvl.VtcInternVLChat
+    assert lmms.get_model("vtc_gemma3") is gemma3.VtcGemma3
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -23,8 +23,9 @@ _WORDS = (
 )
 
 
-def tokenizer(specials: dict[str, int]):
-    """A ``PreTrainedTokenizerFast`` over ``testing.VOCAB`` ids with ``specials`` (token -> id) pinned."""
+def tokenizer(specials: dict[str, int], named: dict[str, str] | None = None):
+    """A ``PreTrainedTokenizerFast`` over ``testing.VOCAB`` ids with ``specials`` (token -> id) pinned;
+    ``named`` gives some of them the attribute names a processor reads (``{"boi_token": "<start_of_image>"}``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,6 +48,7 @@ def tokenizer(specials: dict[str, int]):
         eos_token="</s>",
         unk_token="<unk>",
         additional_special_tokens=list(specials),
+        extra_special_tokens=named or {},
     )
 
 
@@ -119,4 +121,66 @@ def save_qwen(path: Path, family: str = "qwen2_vl") -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     tok.save_pretrained(path)  # upstream qwen2_vl also loads AutoTokenizer from the folder
+    return path
+
+
+def save_gemma3(path: Path) -> Path:
+    """``testing.tiny_gemma3`` (32 px images, 16 visual tokens, no pan-and-scan) with a Gemma 3 processor."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    model = testing.tiny_gemma3()
+    named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tok = tokenizer(
+        {
+            named["image_token"]: testing.IMAGE_TOKEN,
+            named["boi_token"]: testing.GEMMA_BOI,
+            named["eoi_token"]: testing.GEMMA_EOI,
+        },
+        named,
+    )
+    size = model.config.vision_config.image_size
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": size, "width": size}, do_pan_and_scan=False),
+        tokenizer=tok,
+        image_seq_length=int(model.config.mm_tokens_per_image),
+        chat_template=_TEMPLATE.replace("IMAGE ", named["boi_token"] + " "),
+    )
+    tok.chat_template = processor.chat_template
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tok.save_pretrained(path)  # upstream gemma3 also loads AutoTokenizer from the folder
+    return path
+
+
+def save_internvl(path: Path) -> Path:
+    """``testing.tiny_internvl`` (32 px tiles, 16 visual tokens per tile) with an InternVL processor."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    model = testing.tiny_internvl()
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tok = tokenizer(
+        {
+            named["context_image_token"]: testing.IMAGE_TOKEN,
+            named["video_token"]: testing.VIDEO_TOKEN,
+            named["start_image_token"]: testing.INTERNVL_START,
+            named["end_image_token"]: testing.INTERNVL_END,
+        },
+        named,
+    )
+    size = model.config.vision_config.image_size[0]
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size={"height": size, "width": size}, crop_to_patches=True),
+        video_processor=InternVLVideoProcessor(size={"height": size, "width": size}),
+        tokenizer=tok,
+        image_seq_length=int(model.config.image_seq_length),
+        chat_template=_TEMPLATE.replace("IMAGE ", named["context_image_token"] + " "),
+    )
+    tok.chat_template = processor.chat_template
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path

@@ -1,4 +1,5 @@
-"""lmms-eval model plugin: ``--model vtc_llava_hf | vtc_qwen2_vl | vtc_qwen2_5_vl | vtc_qwen3_vl`` in lmms-eval.
+"""lmms-eval model plugin: ``--model vtc_llava_hf | vtc_qwen2_vl | vtc_qwen2_5_vl | vtc_qwen3_vl | vtc_internvl |
+vtc_gemma3`` in lmms-eval.
 
 Installed with ``pip install 'vtc-compress[lmms-eval]'``; lmms-eval (>= 0.6) finds :func:`manifests` through the
 ``lmms_eval.models`` entry-point group and imports a wrapper module only when its model is asked for. Each
@@ -26,6 +27,8 @@ MODELS: dict[str, tuple[str | None, str | None]] = {
     "vtc_qwen2_vl": (f"{_BASE}.qwen2_vl.VtcQwen2VL", None),  # upstream qwen2_vl is simple only
     "vtc_qwen2_5_vl": (f"{_BASE}.qwen2_5_vl.VtcQwen2_5VL", f"{_BASE}.qwen2_5_vl.VtcQwen2_5VLChat"),
     "vtc_qwen3_vl": (f"{_BASE}.qwen3_vl.VtcQwen3VL", f"{_BASE}.qwen3_vl.VtcQwen3VLChat"),
+    "vtc_internvl": (None, f"{_BASE}.internvl.VtcInternVLChat"),  # upstream internvl_hf is chat only
+    "vtc_gemma3": (f"{_BASE}.gemma3.VtcGemma3", None),  # upstream gemma3 is simple only
 }
 
 

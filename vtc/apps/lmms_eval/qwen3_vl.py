@@ -1,5 +1,5 @@
-"""``vtc_qwen3_vl``: lmms-eval's ``qwen3_vl`` wrappers (simple and chat) with vtc in front (images; vtc refuses
-Qwen3-VL videos for now, see :mod:`vtc.adapters.qwen3_vl`)."""
+"""``vtc_qwen3_vl``: lmms-eval's ``qwen3_vl`` wrappers (simple and chat) with vtc in front (images and videos;
+DeepStack features are gathered with the kept tokens, see :mod:`vtc.adapters.qwen3_vl`)."""
 
 from __future__ import annotations
 
