@@ -53,6 +53,12 @@ class Tower:
         if c.model_type in ("qwen2_vl", "qwen2_vl_vision"):
             patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
             return cls(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.depth, patch_in)
+        if c.model_type in ("qwen3_vl_vision", "qwen3_vl_moe_vision"):  # Qwen3-VL's ViT: fc1/fc2 MLP, no window attention
+            patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
+            return cls(c.hidden_size, c.intermediate_size, c.depth, patch_in)
+        if c.model_type == "internvl_vision":  # InternViT: CLS + patches, fc1/fc2 MLP
+            patch_in = c.num_channels * c.patch_size[0] * c.patch_size[1]
+            return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, patch_in, prefix=1)
         if c.model_type in ("clip_vision_model", "siglip_vision_model"):
             prefix = 1 if c.model_type == "clip_vision_model" else 0
             patch_in = c.num_channels * c.patch_size**2
@@ -117,6 +123,37 @@ REAL: dict[str, Reference] = {
         ),
         _mlp2(1152, 3584, 3584),
         "SigLIP-so400m/14-384 (26 blocks), Qwen2-7B; video frames 2 x 2 bilinear-pooled to 196 tokens",
+    ),
+    "qwen3-vl-8b": Reference(
+        "Qwen/Qwen3-VL-8B-Instruct",
+        Tower(hidden=1152, intermediate=4304, layers=27, patch_in=3 * 2 * 16 * 16),
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            model_type="qwen3_vl_text",
+        ),
+        # the merger and the three DeepStack mergers, each 2 x 2 patches -> one LLM token
+        lambda n: 4 * _mlp2(4 * 1152, 4 * 1152, 4096)(n // 4),
+        "27-block ViT with 16 px patches and full attention per image, DeepStack at blocks 8, 16, 24, Qwen3-8B",
+    ),
+    "internvl3-8b": Reference(
+        "OpenGVLab/InternVL3-8B-hf",
+        Tower(hidden=1024, intermediate=4096, layers=24, patch_in=3 * 14 * 14, prefix=1),
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            model_type="qwen2",
+        ),
+        # pixel shuffle 0.5: 4 patches (CLS dropped) -> one 4096-channel token, then the MLP
+        lambda n: _mlp2(4 * 1024, 3584, 3584)((n - 1) // 4),
+        "InternViT-300M-448px (24 blocks) per 448 px tile, 256 tokens per tile after the pixel shuffle, Qwen2.5-7B",
     ),
 }
 
@@ -431,6 +468,126 @@ register(
 )
 
 
+# Qwen3-VL, large image -------------------------------------------------------------------------------------
+
+
+def qwen3_vl_model(
+    seed: int = 0,
+    vision: tuple[int, int, int] = (96, 2, 2),
+    text: tuple[int, int, int, int, int] = (384, 8, 6, 2, 1024),
+    deepstack: tuple[int, ...] = (0, 1),
+) -> nn.Module:
+    """Qwen3-VL layout: ViT with 16 px patches, temporal patch 2, learned position grid plus 2-D RoPE, full
+    attention per image, 2 x 2 merger and DeepStack mergers on blocks ``deepstack`` (``vision = (width, depth,
+    heads)``, MLP ratio 4); Qwen3 decoder with interleaved M-RoPE (``text = (hidden, layers, heads, kv heads,
+    mlp)``). The real 8B model has three DeepStack levels in 27 blocks; two blocks here hold two.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    width, depth, vheads = vision
+    hidden, layers, heads, kv, inter = text
+    head_dim = hidden // heads
+    half = head_dim // 2
+    section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]  # 24:20:20 at half = 64
+    text_cfg = {
+        "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "max_position_embeddings": 32768, "pad_token_id": PAD, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_parameters": {
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True,
+        },
+    }  # fmt: skip
+    vision_cfg = {
+        "depth": depth, "hidden_size": width, "intermediate_size": 4 * width, "num_heads": vheads, "patch_size": 16,
+        "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": hidden, "in_channels": 3,
+        "num_position_embeddings": 2304, "deepstack_visual_indexes": list(deepstack),
+    }  # fmt: skip
+    config = Qwen3VLConfig(
+        text_config=text_cfg, vision_config=vision_cfg, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return _finish(Qwen3VLForConditionalGeneration._from_config(config))
+
+
+register(
+    Preset(
+        "qwen3vl",
+        "Qwen3-VL layout, one 768 x 1152 px image (grid 1 x 48 x 72: 3456 ViT patches, 864 visual tokens), "
+        "2 x 96 ViT with full attention and 2 DeepStack levels, 8 x 384 Qwen3 (GQA 6/2), 64 text tokens",
+        build=qwen3_vl_model,
+        inputs=lambda model, seed: qwen_image_inputs(model, seed, grid=(1, 48, 72)),
+        reference=REAL["qwen3-vl-8b"],
+        workload=Workload(1, 3456, 3456, 864, TEXT_BEFORE + TEXT_AFTER),
+    )
+)
+
+
+# InternVL 3, tiled image -----------------------------------------------------------------------------------
+
+
+def internvl_model(
+    seed: int = 0,
+    image_size: int = 448,
+    vision: tuple[int, int, int] = (96, 2, 2),
+    text: tuple[int, int, int, int, int] = (256, 8, 4, 2, 704),
+) -> nn.Module:
+    """InternVL 3 layout: InternViT tiles (CLS + 14 px patches, ``vision = (width, depth, heads)``, MLP ratio 4),
+    pixel shuffle 0.5 (4 patches -> one token), LayerNorm + MLP projector, Qwen2 decoder
+    (``text = (hidden, layers, heads, kv heads, mlp)``)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    width, depth, vheads = vision
+    hidden, layers, heads, kv, inter = text
+    vcfg = InternVLVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth, num_attention_heads=vheads,
+        image_size=[image_size, image_size], patch_size=[14, 14],
+    )  # fmt: skip
+    tcfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    per_tile = (image_size // 14) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=vcfg, text_config=tcfg, image_token_id=IMAGE_TOKEN, image_seq_length=per_tile,
+        downsample_ratio=0.5,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return _finish(InternVLForConditionalGeneration._from_config(config))
+
+
+def internvl_inputs(model: nn.Module, seed: int = 0, tiles: int = 7, text=(TEXT_BEFORE, TEXT_AFTER)) -> dict:
+    """One image as ``tiles`` tiles (the processor's 3 x 2 crop of a 3:2 picture plus the thumbnail by default):
+    ``<img> tiles x 256 <IMG_CONTEXT> </img>``; tiles of the bundled photo at the tower's size."""
+    cfg = model.config
+    size = cfg.vision_config.image_size[0]
+    gen = torch.Generator().manual_seed(seed)
+    image = [VISION_START] + [cfg.image_token_id] * (tiles * int(cfg.image_seq_length)) + [VISION_END]
+    ids = [1] + _text(gen, text[0] - 2) + image + _text(gen, text[1])
+    input_ids = torch.tensor([ids])
+    photo = _photo(size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = photo + 0.1 * torch.randn(tiles, 3, size, size, generator=gen)  # tiles differ, like crops
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels.to(model.dtype),
+    }
+
+
+register(
+    Preset(
+        "internvl",
+        "InternVL 3 layout, one image as 7 tiles of 448 px (3 x 2 crops + thumbnail: 7 x 1025 ViT tokens, "
+        "7 x 256 = 1792 visual tokens), 2 x 96 InternViT, 8 x 256 Qwen2 (GQA 4/2), 64 text tokens",
+        build=internvl_model,
+        inputs=internvl_inputs,
+        reference=REAL["internvl3-8b"],
+        workload=Workload(7, 1025, 1025, 7 * 256, TEXT_BEFORE + TEXT_AFTER),
+    )
+)
+
+
 # a local checkpoint ----------------------------------------------------------------------------------------
 
 #: model_type -> synthetic prompt builder, used when a checkpoint folder has no processor
@@ -439,6 +596,8 @@ SYNTHETIC_INPUTS: dict[str, Callable[[nn.Module, int], dict[str, Any]]] = {
     "qwen2_vl": qwen_image_inputs,
     "qwen2_5_vl": qwen_image_inputs,
     "llava_onevision": onevision_video_inputs,
+    "qwen3_vl": lambda model, seed: qwen_image_inputs(model, seed, grid=(1, 48, 72)),
+    "internvl": internvl_inputs,
 }
 
 

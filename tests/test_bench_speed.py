@@ -172,8 +172,16 @@ def _visual_tokens(model, inputs) -> int:
             lambda: speed_presets.onevision_model(0, 56, (32, 64, 2, 2), (64, 2, 4, 2, 128)),
             lambda m, s: speed_presets.onevision_video_inputs(m, s, frames=3),
         ),
+        (
+            lambda: speed_presets.qwen3_vl_model(0, (32, 2, 2), (64, 2, 4, 2, 128)),
+            lambda m, s: speed_presets.qwen_image_inputs(m, s, grid=(1, 4, 6)),
+        ),
+        (
+            lambda: speed_presets.internvl_model(0, 56, (32, 2, 2), (64, 2, 4, 2, 128)),
+            lambda m, s: speed_presets.internvl_inputs(m, s, tiles=3),
+        ),
     ],
-    ids=["llava15", "qwen2vl", "onevision_video"],
+    ids=["llava15", "qwen2vl", "onevision_video", "qwen3vl", "internvl"],
 )
 def test_preset_builders_small(build, make_inputs):
     """Each preset's builders at a small size: placeholder count = the model's visual tokens, forward runs,
@@ -193,17 +201,23 @@ def test_preset_builders_small(build, make_inputs):
     elif "image_grid_thw" in inputs:
         patches = int(inputs["image_grid_thw"].prod())
         expected = speed_presets.vit_flops(tower, patches)
+    elif cfg.model_type == "internvl":  # tiles: CLS + patches each, attention within a tile
+        tiles = inputs["pixel_values"].shape[0]
+        per = (cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]) ** 2 + 1
+        expected = speed_presets.vit_flops(tower, tiles * per, [per] * tiles)
     else:
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         expected = speed_presets.vit_flops(tower, side**2 + 1)
-    if "image_grid_thw" in inputs:  # Qwen's merger sits inside model.visual: compare the blocks + patch embedding
-        merger = sum(2 * p.numel() for n, p in model.model.visual.merger.named_parameters() if p.dim() == 2)
+    if "image_grid_thw" in inputs:  # Qwen's mergers (and DeepStack's) sit inside model.visual: add their matmuls
+        visual = model.model.visual
+        mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+        merger = sum(2 * p.numel() for m in mergers for p in m.parameters() if p.dim() == 2)
         expected += merger * int(inputs["image_grid_thw"].prod()) // 4
     assert flops["vision"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_presets_have_what_the_docs_promise():
-    assert {"llava15", "qwen2vl", "onevision_video", "tiny"} <= set(speed_presets.PRESETS)
+    assert {"llava15", "qwen2vl", "onevision_video", "qwen3vl", "internvl", "tiny"} <= set(speed_presets.PRESETS)
     assert set(bench_speed.DEFAULT_PRESETS) <= set(speed_presets.PRESETS)
     for name in bench_speed.DEFAULT_PRESETS:
         preset = speed_presets.get_preset(name)
