@@ -121,6 +121,8 @@ class Scorer:
     def __init__(self, model, processor, batch_size: int = 16, max_new_tokens: int = 8):
         self.model, self.processor = model, processor
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        #: extra processor arguments for every picture (the ``native`` baseline's resolution knob)
+        self.image_kwargs: dict = {}
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
         self._images: dict[str, Image.Image] = {}
@@ -133,6 +135,10 @@ class Scorer:
         image = "<image>\n" if item.image else ""
         return f"USER: {image}{item.question} ASSISTANT:"
 
+    def image_size(self, path: str) -> tuple[int, int]:
+        """``(height, width)`` of a picture."""
+        return self._image(path).size[::-1]
+
     def _image(self, path: str) -> Image.Image:
         if path not in self._images:
             self._images[path] = Image.open(path).convert("RGB")
@@ -141,7 +147,7 @@ class Scorer:
     def _inputs(self, items: Sequence[Item]) -> dict:
         texts = [self.prompt(it) for it in items]
         images = [self._image(it.image) for it in items if it.image]
-        kwargs = {"images": images} if images else {}
+        kwargs = {"images": images, **self.image_kwargs} if images else {}
         return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
 
     def first_tokens(self, options: Sequence[str]) -> list[int]:
@@ -193,9 +199,8 @@ class Scorer:
         per = max(1, self.batch_size // 2)  # images per prefix batch
         for s in range(0, len(images), per):
             group = images[s : s + per]
-            inputs = self.processor(
-                text=[head] * len(group), images=[self._image(p) for p in group], return_tensors="pt"
-            )
+            pictures = [self._image(p) for p in group]
+            inputs = self.processor(text=[head] * len(group), images=pictures, return_tensors="pt", **self.image_kwargs)
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             start = self._continue_at(len(group), inputs["input_ids"].shape[1])
             rows = [(g, i) for g, path in enumerate(group) for i in by_image[path]]

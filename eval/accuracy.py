@@ -12,12 +12,14 @@ Any local checkpoint and any JSONL ``{"image", "question", "answer"[, "options",
     python eval/accuracy.py --model /path/to/llava-1.5-7b-hf --data my_vqa.jsonl --budgets 0.25,0.111
 
 For each (method, budget) the uncompressed model runs in the same process on the same questions; retention
-is accuracy / uncompressed accuracy. Every method is also compared question by question with ``random`` at
-the same budget and with the uncompressed model: the difference of accuracies with a 95 % bootstrap
-interval that resamples pictures with all their questions (``eval/_accuracy_stats.py``). Scoring is described
-in ``eval/_accuracy_core.py``; methods that do not read the prompt share one compressed visual prefix per
-picture across its questions. Outputs go to ``--out`` (default ``out/accuracy``): ``results.json``,
-``table.md`` and ``accuracy.png``.
+is accuracy / uncompressed accuracy. ``native`` (in the default run where the model has the knob) is the
+model's own resolution knob instead of compression: the uncompressed model on pictures the processor makes
+small enough to give at most the budget's token count (:mod:`vtc.native`). Every method is also compared
+question by question with ``random`` at the same budget and with the uncompressed model: the difference of
+accuracies with a 95 % bootstrap interval that resamples pictures with all their questions
+(``eval/_accuracy_stats.py``). Scoring is described in ``eval/_accuracy_core.py``; methods that do not read
+the prompt share one compressed visual prefix per picture across its questions. Outputs go to ``--out``
+(default ``out/accuracy``): ``results.json``, ``table.md`` and ``accuracy.png``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from _accuracy_stats import paired_difference  # noqa: E402
 BUDGETS = (0.5, 0.25, 0.111, 0.05)
 DEFAULT_QUESTIONS = {"easyvqa": 80, "scenes": 1000}
 #: --quick: a subset that runs in under 10 minutes on 2 CPU cores
-QUICK = {"questions": 200, "budgets": [0.111], "methods": "random,pool,divprune,visionzip,fastv"}
+QUICK = {"questions": 200, "budgets": [0.111], "methods": "random,pool,divprune,visionzip,fastv,native"}
+#: the model's own resolution knob as a baseline (vtc.native), not a vtc method
+NATIVE = "native"
 
 
 def _floats(text: str) -> list[float]:
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import vtc
     from vtc.demo import machine
+    from vtc.native import NativeUnavailable
 
     try:
         from tqdm.auto import tqdm
@@ -137,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     registered = [m.name for m in vtc.list_methods()]
-    methods = registered if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in registered]
+    methods = registered + [NATIVE] if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in registered and m != NATIVE]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; registered: {registered}")
     items, dataset = load_items(args)
 
     start = time.perf_counter()
     model, processor, label = load_model(args.model)
-    methods, skipped = applicable(model, methods, strict=args.methods != "all")
+    methods, skipped = applicable(model, methods, strict=args.methods != "all", processor=processor)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}")
     scorer = Scorer(model, processor, args.batch_size, args.max_new_tokens)
@@ -155,10 +160,28 @@ def main(argv: list[str] | None = None) -> int:
     total = len(items) * (len(runs) + int(floor))
     bar = tqdm(total=total, unit="q", desc="questions") if tqdm else None
     results = []
+    n_visual = _visual_tokens(model, processor, items)
     for method, budget in runs:
         t0 = time.perf_counter()
         if bar:
             bar.set_postfix_str(f"{method} @ {budget}")
+        if method == NATIVE:
+            try:
+                setting = native_setting(model, scorer, items, vtc.keep_count(budget, n_visual))
+            except NativeUnavailable as err:
+                skipped[f"{NATIVE}@{budget:g}"] = str(err)
+                bar.update(len(items)) if bar else None
+                continue
+            scorer.image_kwargs = setting.kwargs
+            try:
+                preds = scorer.predict_shared(items, bar.update if bar else None) if shareable else None
+                preds = preds or scorer.predict(items, bar.update if bar else None)
+            finally:
+                scorer.image_kwargs = {}
+            row = {"method": method, "budget": budget, **summarise(items, preds)}
+            row.update(seconds=time.perf_counter() - t0, visual_tokens=setting.tokens, native=setting.note)
+            results.append(row)
+            continue
         if method != "uncompressed":
             vtc.compress(model, method, budget=budget)
         try:
@@ -189,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if bar:
         bar.close()
     base = results[0]
-    base["visual_tokens"] = _visual_tokens(model, processor, items)
+    base["visual_tokens"] = n_visual
     clusters = [it.image for it in items]
     by_run = {(r["method"], r["budget"]): r for r in results}
     for row in results:
@@ -236,7 +259,7 @@ def _majority(items: list[Item]) -> float:
     return hits / max(1, len(items))
 
 
-def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict[str, str]]:
+def applicable(model, methods: list[str], strict: bool, processor=None) -> tuple[list[str], dict[str, str]]:
     """The methods that can compress this model, and why each other one cannot.
 
     ``--methods all`` drops the methods the model cannot take (video-only methods on an image model, a
@@ -247,6 +270,18 @@ def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict
     modalities = {m.name: m.method_class.modalities for m in vtc.list_methods()}
     kept, skipped = [], {}
     for name in methods:
+        if name == NATIVE:
+            from vtc.native import NativeUnavailable, native_kwargs
+
+            try:  # has the family a knob at all (a count it can reach is checked per budget)
+                native_kwargs(model.config, processor, 10**6, (1024, 1024))
+            except NativeUnavailable as err:
+                if strict:
+                    raise SystemExit(f"native: {err}") from None
+                skipped[name] = str(err)
+            else:
+                kept.append(name)
+            continue
         if "image" not in modalities[name]:
             if strict:
                 raise SystemExit(f"method {name!r} compresses {list(modalities[name])} inputs, not images")
@@ -262,6 +297,20 @@ def applicable(model, methods: list[str], strict: bool) -> tuple[list[str], dict
             vtc.restore(model)
             kept.append(name)
     return kept, skipped
+
+
+def native_setting(model, scorer: Scorer, items: list[Item], k: int):
+    """The ``native`` baseline's processor arguments for these pictures (one setting for all of them)."""
+    from vtc.native import native_kwargs
+
+    sizes = sorted({scorer.image_size(it.image) for it in items if it.image})
+    settings = {repr(s.kwargs): s for s in (native_kwargs(model.config, scorer.processor, k, hw) for hw in sizes)}
+    if len(settings) != 1:
+        raise SystemExit(
+            f"native: pictures of {len(sizes)} sizes need {len(settings)} different processor settings on this "
+            "model; run the benchmark on pictures of one size, or without native (--methods ...)"
+        )
+    return next(iter(settings.values()))
 
 
 def _visual_tokens(model, processor, items: list[Item]) -> int | None:

@@ -53,7 +53,10 @@ class Tower:
         if c.model_type in ("qwen2_vl", "qwen2_vl_vision"):
             patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
             return cls(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.depth, patch_in)
-        if c.model_type in ("qwen3_vl_vision", "qwen3_vl_moe_vision"):  # Qwen3-VL's ViT: fc1/fc2 MLP, no window attention
+        if c.model_type in (
+            "qwen3_vl_vision",
+            "qwen3_vl_moe_vision",
+        ):  # Qwen3-VL's ViT: fc1/fc2 MLP, no window attention
             patch_in = c.in_channels * c.temporal_patch_size * c.patch_size**2
             return cls(c.hidden_size, c.intermediate_size, c.depth, patch_in)
         if c.model_type == "internvl_vision":  # InternViT: CLS + patches, fc1/fc2 MLP

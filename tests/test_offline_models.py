@@ -84,12 +84,14 @@ def test_scenes_checkpoint_is_a_stock_llava_with_144_tokens(scenes_checkpoint):
 @trained("scenes")
 def test_scenes_benchmark_smoke_with_shared_prefixes_and_paired_intervals(scenes_checkpoint, tmp_path):
     accuracy = _load_eval("accuracy")
-    args = ["--model", "scenes", "--questions", "10", "--methods", "random,divprune", "--budgets", "0.111"]
+    args = ["--model", "scenes", "--questions", "10", "--methods", "random,divprune,native", "--budgets", "0.111"]
     assert accuracy.main(args + ["--batch-size", "8", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     runs = {(r["method"], r["budget"]): r for r in report["results"]}
-    assert set(runs) == {("uncompressed", 1.0), ("random", 0.111), ("divprune", 0.111)}
+    assert set(runs) == {("uncompressed", 1.0), ("random", 0.111), ("divprune", 0.111), ("native", 0.111)}
     assert runs[("random", 0.111)]["visual_tokens"] == 16 and report["floor"] is not None
+    # native: the stock model on 56 px pictures (4 x 4 DINOv2 patches), compared with random like a method
+    assert runs[("native", 0.111)]["visual_tokens"] == 16 and "vs_random" in runs[("native", 0.111)]
     assert set(runs[("uncompressed", 1.0)]["families"]) <= {"place", "colour", "exists", "count", "relation"}
     diff = runs[("divprune", 0.111)]["vs_random"]
     assert diff["low"] <= diff["diff"] <= diff["high"] and diff["clusters"] == report["pictures"]

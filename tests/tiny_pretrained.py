@@ -41,14 +41,11 @@ def tokenizer(specials: dict[str, int], named: dict[str, str] | None = None):
     model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.Whitespace()
     model.decoder = decoders.WordPiece()  # joins words with spaces
+    # named tokens become attributes (tok.boi_token); they replace additional_special_tokens, so name all or none
+    assert named is None or set(named.values()) == set(specials)
+    extra = {"extra_special_tokens": named} if named else {"additional_special_tokens": list(specials)}
     return PreTrainedTokenizerFast(
-        tokenizer_object=model,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=list(specials),
-        extra_special_tokens=named or {},
+        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
     )
 
 
