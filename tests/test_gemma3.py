@@ -76,3 +76,37 @@ def test_in_llm_methods_are_refused_and_the_model_left_alone(model, method):
     with pytest.raises(ValueError, match=r"acts at \['llm_layer'\], which the gemma3 adapter does not provide"):
         vtc.compress(model, method, budget=0.25)
     assert not vtc.is_compressed(model)
+
+
+def test_pan_and_scan_crops_from_the_processor_are_items_with_their_own_share(tmp_path):
+    """With pan-and-scan the processor adds each crop as its own ``<start_of_image>`` block after the picture:
+    every block keeps its share of the budget and the compressed ``generate`` equals cache-free greedy steps."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .tiny_pretrained import save_gemma3
+
+    path = save_gemma3(tmp_path / "gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    wide = Image.fromarray(torch.randint(0, 255, (48, 128, 3), dtype=torch.uint8).numpy())
+    scan = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32, "pan_and_scan_min_ratio_to_activate": 1.2}
+    inputs = processor(images=[wide], text=["<start_of_image> what color"], return_tensors="pt", **scan)
+    blocks = inputs["pixel_values"].shape[0]
+    assert blocks > 1 and int(inputs["token_type_ids"].sum()) == 16 * blocks  # the picture and its crops
+    with vtc.compressed(model, "divprune", budget=0.25):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert [im.counts["pre_llm"] for im in vtc.last_record(model).images] == [4] * blocks
+            steps = inputs["input_ids"]
+            for _ in range(3):
+                extra = torch.zeros(1, steps.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)
+                types = torch.cat([inputs["token_type_ids"], extra], dim=1)
+                logits = model(
+                    input_ids=steps,
+                    attention_mask=torch.ones_like(steps),
+                    token_type_ids=types,
+                    pixel_values=inputs["pixel_values"],
+                ).logits
+                steps = torch.cat([steps, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, steps)

@@ -69,3 +69,35 @@ def test_a_prompt_whose_runs_do_not_match_the_tiles_is_refused(model):
     with vtc.compressed(model, "random", budget=0.5):
         with pytest.raises(ValueError, match=r"placeholder runs \[16, 1\] do not match 1 tiles of 16 tokens"):
             model(**inputs)
+
+
+def test_a_video_from_the_processor_is_one_image_per_frame(tmp_path):
+    """The processor writes a video as ``Frame{i}: <img> 256 x <IMG_CONTEXT> </img>`` per frame and appends the
+    frames to ``pixel_values``: each frame is one item with its own share of the budget, and the compressed
+    ``generate`` equals cache-free greedy steps over the same kept tokens."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .tiny_pretrained import save_internvl
+
+    path = save_internvl(tmp_path / "internvl")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    video = np.random.default_rng(0).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
+    inputs = processor(videos=[video], text=["<video> what color"], return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 4 and int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 64
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with vtc.compressed(model, "divprune", budget=0.25):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        rec = vtc.last_record(model)
+        assert [im.counts["pre_llm"] for im in rec.images] == [4, 4, 4, 4]
+        ids = inputs["input_ids"]
+        with torch.no_grad():  # cache-free greedy steps on the compressed model
+            steps = ids
+            for _ in range(3):
+                logits = model(**{**inputs, "input_ids": steps, "attention_mask": torch.ones_like(steps)}).logits
+                steps = torch.cat([steps, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out[:, ids.shape[1] :], steps[:, ids.shape[1] :])
+    assert plain.shape == out.shape
