@@ -28,6 +28,7 @@ CASES = {
     "fastv": ("image", {}),
     "dart": ("image", {}),
     "pdrop": ("image", {}),
+    "transprune": ("image", {}),
     "todre": ("image", {"layer": 2, "tau": 1.0}),
     "holitom": ("video", {}),
     "dycoke": ("video", {"kv_prune": 0.5, "kv_layer": 2}),

@@ -17,6 +17,7 @@ LLM_METHODS = {
     "fastv": {},
     "dart": {"pivot_image": 2, "pivot_text": 2},
     "pdrop": {},
+    "transprune": {},  # points 1, 2, 3 on the tiny 4-layer models
     "todre": {"layer": 2, "tau": 1.0},  # tau=1 makes stage 2 fire on the tiny model
     "todre-kept": {"layer": 2, "tau": 0.0},  # stage 2 never fires: visual tokens stay to the end
     "holitom": {},  # outer merge, then the inner merge at layer round(4 * 18 / 28) = 3

@@ -326,6 +326,14 @@ class LayerTokens:
     _attend: Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
     _keys: Callable[[int], torch.Tensor] | None = None
     _norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _observed: Callable[[], torch.Tensor] | None = None
+
+    def observed(self) -> torch.Tensor:
+        """``[B, L]`` per current row, the sum of what the method's :meth:`~vtc.method.Method.observe` returned
+        for it at the layers it observes (:meth:`~vtc.method.Method.llm_observe_layers`) so far in this prefill."""
+        if self._observed is None:
+            raise RuntimeError("this hook point gives no sub-block observations")
+        return self._observed()
 
     def keys(self, layer: int | None = None) -> torch.Tensor:
         """``[B, H, L, d]`` keys of every current row in ``layer`` (default: the layer about to run), from that

@@ -79,6 +79,16 @@ class Method:
         """Per sample, the visual rows (a subset of ``tokens.visual[b]``) that go on to later layers."""
         raise NotImplementedError(f"{type(self).__name__} does not act at the LLM_LAYER stage")
 
+    def llm_observe_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers whose attention and MLP sub-blocks :meth:`observe` sees during prefill (TransPrune)."""
+        return ()
+
+    def observe(self, layer: int, part: str, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One weight per row ``[B, L]`` from a sub-block's normed input ``x`` and output ``y`` (``[B, L, D]``;
+        ``part`` is ``"attention"`` or ``"mlp"``, ``valid [B, L]`` the real rows); summed per row over the
+        observed sub-blocks and read at a prune point as :meth:`LayerTokens.observed`."""
+        raise NotImplementedError(f"{type(self).__name__} observes no LLM sub-block")
+
     def llm_decode_layers(self, num_layers: int) -> tuple[int, ...]:
         """Layer from which decode steps attend to a per-step subset of the cached visual rows (DyCoke)."""
         return ()

@@ -70,6 +70,11 @@ class Decoder:
         keys = self.rope(keys, cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1))
         return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
 
+    def sub_blocks(self, layer: int) -> dict[str, nn.Module]:
+        """The attention and MLP modules of ``layer`` (each called on its own normed input)."""
+        block = self.layers[layer]
+        return {"attention": block.self_attn, "mlp": block.mlp}
+
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The LM's final norm (what the LM head reads) applied to ``x``."""
         return self.lm.norm(x)

@@ -4,16 +4,17 @@ Forward pre-hooks on the decoder's layers (:class:`~vtc.adapters.llm.Decoder`) r
 every layer shares:
 
 * **prefill**, at a prune layer ``k``: the method gets a :class:`~vtc.contexts.LayerTokens` (hidden states
-  entering ``k``, each sample's visual rows, and attention rows recomputed from a layer's own norm, q/k,
-  RoPE and grouped KV heads, while the model keeps its attention kernel) and returns the visual rows to
-  keep. The hidden states are gathered (:func:`~vtc.adapters.llm_state.shorten`); every layer ``>= k`` then
-  gets the matching mask, positions and rotary embeddings, so its KV cache holds only the kept rows;
+  entering ``k``, each sample's visual rows, attention rows recomputed from a layer's own norm, q/k, RoPE and
+  grouped KV heads while the model keeps its attention kernel, and observed sub-blocks,
+  :mod:`~vtc.adapters.llm_observe`) and returns the visual rows to keep. The hidden states are gathered
+  (:func:`~vtc.adapters.llm_state.shorten`); every layer ``>= k`` then gets the matching mask, positions and
+  rotary embeddings, so its KV cache holds only the kept rows;
 * **decode** (and any later call on the same cache): layers of each group get a mask built for their own
   cache length from that group's prompt mask plus the new tokens, and, under ``"compact"`` positions, the
   new tokens' positions minus the visual tokens the group dropped. A method with a decode layer (DyCoke)
   re-selects, at every step, the cached visual rows the layers from there on may attend to.
 
-Layers below the first prune layer are never touched (cache, mask, positions); the adapter arms the hooks per call.
+Layers below the first prune layer are never touched; the adapter arms the hooks per call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from ..contexts import DecodeTokens, LayerTokens, LayerUpdate
 from .llm import Decoder
+from .llm_observe import SubBlockObserver, observed_rows
 from .llm_state import LLMPlan, Prefill, layer_schedule, shorten
 
 
@@ -38,6 +40,7 @@ class LLMHooks:
         self.prune_layers, self.score_layers, self.decode_layer, self.first = layer_schedule(
             method, decoder.num_layers
         )
+        self.observer = SubBlockObserver(decoder, method, lambda: self.call)
         self.handles: list[Any] = []
         self.pending: LLMPlan | None = None
         self.call: Prefill | None = None  # the call in progress
@@ -51,6 +54,7 @@ class LLMHooks:
         for idx in range(self.first, self.decoder.num_layers):
             layer = self.decoder.layers[idx]
             self.handles.append(layer.register_forward_pre_hook(skip(self._layer_hook(idx)), with_kwargs=True))
+        self.handles += self.observer.install(skip)
 
     def uninstall(self) -> None:
         for h in self.handles:
@@ -156,10 +160,7 @@ class LLMHooks:
         visual_rows = [torch.nonzero(call.visual[b] & valid[b]).flatten() for b in range(bsz)]
         real = [torch.nonzero(valid[b]).flatten() for b in range(bsz)]
         last = torch.stack([r[-1] for r in real])
-        text_after = []
-        for b in range(bsz):
-            after = real[b][real[b] > visual_rows[b][-1]] if visual_rows[b].numel() else real[b][:0]
-            text_after.append(after)
+        text_after = [r[r > v[-1]] if v.numel() else r[:0] for r, v in zip(real, visual_rows, strict=True)]
         cos, sin = kwargs["position_embeddings"]
         at = self._inputs(idx, hidden, cos, sin)
         ctx = LayerTokens(
@@ -173,6 +174,7 @@ class LLMHooks:
             _attend=lambda layer, rows: self.decoder.attention_rows(layer, *at(layer), rows),
             _keys=lambda layer: self.decoder.keys(layer, *at(layer)[:3]),
             _norm=self.decoder.final_norm,
+            _observed=lambda: observed_rows(call),
         )
         kept = self.method.prune(ctx)
         if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones
@@ -185,12 +187,11 @@ class LLMHooks:
         if all(d == 0 for d in dropped):
             call.plan.on_prune(call.rows(), idx, time.perf_counter() - start)
             return hidden
-        keep_rows = []
+        drop = torch.zeros(bsz, length, dtype=torch.bool, device=hidden.device)
         for b in range(bsz):
-            drop = torch.zeros(length, dtype=torch.bool, device=hidden.device)
-            drop[visual_rows[b]] = True
-            drop[kept[b]] = False
-            keep_rows.append(torch.nonzero(valid[b] & ~drop).flatten())
+            drop[b, visual_rows[b]] = True
+            drop[b, kept[b]] = False
+        keep_rows = [torch.nonzero(valid[b] & ~drop[b]).flatten() for b in range(bsz)]
         hidden = shorten(call, self.decoder, idx, hidden, keep_rows, dropped, cos, sin)
         call.plan.on_prune(call.rows(), idx, time.perf_counter() - start)
         return hidden
@@ -203,10 +204,7 @@ class LLMHooks:
             call.stash[idx] = (hidden, *kwargs["position_embeddings"], None)
         if selecting and idx == self.decode_layer:
             self._decode_select(idx, hidden)
-        group = None
-        for g in call.groups:
-            if g.start <= idx:
-                group = g
+        group = next((g for g in reversed(call.groups) if g.start <= idx), None)  # the latest group started
         masked = selecting and idx >= self.decode_layer and call.decode_keep is not None
         if group is None and not masked:
             return None

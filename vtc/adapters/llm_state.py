@@ -126,6 +126,7 @@ class Prefill:
         self.removed = torch.zeros(mask2d.shape[0], dtype=torch.long, device=mask2d.device)
         self.groups: list[Group] = []
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.observed: torch.Tensor | None = None  # [B, input rows] summed sub-block observations (llm_observe)
         self.decoding = False
         self.call_mask: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None  # current 1-D positions [B, L] (set at the first hooked layer)

@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     random,
     scope,
     todre,
+    transprune,
     uniform,
     vidcom2,
     vispruner,
