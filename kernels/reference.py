@@ -102,12 +102,16 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[..., :k], dim=-1).values
 
 
-def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
     """Greedy max-min diversity selection on cosine distance (DivPrune; ToDRE v1's k-center).
 
     ``d(i, j) = 1 - cos(x_i, x_j)`` in fp32. Unless ``first`` is given, the first pick is the token whose
     nearest other token is farthest (``argmax_j min_{i != j} d(i, j)``). Each next pick maximises the distance
     to the chosen set; chosen tokens are masked so none repeats. Ties go to the lower index.
+
+    No ``N x N`` matrix: each pick's distance row is computed when it is picked (``O(k N D)`` time, ``O(N)``
+    memory per image), and the first pick's nearest-neighbour distances in blocks of ``chunk`` rows
+    (``O(chunk N)`` memory).
 
     Args:
         x: ``[B, N, D]`` or ``[N, D]``.
@@ -127,15 +131,9 @@ def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) ->
     if k == 0:
         return out[0] if squeeze else out
     xn = normalize(x)
-    dist = 1.0 - xn @ xn.transpose(-1, -2)  # [B, N, N]
     rows = torch.arange(bsz, device=x.device)
     if first is None:
-        if n == 1:
-            cur = torch.zeros(bsz, dtype=torch.long, device=x.device)
-        else:
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
-            nearest = dist.masked_fill(eye, float("inf")).min(dim=-1).values  # [B, N]
-            cur = nearest.argmax(dim=-1)
+        cur = nearest_distance(xn, chunk).argmax(dim=-1) if n > 1 else torch.zeros_like(rows)
     else:
         cur = torch.as_tensor(first, dtype=torch.long, device=x.device).expand(bsz).clone()
     chosen = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
@@ -143,10 +141,24 @@ def greedy_maxmin(x: torch.Tensor, k: int, first: torch.Tensor | None = None) ->
     for step in range(k):
         out[:, step] = cur
         chosen[rows, cur] = True
-        mind = torch.minimum(mind, dist[rows, cur])
+        dist = 1.0 - torch.bmm(xn, xn[rows, cur].unsqueeze(-1)).squeeze(-1)  # [B, N]: the new pick's row
+        mind = torch.minimum(mind, dist)
         if step + 1 < k:
             cur = mind.masked_fill(chosen, float("-inf")).argmax(dim=-1)
     return out[0] if squeeze else out
+
+
+def nearest_distance(xn: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``[B, N]``: each row's cosine distance to its nearest other row (``xn`` unit rows ``[B, N, D]``), in
+    blocks of ``chunk`` rows; NaN propagates like ``torch.min``; ``+inf`` when ``N == 1``."""
+    bsz, n, _ = xn.shape
+    out = torch.empty(bsz, n, dtype=torch.float32, device=xn.device)
+    for s in range(0, n, chunk):
+        block = 1.0 - xn[:, s : s + chunk] @ xn.transpose(-1, -2)  # [B, c, N]
+        idx = torch.arange(s, s + block.shape[1], device=xn.device)
+        block[:, idx - s, idx] = float("inf")  # not its own nearest
+        out[:, s : s + block.shape[1]] = block.min(dim=-1).values
+    return out
 
 
 def weighted_merge(

@@ -162,3 +162,24 @@ def test_first_equal_groups_equal_rows_per_batch_entry_and_skips_invalid_ones():
     assert reference.first_equal(x, valid).tolist() == [[0, 1, 2, 2], [0, 1, 0, 3]]
     value, index = reference.cosine_argmax(x[0], x[0], col_mask=valid[0])
     assert index.tolist() == [2, 1, 2, 2]  # column 0 is masked: its equals answer for it
+
+
+def test_greedy_maxmin_holds_no_n_by_n_buffer():
+    """200,000 tokens: a distance matrix would be 160 GB (fp32), far beyond this machine (24 GB); the rows
+    computed per pick need 0.8 MB each."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 200_000, 4, generator=g)
+    picks = kernels.greedy_maxmin(x, 3, first=torch.tensor([0]))
+    assert picks.shape == (1, 3) and len(set(picks[0].tolist())) == 3
+    xn = reference.normalize(x[0])
+    second = int((1 - xn @ xn[0]).argmax())  # the farthest token from the first pick
+    assert picks[0, :2].tolist() == [0, second]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_nearest_distance_in_blocks_equals_the_dense_rule(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    xn = reference.normalize(torch.randn(2, 17, 5, generator=g))
+    dense = (1 - xn @ xn.transpose(-1, -2)).masked_fill(torch.eye(17, dtype=torch.bool), float("inf")).min(-1).values
+    torch.testing.assert_close(reference.nearest_distance(xn, chunk), dense, rtol=0, atol=1e-6)
+    assert reference.nearest_distance(xn[:, :1], chunk).isinf().all()

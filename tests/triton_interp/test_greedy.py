@@ -57,3 +57,10 @@ def test_dispatched(gen):
     assert dispatch.implementation("greedy_maxmin", torch.device("cpu")) is triton_greedy.greedy_maxmin
     x = torch.randn(2, 50, 16, generator=gen, dtype=torch.bfloat16)
     assert torch.equal(kernels.greedy_maxmin(x, 12), reference.greedy_maxmin(x, 12))
+
+
+def test_no_n_by_n_buffer(gen):
+    """100,000 tokens (a 40 GB distance matrix in fp32): the kernel keeps two [B, N] vectors."""
+    x = torch.randn(1, 100_000, 4, generator=gen)
+    first = torch.tensor([7])
+    assert torch.equal(greedy_maxmin(x, 3, first), reference.greedy_maxmin(x, 3, first))
