@@ -29,9 +29,9 @@ if __name__ == "kernels":  # pragma: no cover - only from a Python started in a 
     else:
         del __file__
 else:
-    from .attention import attention_received, attention_row, head_mean_keys
+    from .attention import attention_row, head_mean_keys
     from .dispatch import Backend, get_backend, set_backend
-    from .ops import cosine_argmax, greedy_maxmin, topk_sorted, weighted_merge
+    from .ops import attention_received, cosine_argmax, greedy_maxmin, topk_sorted, weighted_merge
     from .reference import normalize
 
     __all__ = [

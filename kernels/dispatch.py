@@ -29,6 +29,7 @@ TRITON_OPS: dict[str, str] = {
     "topk_sorted": ".triton_topk:topk_sorted",
     "greedy_maxmin": ".triton_greedy:greedy_maxmin",
     "weighted_merge": ".triton_merge:weighted_merge",
+    "attention_received": ".triton_attention:attention_received",
 }
 
 _warned: set[str] = set()

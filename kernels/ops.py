@@ -38,3 +38,11 @@ def weighted_merge(
 
         return reference.weighted_merge(x, sizes, groups, num_groups)
     return implementation("weighted_merge", x.device)(x, sizes, groups, num_groups)
+
+
+def attention_received(
+    q: torch.Tensor, k: torch.Tensor, heads: str = "mean", num_heads: int | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """Mean over all queries of the attention each key receives, ``[B, T]`` fp32 (``q, k [B, T, H, d]``), with no
+    ``H x T x T`` buffer on either backend (the reference walks query chunks; the kernel recomputes tiles)."""
+    return implementation("attention_received", q.device)(q, k, heads, num_heads, scale)

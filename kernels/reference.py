@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .attention import attention_received  # noqa: F401  (the reference of the attention_received op)
+
 EPS = 1e-12
 
 
