@@ -39,14 +39,23 @@ CASES = [
     ],
     ("triton_topk:_topk_rank_kernel", {"s_ptr": "*bf16", "keep_ptr": "*i8"}, [{"BLOCK_I": 64, "BLOCK_J": 128}], 4),
     ("triton_topk:_topk_emit_kernel", {"keep_ptr": "*i8", "out_ptr": "*i64"}, [{"BLOCK": 1024}], 4),
-    ("triton_greedy:_nearest_kernel", {"dist_ptr": "*fp32", "out_ptr": "*fp32"}, [{"BLOCK_R": 32, "BLOCK_C": 256}], 4),
     (
-        "triton_greedy:_greedy_kernel",
-        {"dist_ptr": "*fp32", "nearest_ptr": "*fp32", "first_ptr": "*i64", "mind_ptr": "*fp32",
-         "chosen_ptr": "*i8", "out_ptr": "*i64"},
-        [{"HAS_FIRST": f, "IN_REGS": r, "BLOCK": 4096} for f in (True, False) for r in (True, False)],
+        "triton_greedy:_step_kernel",
+        {"dist_ptr": "*fp32", "mind_ptr": "*fp32", "chosen_ptr": "*i8", "cur_ptr": "*i64", "out_ptr": "*i64"},
+        [{"BLOCK": 4096}, {"BLOCK": 256}],
         8,
     ),
+    *[
+        (
+            f"triton_attention:{kernel}",
+            {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "scale": "fp32"}
+            | ({"out_ptr": "*fp32"} if kernel == "_colsum_kernel" else {}),
+            [{"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": bd} for bd in (64, 128)],
+            4,
+        )
+        for kernel in ("_lse_kernel", "_colsum_kernel")
+        for dt in ("bf16", "fp32")
+    ],
     (
         "triton_merge:_merge_kernel",
         {"x_ptr": "*bf16", "w_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": "*bf16",
