@@ -200,7 +200,9 @@ class Scorer:
         for s in range(0, len(images), per):
             group = images[s : s + per]
             pictures = [self._image(p) for p in group]
-            inputs = self.processor(text=[head] * len(group), images=pictures, return_tensors="pt", **self.image_kwargs)
+            inputs = self.processor(
+                text=[head] * len(group), images=pictures, return_tensors="pt", **self.image_kwargs
+            )
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             start = self._continue_at(len(group), inputs["input_ids"].shape[1])
             rows = [(g, i) for g, path in enumerate(group) for i in by_image[path]]
