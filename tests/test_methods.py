@@ -218,3 +218,28 @@ def test_hired_allocation_by_hand():
     assert hired_allocation(10, 0.5, early, (4, 4), (2, 2), 16, [1, 16, 16, 16], "code") == [5, 1, 2, 1, 1]
     # crops too small for their share: the rest goes back to the full image
     assert sum(hired_allocation(30, 0.5, early, (4, 4), (2, 2), 16, [2, 2, 2, 2], "code")) == 24
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        m.name for m in vtc.list_methods() if vtc.Stage.PRE_LLM in m.stages and "image" in m.method_class.modalities
+    ),
+)
+def test_a_method_whose_selection_follows_the_prompt_says_so(name):
+    """``reads_prompt`` decides whether one compressed prefix may serve every question about an image (the
+    accuracy runner's shared prefix): a method whose selection changes with the prompt text must declare it."""
+    info = vtc.get_method(name)
+    m = info.method_class(info.config_class(budget=0.25))
+    sigs = {}
+    g = torch.Generator().manual_seed(1)
+    for sig in m.vision_signals(TOWER):
+        shape = (1, 17) if sig.kind in ("cls_attention", "attention_received") else (1, 17, 8)
+        sigs[sig.name] = torch.rand(shape, generator=g)
+    picks = []
+    for seed in range(4):
+        t = torch.Generator().manual_seed(100 + seed)
+        img = image(k=4, signals=sigs, text_embeds=torch.randn(3, 8, generator=t))
+        picks.append(m.reduce(img).index.tolist())
+    if any(p != picks[0] for p in picks):
+        assert info.method_class.reads_prompt, f"{name} selects differently for different prompts"

@@ -94,6 +94,8 @@ def dpp_greedy(features: torch.Tensor, relevance: torch.Tensor, k: int) -> torch
 class CDPruner(Method):
     """Greedy MAP of a DPP over the projected tokens, each weighted by its relevance to the prompt text."""
 
+    reads_prompt = True
+
     def reduce(self, image: ImageTokens) -> Reduction:
         candidates = torch.nonzero(image.layout.is_patch().to(image.tokens.device)).flatten()
         tokens = image.tokens[candidates]
