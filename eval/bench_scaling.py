@@ -13,7 +13,7 @@ given. Per (method, n): the median of ``--repeats`` timed calls and the peak mem
 is fitted on the sizes from 6,272 up (least squares on log-log); a method whose call would exceed
 ``--max-seconds`` or whose peak memory would pass ``--max-gib`` at the next size (extrapolated with the fitted
 exponent of the sizes so far, at least 2 for memory when quadratic) is stopped there and reported as such.
-Writes ``scaling.json``, ``scaling.md`` and ``scaling.png``.
+Writes ``scaling.json``, a markdown table and a plot into ``--out``.
 """
 
 from __future__ import annotations
