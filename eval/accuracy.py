@@ -170,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                 setting = native_setting(model, scorer, items, vtc.keep_count(budget, n_visual))
             except NativeUnavailable as err:
                 skipped[f"{NATIVE}@{budget:g}"] = str(err)
-                bar.update(len(items)) if bar else None
+                if bar:
+                    bar.update(len(items))
                 continue
             scorer.image_kwargs = setting.kwargs
             try:
-                preds = scorer.predict_shared(items, bar.update if bar else None) if shareable else None
-                preds = preds or scorer.predict(items, bar.update if bar else None)
+                update = bar.update if bar else None
+                preds = scorer.predict_shared(items, update) if shareable else scorer.predict(items, update)
             finally:
                 scorer.image_kwargs = {}
             row = {"method": method, "budget": budget, **summarise(items, preds)}

@@ -11,7 +11,8 @@ import math
 import torch
 
 
-def _heads(q: torch.Tensor, num_heads: int | None) -> torch.Tensor:
+def split_heads(q: torch.Tensor, num_heads: int | None) -> torch.Tensor:
+    """``[B, T, H, d]`` as it is, or ``[B, T, H*d]`` viewed as ``[B, T, num_heads, d]``."""
     if q.dim() == 4:
         return q
     if num_heads is None:
@@ -40,7 +41,7 @@ def attention_row(
         ``[B, T]`` fp32 probabilities (each head's row sums to 1 before the reduction; the query's own
         column is included, so drop it *after* the softmax: dropping it before would renormalise the row).
     """
-    q, k = _heads(q, num_heads), _heads(k, num_heads)
+    q, k = split_heads(q, num_heads), split_heads(k, num_heads)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     logits = torch.einsum("bhd,bthd->bht", q[:, query_index].float() * scale, k.float())  # [B, H, T]
@@ -63,7 +64,7 @@ def attention_received(
     Returns:
         ``[B, T]`` fp32, reduced over heads by ``heads``; with ``"mean"`` the scores sum to 1.
     """
-    q, k = _heads(q, num_heads), _heads(k, num_heads)
+    q, k = split_heads(q, num_heads), split_heads(k, num_heads)
     bsz, t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kf = k.float()
@@ -77,4 +78,4 @@ def attention_received(
 
 def head_mean_keys(k: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
     """``[B, T, d]`` keys averaged over heads (VisionZip's similarity metric)."""
-    return _heads(k, num_heads).float().mean(dim=2)
+    return split_heads(k, num_heads).float().mean(dim=2)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import split_heads
 from .triton_common import interpreting, new_empty, pow2_at_least
 
 
@@ -91,11 +92,7 @@ def attention_received(
     """
     if heads not in ("mean", "sum"):
         raise ValueError(f"heads must be 'mean' or 'sum', got {heads!r}")
-    if q.dim() == 3:
-        if num_heads is None:
-            raise ValueError("num_heads is required for [B, T, H*d] inputs")
-        q = q.unflatten(-1, (num_heads, -1))
-        k = k.unflatten(-1, (num_heads, -1))
+    q, k = split_heads(q, num_heads), split_heads(k, num_heads)
     if q.shape != k.shape or q.dim() != 4:
         raise ValueError(f"q and k must both be [B, T, H, d], got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.stride(-1) != 1:

@@ -27,3 +27,18 @@ TOL = {
 @pytest.fixture
 def tol():
     return TOL
+
+
+def load_eval(name: str):
+    """The script ``eval/<name>.py`` as a module (``eval/`` on the path only while it imports its siblings)."""
+    import importlib.util
+
+    eval_dir = Path(_ROOT) / "eval"
+    spec = importlib.util.spec_from_file_location(name, eval_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(eval_dir))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(eval_dir))
+    return module

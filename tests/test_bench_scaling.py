@@ -1,29 +1,15 @@
 """eval/bench_scaling.py: every pre-LLM method runs at its hook point on synthetic inputs of any size, keeps
 exactly k, and the report fits growth exponents from the sizes it measured."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_scaling", ROOT / "eval" / "bench_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
-    return module
+from .conftest import load_eval
 
 
 def test_every_pre_llm_method_runs_on_synthetic_inputs_and_keeps_k(tmp_path):
-    bench = _load()
+    bench = load_eval("bench_scaling")
     methods = bench.pre_llm_methods()
     assert {"divprune", "hired", "visionzip", "cdpruner", "scope", "vispruner"} <= set(methods)
     assert bench.main(["--sizes", "36,64", "--dim", "16", "--repeats", "1", "--out", str(tmp_path)]) == 0
@@ -35,6 +21,6 @@ def test_every_pre_llm_method_runs_on_synthetic_inputs_and_keeps_k(tmp_path):
 
 
 def test_exponent_fit_uses_the_large_sizes():
-    bench = _load()
+    bench = load_eval("bench_scaling")
     assert bench.exponent([(576, 1.0), (6272, 2.0), (25088, 8.0)]) == pytest.approx(1.0)
     assert bench.exponent([(576, 1.0), (2304, 4.0)]) is None  # below the fitting range

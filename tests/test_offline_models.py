@@ -5,7 +5,6 @@ Building a checkpoint takes about a minute (DINOv2 conversion checked against on
 adapters merged); each is built once per test session under ``$VTC_CACHE``.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 
 from vtc.offline import assets
 from vtc.offline.build import VARIANTS, asset_file
+
+from .conftest import load_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = assets.missing_assets()
@@ -37,17 +38,6 @@ def _load(checkpoint: Path):
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(checkpoint)
-
-
-def _load_eval(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +73,7 @@ def test_scenes_checkpoint_is_a_stock_llava_with_144_tokens(scenes_checkpoint):
 
 @trained("scenes")
 def test_scenes_benchmark_smoke_with_shared_prefixes_and_paired_intervals(scenes_checkpoint, tmp_path):
-    accuracy = _load_eval("accuracy")
+    accuracy = load_eval("accuracy")
     args = ["--model", "scenes", "--questions", "10", "--methods", "random,divprune,native", "--budgets", "0.111"]
     assert accuracy.main(args + ["--batch-size", "8", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
@@ -109,7 +99,7 @@ def test_generic_runner_takes_a_users_scenes_jsonl(scenes_checkpoint, tmp_path):
         del r["options"], r["family"], r["id"]
     plain = tmp_path / "data" / "plain.jsonl"
     plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    accuracy = _load_eval("accuracy")
+    accuracy = load_eval("accuracy")
     args = ["--model", str(scenes_checkpoint), "--data", str(plain), "--methods", "pool", "--budgets", "0.25"]
     assert accuracy.main(args + ["--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -150,7 +140,7 @@ def test_videoqa_cli_on_the_video_model_and_generated_clips(video_checkpoint, tm
 
 @trained("video")
 def test_video_benchmark_smoke(video_checkpoint, tmp_path):
-    bench = _load_eval("video_accuracy")
+    bench = load_eval("video_accuracy")
     args = ["--clips", "2", "--methods", "divprune,random", "--budgets", "0.25", "--timed", "1"]
     args += ["--out", str(tmp_path)]
     assert bench.main(args) == 0
