@@ -259,7 +259,9 @@ def train(
     a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
     probability ``args.full_prob``) and at most ``args.max_questions`` of its questions (a ``"describe"``
     question always, but only with every token kept). AdamW with the
-    parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``.
+    parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``. With
+    ``args.bf16`` the language model runs under bfloat16 autocast (about twice the matmul speed of fp32 on CPUs
+    with AVX512-BF16); the trained weights stay fp32 and validation runs in fp32.
     """
     rng = random.Random(args.seed)
     params = [p for g in groups for p in g["params"]]
@@ -295,8 +297,10 @@ def train(
         packed = packer.batch(items)
         for g in opt.param_groups:
             g["lr"] = g["base"] * lr_scale(step)
-        hidden = lm_hidden(model, packed, torch.cat(visual), packed["target_rows"], packer.visual)
-        loss = F.cross_entropy(model.lm_head(hidden), packed["targets"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            hidden = lm_hidden(model, packed, torch.cat(visual), packed["target_rows"], packer.visual)
+            logits = model.lm_head(hidden)
+        loss = F.cross_entropy(logits.float(), packed["targets"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -331,6 +335,9 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--eval-every", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--bf16", type=int, default=0, help="1: bfloat16 autocast for the training steps (weights stay fp32)"
+    )
 
 
 def word_targets(

@@ -86,7 +86,15 @@ def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool 
         log(f"features: loading {path.name}")
         return torch.load(path), qas, items
     start = time.perf_counter()
-    feats = torch.stack([clip_features(model, processor, c.render()) for c in items])
+    # generate(split, n) begins with generate(split, m) for m < n: reuse the largest cached prefix
+    done: list[torch.Tensor] = []
+    for m in range(n - 1, 0, -1):
+        shorter = cache_root() / f"train-video-v{FEATURES_VERSION}-{split}-{m}-{seed}.pt"
+        if shorter.is_file():
+            done = list(torch.load(shorter))
+            log(f"features: the first {m} clips from {shorter.name}")
+            break
+    feats = torch.stack(done + [clip_features(model, processor, c.render()) for c in items[len(done) :]])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)

@@ -116,3 +116,25 @@ def test_written_clips_decode_with_decord_to_the_rendered_frames(tmp_path):
     assert video.frames.shape == (clips.FRAMES, clips.SIZE, clips.SIZE, 3)
     rendered = clips.generate("test", 1)[0].render()
     assert np.abs(video.frames.astype(int) - rendered.astype(int)).mean() < 3  # H.264 at CRF 12
+
+
+def test_training_questions_answer_from_the_clip_and_leave_the_benchmark_alone():
+    from vtc.offline import clips
+
+    plain, dense = clips.generate("train", 30), clips.generate("train", 30, dense=True)
+    when = Counter()
+    for p, c in zip(plain, dense, strict=True):
+        assert c.questions[: len(p.questions)] == p.questions  # the benchmark's questions are unchanged
+        for q in c.questions[len(p.questions) :]:
+            assert q.family in ("colour", "exists", "when", "where") and q.answer in q.options
+            words = q.question.rstrip("?").split()
+            if q.family == "when":
+                frame = 0 if words[-1] == "start" else c.frames - 1
+                assert (_track(c, words[2]).corners[frame] is not None) == (q.answer == "yes")
+                when[q.answer] += 1
+            elif q.family == "where":
+                tr = _track(c, words[3])
+                x, y = tr.corners[0 if words[-1] == "start" else -1]
+                axis = x if q.answer in ("left", "right") else y
+                assert (axis + tr.side / 2 < clips.SIZE / 2) == (q.answer in ("left", "top"))
+    assert when["yes"] and abs(when["yes"] - when["no"]) <= len(dense)  # balanced clip by clip

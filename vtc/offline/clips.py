@@ -50,6 +50,7 @@ FRAMES = 16
 SIZE = 112
 FPS = 8
 DIRECTIONS = ("left", "right", "up", "down")
+WHERE = ("left", "right", "top", "bottom")  # training-only "where" answers
 FAMILIES = ("direction", "order", "change", "event", "count", "static")
 THEMES = FAMILIES[:-1]
 COUNTS = tuple(str(c) for c in range(5))
@@ -287,8 +288,15 @@ def _make_clip(index: int, rng: random.Random, split: str, counters: dict, frame
 
 
 def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
-    """Extra questions for training only: the colour of every object whose kind is unique in the clip and
-    whose colour never changes (family ``"colour"``), and whether a kind appears (``"exists"``, yes and no)."""
+    """Extra questions for training only, the parts the benchmark's temporal questions are made of:
+
+    * ``"colour"``: the colour of every object whose kind is unique in the clip and whose colour never changes;
+    * ``"exists"``: whether a kind appears (yes and no);
+    * ``"when"``: whether each uniquely named object is visible in the first / the last frame (``"Is the 3
+      there at the start?"``), the pieces of order, counting and brief events;
+    * ``"where"``: the side of the frame a mover is on at the start and at the end (``"Where is the 3 at the
+      end?"``: ``left`` / ``right`` / ``top`` / ``bottom``), the pieces of its direction.
+    """
     kinds = [t.kind for t in clip.tracks]
     asked = {q.question for q in clip.questions}
     out = []
@@ -299,7 +307,25 @@ def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
     present, absent = sorted(set(kinds)), [k for k in KINDS if k not in kinds]
     for kind, answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
         out.append(ClipQuestion(f"Is there {_article(kind)} {kind}?", answer, "exists", ("yes", "no")))
-    return out
+    when = {"yes": [], "no": []}
+    for t in clip.tracks:
+        if kinds.count(t.kind) != 1:
+            continue
+        for moment, frame in (("start", 0), ("end", clip.frames - 1)):
+            seen = "yes" if t.corners[frame] is not None else "no"
+            when[seen].append(ClipQuestion(f"Is the {t.kind} there at the {moment}?", seen, "when", ("yes", "no")))
+        moves = {c for c in t.corners if c is not None}
+        if len(moves) > 1:
+            (x0, y0), (x1, y1) = t.corners[0], t.corners[-1]
+            horizontal = x0 != x1
+            for moment, (a, b) in (("start", (x0, y0)), ("end", (x1, y1))):
+                c = a if horizontal else b
+                side = ("left", "right") if horizontal else ("top", "bottom")
+                answer = side[0] if c < SIZE // 2 - t.side // 2 else side[1]
+                out.append(ClipQuestion(f"Where is the {t.kind} at the {moment}?", answer, "where", WHERE))
+    # as many "yes" as "no" (most objects are there at the start and the end), at least one of each
+    n = max(1, len(when["no"]))
+    return out + when["no"] + rng.sample(when["yes"], min(n, len(when["yes"])))
 
 
 def generate(split: str, n_clips: int, seed: int = 0, frames: int = FRAMES, dense: bool = False) -> list[Clip]:
