@@ -6,26 +6,38 @@ import torch
 import vtc
 from vtc.adapters import ADAPTERS
 from vtc.contexts import Stage
+from vtc.stack import Stack, stack_config
 from vtc.testing import FAMILIES, compressed_inputs
 
 from .conftest import TOL
 
-METHODS = [m.name for m in vtc.list_methods()]
+#: stacks (vtc.stack) in the matrix: a merge then a selection, a selection then another that reads vision
+#: signals, and a selection before the LLM with the last cut inside it
+STACKS = ["pool+divprune", "uniform+hired", "divprune+fastv"]
+METHODS = [m.name for m in vtc.list_methods()] + STACKS
 PRE_LLM = [m.name for m in vtc.list_methods() if Stage.PRE_LLM in m.stages]
 #: stages after which the LLM receives exactly k tokens per image (VISION_MERGE: the tower outputs them)
 BEFORE_LLM = {Stage.PRE_LLM, Stage.VISION_MERGE}
 
 
-def _llm_stage_active(info, num_layers=4) -> bool:
-    impl = info.method_class(info.config_class())
+def _impl(method: str):
+    """The method (or stack) ``vtc.compress`` builds for a matrix entry, with its default options."""
+    if "+" in method:
+        return Stack(stack_config(method.split("+"), 0.25, {}))
+    info = vtc.get_method(method)
+    return info.method_class(info.config_class())
+
+
+def _llm_stage_active(method: str, num_layers=4) -> bool:
+    impl = _impl(method)
     return bool(impl.llm_prune_layers(num_layers) or impl.llm_decode_layers(num_layers))
 
 
 #: methods whose whole effect is before the LLM on the tiny 4-layer models (checked against the stock model)
-PRE_LLM_ONLY = [m.name for m in vtc.list_methods() if BEFORE_LLM & set(m.stages) and not _llm_stage_active(m)]
+PRE_LLM_ONLY = [m for m in METHODS if BEFORE_LLM & set(_impl(m).stages) and not _llm_stage_active(m)]
 #: budget per method in the matrix (DyCoke keeps one frame in two whole: it cannot go below ~50 % on 2 frames)
 BUDGET = {"dycoke": 0.5}
-ATTENTION_METHODS = [m.name for m in vtc.list_methods() if {Stage.VISION, Stage.LLM_LAYER} & set(m.stages)]
+ATTENTION_METHODS = [m for m in METHODS if {Stage.VISION, Stage.LLM_LAYER} & set(_impl(m).stages)]
 BATCH = ((3, 4), (6, 2))  # two samples with different prompt lengths (so one is padded)
 
 
@@ -47,10 +59,10 @@ def _applicable(request):
     family = request.node.callspec.params.get("family") if hasattr(request.node, "callspec") else None
     if not (method and family):
         return
-    info = vtc.get_method(method)
-    if FAMILIES[family].modality not in info.method_class.modalities:
-        pytest.skip(f"{method} takes {info.method_class.modalities} inputs")
-    missing = set(info.stages) - ADAPTERS[FAMILIES[family].model_type].stages
+    impl = _impl(method)
+    if FAMILIES[family].modality not in impl.modalities:
+        pytest.skip(f"{method} takes {impl.modalities} inputs")
+    missing = set(impl.stages) - ADAPTERS[FAMILIES[family].model_type].stages
     if missing:
         pytest.skip(f"{method} acts at {sorted(s.value for s in missing)}, which {family} does not provide")
 
@@ -81,17 +93,21 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
     finally:
         handle.remove()
     ph = model.config.image_token_id
-    info = vtc.get_method(method)
-    pre_llm = bool(BEFORE_LLM & set(info.stages))
-    extra_newlines = info.method_class.default_newlines == "keep_rows"  # separators kept on top of k
+    impl = _impl(method)
+    # the budget counts before the LLM, unless the last cut is inside it (FastV; a stack ending with FastV)
+    pre_llm = bool(BEFORE_LLM & set(impl.stages)) and not getattr(impl, "cuts_in_llm", False)
+    extra_newlines = impl.default_newlines == "keep_rows"  # separators kept on top of k
     for im in rec.images:
         k = vtc.keep_count(budget, im.num_input)
-        assert list(im.counts)[:2] == ["input", "pre_llm"]
+        earlier = [c for c in im.counts if c.startswith("pre_llm:")]  # a stack's earlier members
+        assert [c for c in im.counts if c not in earlier][:2] == ["input", "pre_llm"]
+        assert earlier == ([f"pre_llm:{m.name}" for m in impl.before[:-1]] if isinstance(impl, Stack) else [])
         kept_newlines = im.newlines.get("pre_llm", 0) if extra_newlines else 0
         if pre_llm:
             assert im.counts["pre_llm"] == k + kept_newlines
         else:
-            assert im.counts["pre_llm"] == im.num_input
+            reach = impl.prompt_count(im.num_input) if isinstance(impl, Stack) else im.num_input
+            assert im.counts["pre_llm"] == reach
             assert list(im.counts.values())[-1] == k  # after the last stage
         assert len(im.kept) == im.counts["pre_llm"]
     fed = seen["ids"]

@@ -100,3 +100,20 @@ def test_hired_splits_the_budget_across_partitions(model):
     early = vtc.kernels.attention_row(captured["q"], captured["k"], 0, "sum", num_heads=4)[0, 1:]
     caps = [sum(1 for p, s in zip(im.partition, im.slot, strict=True) if p == q and s >= 0) for q in range(5)]
     assert per_partition == hired_allocation(k, 0.5, early, (4, 4), (2, 2), caps[0], caps[1:], "code")
+
+
+@pytest.mark.parametrize("method", ["pool", "uniform"])
+@pytest.mark.parametrize("budget", [0.5, 0.75, 24])
+def test_grid_baselines_cover_unpadded_crops_at_any_budget(model, method, budget):
+    """Unpadding removes whole rows or columns of a crop grid: pool and uniform cover the rows and columns
+    that are left (they used to place regions on removed cells and fail above about a quarter of the tokens)."""
+    inputs = llava_next_inputs(model, ((3, 4), (6, 2)), padding_side="left")
+    with vtc.compressed(model, method, budget=budget):
+        with torch.no_grad():
+            model(**inputs)
+        rec = vtc.last_record(model)
+    for im in rec.images:
+        assert im.counts["pre_llm"] == vtc.keep_count(budget, im.num_input)
+        groups = torch.tensor(im.groups)
+        sizes = torch.bincount(groups[groups >= 0])
+        assert len(sizes) == len(im.kept) and int(sizes.min()) >= 1

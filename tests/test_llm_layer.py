@@ -21,11 +21,19 @@ LLM_METHODS = {
     "todre": {"layer": 2, "tau": 1.0},  # tau=1 makes stage 2 fire on the tiny model
     "todre-kept": {"layer": 2, "tau": 0.0},  # stage 2 never fires: visual tokens stay to the end
     "holitom": {},  # outer merge, then the inner merge at layer round(4 * 18 / 28) = 3
+    "divprune+fastv": {},  # a stack: DivPrune before the LLM, FastV's last cut inside it
 }
 #: in-LLM methods covered elsewhere: DyCoke's decode-time selection (test_video_mergers.py)
 DECODE_TIME = {"dycoke"}
+
+
 #: the ones that take images (the tests below that use the tiny LLaVA-1.5)
-IMAGE_METHODS = sorted(n for n in LLM_METHODS if "image" in vtc.get_method(n.split("-")[0]).method_class.modalities)
+def _modalities(method: str) -> tuple[str, ...]:
+    parts = [vtc.get_method(m).method_class.modalities for m in method.split("+")]
+    return tuple(x for x in parts[0] if all(x in p for p in parts))
+
+
+IMAGE_METHODS = sorted(n for n in LLM_METHODS if "image" in _modalities(n.split("-")[0]))
 BATCH = ((3, 4), (6, 2))
 
 
@@ -35,7 +43,7 @@ def _opts(name):
 
 def test_every_llm_layer_method_is_covered():
     registered = {m.name for m in vtc.list_methods() if Stage.LLM_LAYER in m.stages}
-    assert registered == {n.split("-")[0] for n in LLM_METHODS} | DECODE_TIME
+    assert registered == {n.split("-")[0] for n in LLM_METHODS if "+" not in n} | DECODE_TIME
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +62,8 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
     that apply the same kept set (the prefill's selection replayed)."""
     method, opts = _opts(name)
     tiny = FAMILIES[family]
-    if tiny.modality not in vtc.get_method(method).method_class.modalities:
-        pytest.skip(f"{method} takes {vtc.get_method(method).method_class.modalities} inputs")
+    if tiny.modality not in _modalities(method):
+        pytest.skip(f"{method} takes {_modalities(method)} inputs")
     if Stage.LLM_LAYER not in ADAPTERS[tiny.model_type].stages:
         pytest.skip(f"{family} has no LLM-layer hook point")
     model = tiny.build(seed=4)
@@ -117,6 +125,8 @@ def test_kv_cache_lengths_per_layer(model, name):
         assert lengths == [length, length, length - 12, length - 12]
     if name == "todre":
         assert lengths == [length - 12] * 3 + [length - 16]  # stage 2 dropped all 4 visual tokens
+    if name == "divprune+fastv":  # 8 of 16 reach the LLM (the geometric share), FastV keeps k = 4 of the 16
+        assert lengths == [length - 8, length - 8, length - 12, length - 12]
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)

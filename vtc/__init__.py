@@ -24,6 +24,7 @@ from .contexts import ImageTokens, Layout, Reduction, Stage, VisionSignal  # noq
 from .method import Method  # noqa: E402
 from .record import ImageRecord, Record, SampleRecord  # noqa: E402
 from .registry import get_method, register_method  # noqa: E402
+from .stack import StackConfig  # noqa: E402
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -48,4 +49,5 @@ __all__ = [
     "Layout",
     "ImageTokens",
     "Reduction",
+    "StackConfig",
 ]

@@ -16,6 +16,7 @@ from .record import Record
 from .registry import MethodInfo, get_method
 from .registry import list_methods as _list_methods
 from .session import Session
+from .stack import Stack, StackConfig, stack_config
 
 #: The method used when ``method`` is omitted. DivPrune: it needs nothing but the projected visual tokens,
 #: so it works on every family, image and video, with the model on SDPA/FlashAttention and no text; it is
@@ -28,50 +29,58 @@ _SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictio
 _RESTORED: weakref.WeakKeyDictionary[nn.Module, Record] = weakref.WeakKeyDictionary()
 
 
-def _build_config(method: str | MethodConfig | None, budget: Any, options: dict[str, Any]) -> MethodConfig:
+def _build_config(method: Any, budget: Any, options: dict[str, Any]) -> MethodConfig:
     if isinstance(method, MethodConfig):
         if options:
             raise TypeError(f"pass options inside the config object, not as keywords: {sorted(options)}")
-        get_method(method.method)  # registered?
+        if not isinstance(method, StackConfig):
+            get_method(method.method)  # registered?
         return method
+    if isinstance(method, list | tuple):
+        return stack_config(method, budget, options)
+    if isinstance(method, str) and "+" in method:  # "pool+divprune": the same stack, as one string
+        return stack_config(method.split("+"), budget, options)
     if method is not None and not isinstance(method, str):
-        raise TypeError(f"method must be a method name or a config object, got {type(method).__name__}")
+        raise TypeError(
+            f"method must be a method name, a list of them (a stack) or a config object, got {type(method).__name__}"
+        )
     info = get_method(DEFAULT_METHOD if method is None else method)
     check_options(info.config_class, options)
     return info.config_class(budget=budget, **options)
 
 
-def compress(
-    model: nn.Module, method: str | MethodConfig | None = None, budget: Any = 0.2, **options: Any
-) -> nn.Module:
+def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options: Any) -> nn.Module:
     """Compress the visual tokens of ``model`` in place and return the same object.
 
     Args:
         model: a stock Hugging Face VLM (see ``vtc.adapters.ADAPTERS`` for the supported model types), or a
             standalone timm / open_clip vision transformer (token merging in its blocks: ``method="tome"``).
-        method: a registered method name (``vtc.list_methods()``), a method config object, or None for
+        method: a registered method name (``vtc.list_methods()``), a method config object, a list of names or
+            configs, or names joined by ``+`` (a stack of methods at successive hook points, :mod:`vtc.stack`), or
+            None for
             :data:`DEFAULT_METHOD`.
         budget: float in (0, 1] (fraction of visual tokens kept) or int >= 1 (tokens kept per image).
-        **options: method options (fields of the method's config dataclass).
+        **options: method options (fields of the method's config dataclass; for a stack, its own: ``keep``,
+            ``positions``, ``newlines``).
 
     Compressing a model that is already compressed warns and replaces the previous compression.
     Nothing about the model changes when an argument is invalid.
     """
     config = _build_config(method, budget, options)
-    info = get_method(config.method)
+    instance = Stack(config) if isinstance(config, StackConfig) else get_method(config.method).method_class(config)
     adapter = adapter_for(model)
-    missing = set(info.stages) - set(adapter.stages)
+    missing = set(instance.stages) - set(adapter.stages)
     if missing:
         raise ValueError(
-            f"method {info.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} adapter "
-            f"does not provide"
+            f"method {instance.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} "
+            f"adapter does not provide"
         )
-    session = Session(model, adapter, info.method_class(config), config)
+    session = Session(model, adapter, instance, config)
     _RESTORED.pop(model, None)
     if model in _SESSIONS:
         previous = _SESSIONS[model]
         warnings.warn(
-            f"model is already compressed with {previous.method.name!r}; replacing it with {info.name!r} "
+            f"model is already compressed with {previous.method.name!r}; replacing it with {instance.name!r} "
             f"(call vtc.restore(model) first to silence this)",
             UserWarning,
             stacklevel=2,

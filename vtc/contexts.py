@@ -254,12 +254,15 @@ class Reduction:
         groups: ``[n]`` output row each input token ended in, -1 if dropped. None means "kept tokens map to
             themselves, the rest are dropped".
         scores: ``[n]`` the per-token scores the method ranked by (fp32), for the record.
+        stages: tokens left after each earlier stage of a stack (:mod:`vtc.stack`), by member name, for the
+            record; None for a single method.
     """
 
     index: torch.Tensor
     tokens: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    stages: dict[str, int] | None = None
 
     @classmethod
     def keep(cls, index: torch.Tensor, scores: torch.Tensor | None = None) -> Reduction:
@@ -281,7 +284,34 @@ class Reduction:
         if self.scores is not None:
             scores = torch.full((n,), float("nan"), device=self.scores.device)
             scores[index.to(self.scores.device)] = self.scores.float()
-        return Reduction(index=anchors, tokens=self.tokens, groups=groups, scores=scores)
+        return Reduction(index=anchors, tokens=self.tokens, groups=groups, scores=scores, stages=self.stages)
+
+    def then(self, second: Reduction, n: int) -> Reduction:
+        """This reduction of ``n`` tokens followed by ``second``, computed on this one's output tokens.
+
+        Anchors chain (an output token stands where its anchor's anchor stood), merge groups compose (an input
+        token ends in the row its row ended in), and features are ``second``'s merged tokens, or this one's
+        tokens it kept. Scores are ``second``'s on the input tokens this one kept as they were (a selection),
+        else this one's.
+        """
+        first_groups = self.resolve_groups(n)
+        second_groups = second.resolve_groups(int(self.index.numel())).to(first_groups.device)
+        groups = torch.where(first_groups >= 0, second_groups[first_groups.clamp_min(0)], first_groups)
+        picked = second.index.to(self.index.device)
+        index = torch.where(picked >= 0, self.index[picked.clamp_min(0)], picked)
+        if second.tokens is not None:
+            tokens = second.tokens
+        elif self.tokens is not None:
+            tokens = self.tokens[picked.to(self.tokens.device)]
+        else:
+            tokens = None
+        scores = self.scores
+        if self.tokens is None and second.scores is not None:
+            scores = torch.full((n,), float("nan"), device=second.scores.device)
+            scores[self.index.to(scores.device)] = second.scores.float()
+        return Reduction(
+            index=index, tokens=tokens, groups=None if tokens is None else groups, scores=scores, stages=self.stages
+        )
 
     def reordered(self, order: torch.Tensor, n: int) -> Reduction:
         """The same reduction of ``n`` input tokens with its output tokens in ``order`` (a permutation of ``k``)."""
@@ -291,7 +321,7 @@ class Reduction:
         groups = self.resolve_groups(n)
         groups = torch.where(groups >= 0, inverse.to(groups.device)[groups.clamp_min(0)], groups)
         tokens = None if self.tokens is None else self.tokens[order.to(self.tokens.device)]
-        return Reduction(index=self.index[order], tokens=tokens, groups=groups, scores=self.scores)
+        return Reduction(index=self.index[order], tokens=tokens, groups=groups, scores=self.scores, stages=self.stages)
 
     def resolve_groups(self, n: int) -> torch.Tensor:
         if self.groups is not None:
@@ -314,6 +344,9 @@ class LayerTokens:
         n_input: per sample, visual tokens the LLM received at layer 0.
         last: ``[B]`` row of each sample's last prompt token.
         text_after: per sample, rows of prompt text after its last visual token.
+        n_original: per sample, visual tokens the uncompressed model would feed (before any stage; equal to
+            ``n_input`` unless a stage before the LLM removed some). A stack (:mod:`vtc.stack`) counts its last
+            in-LLM stage from it.
     """
 
     layer: int
@@ -327,6 +360,7 @@ class LayerTokens:
     _keys: Callable[[int], torch.Tensor] | None = None
     _norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     _observed: Callable[[], torch.Tensor] | None = None
+    n_original: list[int] | None = None
 
     def observed(self) -> torch.Tensor:
         """``[B, L]`` per current row, the sum of what the method's :meth:`~vtc.method.Method.observe` returned

@@ -39,8 +39,9 @@ def per_partition_counts(layout: Layout, k: int) -> list[int]:
 def grid_regions(layout: Layout, k: int) -> list[tuple[int, torch.Tensor]]:
     """``k`` regions over the partition grids: per region ``(anchor token, member tokens)``.
 
-    The anchor is the token at the region's centre (rounding up-left). Grid cells not fed to the LLM
-    (unpadded away) are skipped; a region left with no member is dropped by the caller's count check.
+    The anchor is the token at the region's centre (rounding up-left). Regions cover the rectangle of grid
+    cells fed to the LLM (LLaVA-NeXT's unpadding removes whole rows or columns of a crop grid); a grid whose
+    fed cells are not a rectangle (tokens removed by an earlier stage) must leave no region empty.
     """
     regions = []
     for p, kp in enumerate(per_partition_counts(layout, k)):
@@ -48,9 +49,18 @@ def grid_regions(layout: Layout, k: int) -> list[tuple[int, torch.Tensor]]:
             continue
         rows, cols = layout.grids[p]
         tokens = layout.partition_tokens(p).view(rows, cols)
+        fed_rows = torch.nonzero((tokens >= 0).any(1)).flatten()
+        fed_cols = torch.nonzero((tokens >= 0).any(0)).flatten()
+        tokens = tokens[int(fed_rows[0]) : int(fed_rows[-1]) + 1, int(fed_cols[0]) : int(fed_cols[-1]) + 1]
+        rows, cols = tokens.shape
         for r0, r1, c0, c1 in band_cells(rows, cols, kp):
             members = tokens[r0:r1, c0:c1].flatten()
             members = members[members >= 0]
+            if members.numel() == 0:
+                raise ValueError(
+                    f"grid {p} has too few tokens left in places to cover it with {kp} regions (its tokens are not "
+                    f"a full rectangle); pool or sample a full grid, e.g. first in a stack"
+                )
             anchor = tokens[(r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2]
             regions.append((int(anchor) if anchor >= 0 else int(members[0]), members))
     return regions

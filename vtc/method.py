@@ -55,6 +55,11 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    def prompt_count(self, n: int) -> int:
+        """Tokens of an image of ``n`` the ``PRE_LLM`` stage keeps: the budget's ``k`` (a stack: the count its
+        members before the LLM reach, when an in-LLM member makes the last cut)."""
+        return keep_count(self.config.budget, n)
+
     def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
         """Signals the adapter must capture inside the vision tower for this configuration and tower."""
         return ()

@@ -43,7 +43,8 @@ class ImageRecord(_Plain):
         kept: for each token fed to the LLM, in LLM order, the input token it stands at (-1: no source token).
         groups: per input token, the output row it ended in (-1: dropped). Merged tokens share a row.
         scores: per input token, the score the method ranked by (None if it used none).
-        counts: tokens per stage, e.g. ``{"input": 576, "pre_llm": 144, "llm_layer_2": 72}``.
+        counts: tokens per stage, e.g. ``{"input": 576, "pre_llm": 144, "llm_layer_2": 72}``; a stack's earlier
+            members before the LLM as ``"pre_llm:<member>"`` (``{"input": 576, "pre_llm:pool": 144, "pre_llm": 64}``).
         layers: for in-LLM stages, the input tokens still present from each prune layer on (key: layer).
     """
 
@@ -319,7 +320,9 @@ def _image_record(image: ImageTokens, red: Reduction | None) -> ImageRecord:
         kept=kept,
         groups=groups,
         scores=scores,
-        counts={"input": n, "pre_llm": len(kept)},
+        counts={"input": n, **{f"pre_llm:{name}": c for name, c in (red.stages or {}).items()}, "pre_llm": len(kept)}
+        if red is not None
+        else {"input": n, "pre_llm": n},
         newlines=_newline_counts(image, kept),
         modality=image.modality,
         arrangement=list(image.layout.arrangement) if image.layout.arrangement else None,

@@ -2,8 +2,9 @@
 
 For every image (or video) the adapter encoded, :class:`Reducer`
 
-1. takes the keep count ``k`` from :mod:`vtc.budget` (an image already merged inside the vision tower keeps
-   what the tower left);
+1. takes the keep count ``k`` from the method's :meth:`~vtc.method.Method.prompt_count` (:mod:`vtc.budget`;
+   a stack's count before its in-LLM stage; an image already merged inside the vision tower keeps what the
+   tower left);
 2. passes an image with ``k == n`` through untouched (None), which is what makes ``budget=1.0`` exact;
 3. runs the method's ``PRE_LLM`` callback under the newline policy (:attr:`vtc.config.MethodConfig.newlines`);
 4. checks that exactly ``k`` tokens with valid anchors came back.
@@ -50,7 +51,7 @@ class Reducer:
                 check_reduction(self.method.name, image.n, image.k, merged)
                 reductions.append(merged)
                 continue
-            image.k = keep_count(self.config.budget, image.n) if pre_llm else image.n
+            image.k = self.method.prompt_count(image.n) if pre_llm else image.n
             reductions.append(None if image.k >= image.n else self.reduce(image))
         return reductions
 
@@ -92,7 +93,7 @@ def keep_rows(red: Reduction, newline: torch.Tensor, tokens: torch.Tensor) -> Re
     if red.tokens is None:
         index = torch.cat([red.index, extra])
         ascending = bool((red.index[1:] > red.index[:-1]).all())
-        return Reduction(index=torch.sort(index).values if ascending else index, scores=red.scores)
+        return Reduction(index=torch.sort(index).values if ascending else index, scores=red.scores, stages=red.stages)
     groups = groups.clone()
     groups[extra] = red.index.numel() + torch.arange(extra.numel(), device=groups.device)
     return Reduction(
@@ -100,6 +101,7 @@ def keep_rows(red: Reduction, newline: torch.Tensor, tokens: torch.Tensor) -> Re
         tokens=torch.cat([red.tokens, tokens[extra].to(red.tokens.dtype)]),
         groups=groups,
         scores=red.scores,
+        stages=red.stages,
     )
 
 

@@ -175,6 +175,7 @@ class LLMHooks:
             _keys=lambda layer: self.decoder.keys(layer, *at(layer)[:3]),
             _norm=self.decoder.final_norm,
             _observed=lambda: observed_rows(call),
+            n_original=None if call.plan.n_original is None else [int(n) for n in call.plan.n_original.tolist()],
         )
         kept = self.method.prune(ctx)
         if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones

@@ -33,6 +33,8 @@ class LLMPlan:
     #: copies of every sample in the LLM's batch (``generate`` with ``num_beams`` / ``num_return_sequences``
     #: repeats each prompt after vtc planned it)
     copies: int = 1
+    #: ``[B]`` per sample, visual tokens the uncompressed model would feed (None: what ``visual`` holds)
+    n_original: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -44,9 +46,11 @@ class LLMPlan:
         positions: str,
         side: str,
         on_prune: Callable[[RowView, int, float], None],
+        sizes: Sequence[int] | None = None,
     ) -> LLMPlan:
         """The plan of a prompt whose visual rows are ``visual [B, L]``: image ``j`` (placeholder run starting at
-        ``spans[j] = (sample, start)``) fills its sample's next visual rows with its tokens ``kept[j]``."""
+        ``spans[j] = (sample, start)``) fills its sample's next visual rows with its tokens ``kept[j]``
+        (``sizes[j]``: its token count before any stage)."""
         row_image = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
         row_token = torch.full_like(row_image, -1)
         cursor = [0] * visual.shape[0]
@@ -58,7 +62,12 @@ class LLMPlan:
             row_token[b, r] = kept[j].to(visual.device)
             cursor[b] += len(kept[j])
         source = torch.tensor(sources, device=visual.device)
-        return cls(visual, source, row_image, row_token, positions, side, on_prune)
+        original = None
+        if sizes is not None:
+            original = torch.zeros(visual.shape[0], dtype=torch.long)
+            for (b, _), size in zip(spans, sizes, strict=True):
+                original[b] += size
+        return cls(visual, source, row_image, row_token, positions, side, on_prune, n_original=original)
 
     def expanded(self, batch: int) -> LLMPlan:
         """The plan of a batch of ``batch`` rows in which every planned sample appears ``batch / B`` times in a
@@ -83,6 +92,7 @@ class LLMPlan:
             row_image=rep(self.row_image),
             row_token=rep(self.row_token),
             copies=self.copies * copies,
+            n_original=None if self.n_original is None else rep(self.n_original),
         )
 
 

@@ -243,16 +243,15 @@ class VLMAdapter(Adapter):
         """Arm the LLM-layer hooks for the coming prefill: where each image's rows sit in ``out``'s sequence."""
         if self.llm is None:
             return
-        ids = out["input_ids"]
+        images = encoded.images
         kept = [
-            torch.arange(im.n) if red is None else red.index.cpu()
-            for im, red in zip(encoded.images, reductions, strict=True)
+            torch.arange(im.n) if red is None else red.index.cpu() for im, red in zip(images, reductions, strict=True)
         ]
         side = padding_side(out.get("attention_mask"), for_generate)
-        plan = LLMPlan.build(
-            self.visual_rows(ids), encoded.spans, kept, sources, positions, side, self.recorder.on_prune
+        rows, sizes = self.visual_rows(out["input_ids"]), [im.n for im in images]
+        self.llm.pending = LLMPlan.build(
+            rows, encoded.spans, kept, sources, positions, side, self.recorder.on_prune, sizes
         )
-        self.llm.pending = plan
 
     def end_call(self) -> None:
         """A routed call finished (or failed): no prefill is pending any more."""

@@ -1,0 +1,154 @@
+"""Stacks of methods under one budget (vtc.stack): stage sizes, composition, record, config, errors.
+
+The invariant matrix (tests/test_invariants.py) runs three stacks on every family; the in-LLM one is also in
+tests/test_llm_layer.py (cached decode equals cache-free forwards, KV-cache lengths per layer).
+"""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import vtc
+from vtc.contexts import ImageTokens, Layout
+from vtc.registry import get_method
+from vtc.stack import Stack, StackConfig, stack_config
+from vtc.testing import llava_inputs, tiny_llava
+
+
+def _image(rows=8, cols=8, k=4, dim=16, seed=0) -> ImageTokens:
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    return ImageTokens(
+        tokens=torch.randn(n, dim, generator=g),
+        layout=Layout.grid(rows, cols),
+        k=k,
+        vision_tokens=torch.randn(n, dim, generator=g),
+        text_ids=torch.zeros(0, dtype=torch.long),
+        text_embeds=torch.zeros(0, dim),
+        project=lambda x: x,
+    )
+
+
+def _alone(name: str, image: ImageTokens, k: int):
+    info = get_method(name)
+    return info.method_class(info.config_class()).reduce(dataclasses.replace(image, k=k))
+
+
+def test_default_stage_sizes_are_geometric_and_keep_sets_them():
+    stack = Stack(stack_config(["pool", "divprune"], 0.1, {}))
+    # two cuts from 576 to k = 58: floor(576 * (58 / 576) ** 0.5) = 182 after pooling
+    assert stack._schedule(576, 58, 2) == [182, 58]
+    assert stack.prompt_count(576) == 58  # the last member acts before the LLM: the budget counts there
+    kept = Stack(stack_config(["pool", "divprune"], 0.1, {"keep": (0.5,)}))
+    assert kept._schedule(576, 58, 2) == [288, 58]
+    tight = Stack(stack_config(["pool", "divprune"], 0.1, {"keep": (0.01,)}))
+    assert tight._schedule(576, 58, 2) == [58, 58]  # never below k
+    inner = Stack(stack_config(["divprune", "fastv"], 0.1, {}))
+    assert inner.cuts_in_llm and inner.prompt_count(576) == 182  # FastV makes the last cut, to 58, in the LLM
+    three = Stack(stack_config(["pool", "uniform", "divprune"], 64, {}))
+    assert three._schedule(576, 64, 3) == [276, 133, 64]  # floor(576 * (1 / 9) ** (s / 3))
+
+
+def test_a_selection_after_a_selection_is_the_second_on_the_first_ones_tokens():
+    image = _image(k=4)
+    red = Stack(stack_config(["uniform", "divprune"], 4, {})).reduce(image)
+    first = _alone("uniform", image, 16)  # 64 -> 16 (geometric), then 16 -> 4
+    second = _alone("divprune", image.subset(first.index), 4)
+    assert red.index.tolist() == first.index[second.index].tolist()
+    assert red.tokens is None and red.stages == {"uniform": 16}
+
+
+def test_a_selection_after_a_merge_picks_merged_tokens_and_groups_compose():
+    image = _image(k=4)
+    red = Stack(stack_config(["pool", "divprune"], 4, {})).reduce(image)
+    pooled = _alone("pool", image, 16)
+    on_pooled = dataclasses.replace(image.subset(pooled.index), tokens=pooled.tokens, vision_tokens=None)
+    picked = _alone("divprune", on_pooled, 4)
+    assert torch.equal(red.tokens, pooled.tokens[picked.index])
+    assert red.index.tolist() == pooled.index[picked.index].tolist()
+    groups = red.resolve_groups(image.n)
+    for row in range(4):  # each kept token: the mean of the 2 x 2 region that ended in it (pool's default space)
+        members = torch.nonzero(groups == row).flatten()
+        assert members.numel() == 4
+        torch.testing.assert_close(red.tokens[row], image.vision_tokens[members].mean(0))
+    assert int((groups >= 0).sum()) == 16  # the other 12 regions were dropped
+
+
+def test_record_lists_every_stage_and_the_config_round_trips():
+    model = tiny_llava(seed=4)
+    inputs = llava_inputs(model, ((3, 4),), padding_side="left")
+    with vtc.compressed(model, ["pool", "uniform", "divprune"], budget=2):
+        model(**inputs)
+        rec = vtc.last_record(model)
+    (im,) = rec.images
+    assert im.counts == {"input": 16, "pre_llm:pool": 8, "pre_llm:uniform": 4, "pre_llm": 2}  # 16 (2 / 16) ** (s / 3)
+    assert rec.method == "pool+uniform+divprune"
+    config = StackConfig.from_dict(json.loads(json.dumps(rec.config)))
+    assert config.to_dict() == rec.config
+    assert [m.method for m in config.members] == ["pool", "uniform", "divprune"] and config.budget == 2
+    with vtc.compressed(model, "divprune+fastv", budget=0.25):
+        model(**inputs)
+        assert vtc.last_record(model).images[0].counts == {"input": 16, "pre_llm": 8, "llm_layer_2": 4}
+
+
+def test_string_list_and_config_forms_agree_and_deepcopy_keeps_the_stack():
+    model = tiny_llava(seed=4)
+    inputs = llava_inputs(model, ((3, 4), (6, 2)), padding_side="left")
+    outs = []
+    members = (get_method("pool").config_class(), get_method("divprune").config_class())
+    config = StackConfig(budget=0.25, members=members)
+    for form in ("pool+divprune", ["pool", "divprune"], config):
+        with vtc.compressed(model, form, budget=0.25), torch.no_grad():
+            outs.append(model(**inputs).logits)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    vtc.compress(model, "pool+divprune", budget=0.25)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, outs[0])
+    assert vtc.session_of(twin).method.name == "pool+divprune"
+    vtc.restore(model)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "match"),
+    [
+        (["divprune"], {}, ValueError, "at least two"),
+        (["tome", "divprune"], {}, ValueError, "inside the vision tower"),
+        (["fastv", "divprune"], {}, ValueError, "put it last"),
+        (["holitom", "fastv"], {}, ValueError, "put it last"),
+        (["dycoke", "pool"], {}, ValueError, "put it last"),
+        (["pool", "nope"], {}, ValueError, "unknown method 'nope'"),
+        (["pool", "divprune"], {"keep": (0.5, 0.2)}, ValueError, "1 values"),
+        (["pool", "divprune"], {"keep": (2.0,)}, ValueError, "fractions"),
+        (["pool", "divprune"], {"layer": 2}, TypeError, "unknown option"),
+    ],
+)
+def test_bad_stacks_fail_before_the_model_is_touched(method, options, error, match):
+    model = tiny_llava(seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        vtc.compress(model, method, budget=0.25, **options)
+    assert not vtc.is_compressed(model) and type(model).__name__ == "LlavaForConditionalGeneration"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_member_options_go_in_member_configs_and_member_policies_are_refused():
+    fastv = get_method("fastv").config_class(layer=3)
+    stack = Stack(stack_config(["divprune", fastv], 0.25, {}))
+    assert stack.llm_prune_layers(4) == (3,)
+    with pytest.raises(ValueError, match="not on its member"):
+        stack_config(["divprune", get_method("fastv").config_class(positions="compact")], 0.25, {})
+
+
+def test_a_member_whose_tokens_have_no_source_must_be_last():
+    model = tiny_llava(seed=4)
+    inputs = llava_inputs(model, ((3, 4),), padding_side="left")
+    with vtc.compressed(model, ["visionzip", "divprune"], budget=0.25):
+        with pytest.raises(ValueError, match="put 'visionzip' last"):
+            model(**inputs)
+    with vtc.compressed(model, ["divprune", "visionzip"], budget=0.25):  # last: fine
+        model(**inputs)
+        assert vtc.last_record(model).images[0].counts["pre_llm"] == 4
