@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the question order / scenes test set")
     p.add_argument(
-        "--methods", default="all", help=f"comma-separated, or 'all': {[m.name for m in vtc.list_methods()]}"
+        "--methods",
+        default="all",
+        help=f"comma-separated (a stack as 'a+b'), or 'all': {[m.name for m in vtc.list_methods()]}",
     )
     p.add_argument("--budgets", type=_floats, default=list(BUDGETS), help="comma-separated budgets")
     p.add_argument("--quick", action="store_true", help=f"a subset in under 10 minutes: {QUICK}")
@@ -124,8 +126,8 @@ def shares_prefix(name: str) -> bool:
 
     if name == "uncompressed":
         return True
-    info = vtc.get_method(name)
-    return Stage.LLM_LAYER not in info.stages and not info.method_class.reads_prompt
+    method = vtc.method_for(name)  # a stack ("a+b") too
+    return Stage.LLM_LAYER not in method.stages and not method.reads_prompt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     registered = [m.name for m in vtc.list_methods()]
     methods = registered + [NATIVE] if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in registered and m != NATIVE]
+    unknown = [m for m in methods if m != NATIVE and not all(part in registered for part in m.split("+"))]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; registered: {registered}")
     items, dataset = load_items(args)
@@ -268,7 +270,6 @@ def applicable(model, methods: list[str], strict: bool, processor=None) -> tuple
     """
     import vtc
 
-    modalities = {m.name: m.method_class.modalities for m in vtc.list_methods()}
     kept, skipped = [], {}
     for name in methods:
         if name == NATIVE:
@@ -283,10 +284,11 @@ def applicable(model, methods: list[str], strict: bool, processor=None) -> tuple
             else:
                 kept.append(name)
             continue
-        if "image" not in modalities[name]:
+        modalities = vtc.method_for(name).modalities
+        if "image" not in modalities:
             if strict:
-                raise SystemExit(f"method {name!r} compresses {list(modalities[name])} inputs, not images")
-            skipped[name] = f"compresses {'/'.join(modalities[name])} inputs, not images"
+                raise SystemExit(f"method {name!r} compresses {list(modalities)} inputs, not images")
+            skipped[name] = f"compresses {'/'.join(modalities)} inputs, not images"
             continue
         try:
             vtc.compress(model, name, budget=0.5)

@@ -152,3 +152,19 @@ def test_a_member_whose_tokens_have_no_source_must_be_last():
     with vtc.compressed(model, ["divprune", "visionzip"], budget=0.25):  # last: fine
         model(**inputs)
         assert vtc.last_record(model).images[0].counts["pre_llm"] == 4
+
+
+def test_tools_take_a_stack_wherever_they_take_a_method_name():
+    from vtc.apps.cli import main
+    from vtc.apps.lmms_eval.args import split_args
+
+    stack = vtc.method_for("pool+divprune", budget=0.1)
+    assert stack.name == "pool+divprune" and stack.modalities == ("image", "video") and not stack.reads_prompt
+    assert vtc.method_for(["divprune", "cdpruner"]).reads_prompt  # the prompt reaches the stack's selection
+    args, upstream = split_args(
+        {"pretrained": "x", "method": "pool+divprune", "budget": "0.1", "keep": "0.5"}, {"pretrained"}
+    )
+    assert isinstance(args.config, StackConfig) and args.config.keep == (0.5,) and args.config.budget == 0.1
+    assert upstream == {"pretrained": "x"}
+    with pytest.raises(SystemExit):  # argparse's error: an unknown member is named
+        main(["demo", "--model", "tiny", "--method", "pool+nope"])

@@ -15,6 +15,7 @@ from .api import (  # noqa: E402
     is_compressed,
     last_record,
     list_methods,
+    method_for,
     restore,
     session_of,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "session_of",
     "last_record",
     "list_methods",
+    "method_for",
     "get_method",
     "register_method",
     "Method",

@@ -12,6 +12,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .config import MethodConfig, check_options
+from .method import Method
 from .record import Record
 from .registry import MethodInfo, get_method
 from .registry import list_methods as _list_methods
@@ -67,7 +68,7 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
     Nothing about the model changes when an argument is invalid.
     """
     config = _build_config(method, budget, options)
-    instance = Stack(config) if isinstance(config, StackConfig) else get_method(config.method).method_class(config)
+    instance = _instance(config)
     adapter = adapter_for(model)
     missing = set(instance.stages) - set(adapter.stages)
     if missing:
@@ -89,6 +90,17 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
     session.attach()
     _SESSIONS[model] = session
     return model
+
+
+def _instance(config: MethodConfig) -> Method:
+    return Stack(config) if isinstance(config, StackConfig) else get_method(config.method).method_class(config)
+
+
+def method_for(method: Any = None, budget: Any = 0.2, **options: Any) -> Method:
+    """The method object :func:`compress` would attach for these arguments, without a model (a stack for a list
+    or ``"a+b"``): its ``name``, ``stages``, ``modalities`` and ``reads_prompt``, for tools that sort methods.
+    Raises what :func:`compress` raises for a bad name or option."""
+    return _instance(_build_config(method, budget, options))
 
 
 def restore(model: nn.Module) -> nn.Module:

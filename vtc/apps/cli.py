@@ -255,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _known(method: str, names: list[str]) -> bool:
+    """A registered method, or a stack of them written ``a+b``."""
+    return all(part in names for part in method.split("+"))
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]) -> int:
     import vtc
 
     if args.command == "videoqa":
-        if args.method is not None and args.method.lower() != "none" and args.method not in names:
-            parser.error(f"unknown method {args.method!r}; choose from {names} or 'none'")
+        if args.method is not None and args.method.lower() != "none" and not _known(args.method, names):
+            parser.error(f"unknown method {args.method!r}; choose from {names} (or a stack, 'a+b') or 'none'")
         if args.frames is not None and args.frames > args.max_frames:
             parser.error(f"--frames {args.frames} is over --max-frames {args.max_frames} (the memory guard)")
         return _run_videoqa(args, parser)
@@ -270,10 +275,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[
         return 0
     image_methods = [m.name for m in vtc.list_methods() if "image" in m.method_class.modalities]
     methods = image_methods if args.method == "all" else [args.method]
-    unknown = [m for m in methods if m not in names]
+    unknown = [m for m in methods if not _known(m, names)]
     if unknown:
-        parser.error(f"unknown method {unknown[0]!r}; choose from {names} or 'all'")
-    if methods[0] not in image_methods:
+        parser.error(f"unknown method {unknown[0]!r}; choose from {names} (or a stack, 'a+b') or 'all'")
+    if "image" not in vtc.method_for(methods[0]).modalities:
         parser.error(
             f"method {methods[0]!r} compresses videos and the demo shows images; choose from {image_methods} or "
             "'all' (notebooks/03_video_merging.ipynb shows the video mergers, `vtc videoqa` runs them)"

@@ -31,6 +31,7 @@ from typing import Any
 from ...api import DEFAULT_METHOD, _build_config, compress
 from ...config import MethodConfig
 from ...registry import get_method, list_methods
+from ...stack import StackConfig
 
 __all__ = ["NONE", "OPTION_PREFIX", "VtcArgs", "split_args", "coerce"]
 
@@ -97,14 +98,15 @@ def split_args(kwargs: Mapping[str, Any], upstream_params: Collection[str]) -> t
             )
         return VtcArgs(None, strict), upstream
 
-    info = get_method(DEFAULT_METHOD if method is None else method)
-    hints = _field_types(info.config_class)
+    name = DEFAULT_METHOD if method is None else method
+    config_class = StackConfig if "+" in name else get_method(name).config_class  # "a+b": a stack's own options
+    hints = _field_types(config_class)
     if budget is _MISSING:
         budget = inspect.signature(compress).parameters["budget"].default
     budget = coerce(budget, hints["budget"])
     # Unknown names are passed through untouched: _build_config rejects them with the list of valid ones.
     options = {name: coerce(value, hints[name]) if name in hints else value for name, value in options.items()}
-    return VtcArgs(_build_config(info.name, budget, options), strict), upstream
+    return VtcArgs(_build_config(name, budget, options), strict), upstream
 
 
 def coerce(value: Any, hint: Any) -> Any:
