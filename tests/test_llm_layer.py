@@ -22,6 +22,7 @@ LLM_METHODS = {
     "todre-kept": {"layer": 2, "tau": 0.0},  # stage 2 never fires: visual tokens stay to the end
     "holitom": {},  # outer merge, then the inner merge at layer round(4 * 18 / 28) = 3
     "divprune+fastv": {},  # a stack: DivPrune before the LLM, FastV's last cut inside it
+    "aim": {"start": 0.25},  # merge, then PageRank ranking after layers 1, 2 (prunes before 2 and 3)
 }
 #: in-LLM methods covered elsewhere: DyCoke's decode-time selection (test_video_mergers.py)
 DECODE_TIME = {"dycoke"}

@@ -390,6 +390,15 @@ class LayerTokens:
         """
         return self._attend(self.layer if layer is None else layer, list(rows))
 
+    def attention_logits(
+        self, rows: Sequence[torch.Tensor], heads: slice, layer: int | None = None
+    ) -> list[torch.Tensor]:
+        """Per sample ``[H', R_b, L]``: the scaled attention logits of query heads ``heads`` for the given query rows
+        over all current rows, as :meth:`attention` computes them (fp32, ``-inf`` for keys the causal or padding
+        mask forbids). ``slice(0, None)`` gives every head; ask for a few at a time to bound memory (PageRank over
+        all rows: AIM)."""
+        return self._attend(self.layer if layer is None else layer, list(rows), heads)
+
     def attention_to_visual(self, query: str = "last", layer: int | None = None) -> list[torch.Tensor]:
         """Per sample ``[n_visual]``: attention the visual tokens receive from the last prompt token
         (``query="last"``) or, averaged, from the prompt text after the image (``query="text"``)."""

@@ -88,11 +88,14 @@ class Decoder:
         sin: torch.Tensor,
         valid: torch.Tensor,
         rows: list[torch.Tensor],
+        heads: slice | None = None,
     ) -> list[torch.Tensor]:
         """Attention of ``rows`` (per sample) over all rows of ``x [B, L, D]`` as layer ``layer`` computes it.
 
         Only the needed query rows are projected; keys for every row (one extra k projection). Grouped KV
-        heads are repeated; masked keys get probability 0; softmax and head mean in fp32.
+        heads are repeated; masked keys get probability 0; softmax and head mean in fp32. With ``heads`` (a
+        slice of the query heads): per sample the scaled logits of those heads ``[H', R, L]`` instead, fp32,
+        ``-inf`` where the causal or padding mask forbids a key.
         """
         block = self.layers[layer]
         attn = block.self_attn
@@ -104,6 +107,9 @@ class Decoder:
         groups = attn.num_key_value_groups
         out = []
         for b, r in enumerate(rows):
+            if r.numel() == 0:  # no query rows asked for this sample
+                out.append(x.new_zeros((0, 0, length) if heads is not None else (0, length), dtype=torch.float32))
+                continue
             q = attn.q_proj(h[b, r]).view(1, len(r), -1, d).transpose(1, 2)  # [1, H, R, d]
             cb = cos.expand(bsz, -1, -1)[b : b + 1, r]
             sb = sin.expand(bsz, -1, -1)[b : b + 1, r]
@@ -112,7 +118,7 @@ class Decoder:
             logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [1, H, R, L]
             allowed = valid[b][None, :] & (torch.arange(length, device=x.device)[None, :] <= r[:, None])
             logits = logits.masked_fill(~allowed[None, None], float("-inf"))
-            out.append(logits.softmax(dim=-1).mean(dim=1)[0])  # [R, L]
+            out.append(logits[0, heads] if heads is not None else logits.softmax(dim=-1).mean(dim=1)[0])  # [R, L]
         return out
 
     @torch.no_grad()

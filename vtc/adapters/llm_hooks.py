@@ -126,11 +126,11 @@ class LLMHooks:
             if pos is None or pos.dim() != 2:
                 pos = (call.mask2d.long().cumsum(-1) - 1).clamp_min(0)
             call.pos = pos.expand(hidden.shape[0], -1)
-        if idx in self.score_layers:
-            call.stash[idx] = (hidden, cos, sin, call.mask2d)
         if idx in self.prune_layers:
             hidden = self._prune(idx, hidden, kwargs)
             kwargs.update(call.cur or {})
+        if idx in self.score_layers:  # what this layer runs on, after a prune at it (AIM scores every layer)
+            call.stash[idx] = (hidden, *kwargs["position_embeddings"], call.mask2d)
         if args:
             args = (hidden, *args[1:])
         else:
@@ -171,7 +171,7 @@ class LLMHooks:
             n_input=[int(n) for n in call.plan.visual.sum(1).tolist()],
             last=last,
             text_after=text_after,
-            _attend=lambda layer, rows: self.decoder.attention_rows(layer, *at(layer), rows),
+            _attend=lambda layer, rows, heads=None: self.decoder.attention_rows(layer, *at(layer), rows, heads),
             _keys=lambda layer: self.decoder.keys(layer, *at(layer)[:3]),
             _norm=self.decoder.final_norm,
             _observed=lambda: observed_rows(call),

@@ -168,7 +168,7 @@ class Prefill:
 def layer_schedule(method: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...], int | None, int]:
     """``(prune layers, score layers, decode layer or None, first hooked layer)`` of ``method`` on ``n`` layers."""
     prune = tuple(sorted(set(method.llm_prune_layers(n))))
-    score = tuple(sorted(set(method.llm_score_layers(n)) - set(prune)))
+    score = tuple(sorted(set(method.llm_score_layers(n))))
     for layer in (*prune, *score):
         if not 0 <= layer < n:
             raise ValueError(f"method {method.name!r} acts at LLM layer {layer}, outside 0..{n - 1}")
