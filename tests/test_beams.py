@@ -29,6 +29,7 @@ CASES = {
     "dart": ("image", {}),
     "pdrop": ("image", {}),
     "transprune": ("image", {}),
+    "aim": ("image", {"start": 0.25}),
     "todre": ("image", {"layer": 2, "tau": 1.0}),
     "holitom": ("video", {}),
     "dycoke": ("video", {"kv_prune": 0.5, "kv_layer": 2}),
