@@ -31,7 +31,8 @@ from vtc.kernels import reference
 
 GPU_SIZES, GPU_DIMS = (576, 2880, 6272, 12544), (64, 1024, 3584)
 CPU_SIZES, CPU_DIMS = (576, 2880, 6272), (64, 1024)
-OPS = ("cosine_argmax", "topk_sorted", "greedy_maxmin", "weighted_merge")
+OPS = ("cosine_argmax", "topk_sorted", "greedy_maxmin", "weighted_merge", "attention_received")
+HEADS = 16  # attention_received: a tower's heads (Qwen2-VL's ViT has 16); d is the width per head
 KEEP = 0.2  # fraction kept by topk / greedy (vtc's default budget)
 
 
@@ -69,6 +70,10 @@ def _inputs(op: str, n: int, d: int, dtype: torch.dtype, device: torch.device) -
         groups = torch.randint(0, n // 2, (n,), generator=g, device=device)
         sizes = torch.ones(n, device=device)
         return (x, sizes, groups, n // 2), n * d * e + n * 12 + (n // 2) * (d * e + 4)
+    if op == "attention_received":  # a CLS-free tower's q and k, [1, N, H, d]; two passes read k twice
+        q = torch.randn(1, n, HEADS, d, generator=g, device=device, dtype=dtype)
+        k = torch.randn(1, n, HEADS, d, generator=g, device=device, dtype=dtype)
+        return (q, k), 2 * n * HEADS * d * e + n * 4
     raise ValueError(op)
 
 
@@ -97,6 +102,8 @@ def _same(op: str, got, ref) -> bool:
         return bool((got[0] - ref[0]).abs().max() <= 1e-3) and bool((got[1] == ref[1]).float().mean() > 0.999)
     if op == "weighted_merge":
         return bool(torch.allclose(got[0].float(), ref[0].float(), rtol=1e-2, atol=1e-3))
+    if op == "attention_received":  # fp32 accumulation on both paths; bf16 inputs
+        return bool(torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-6))
     return bool(torch.equal(got, ref))
 
 
