@@ -64,3 +64,20 @@ def test_end_to_end_cls_attention_and_features_recomputed_by_hand():
     features = out.hidden_states[block + 1][0, 1:]
     expected = reference(features, cls_attn, vtc.keep_count(0.5, cls_attn.numel()))
     assert sorted(im.kept) == sorted(expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lazy_greedy_equals_the_official_loop_on_larger_clustered_inputs(seed):
+    """Many near-duplicates (so later gains fall a lot and stale bounds matter) and the first-pass chunks split
+    the candidates: the picks stay the official ones, all k of them."""
+    import vtc.pruners.scope as scope
+
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, 8, generator=gen)
+    features = centres[torch.randint(0, 12, (400,), generator=gen)] + 0.05 * torch.randn(400, 8, generator=gen)
+    saliency = torch.rand(400, generator=gen)
+    chunk, scope._CHUNK = scope._CHUNK, 400 * 7  # 7 candidates per first-pass chunk
+    try:
+        assert scope_select(features, saliency, 60).tolist() == reference(features, saliency, 60)
+    finally:
+        scope._CHUNK = chunk

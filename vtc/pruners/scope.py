@@ -16,8 +16,8 @@ order, compact positions.
 Defaults (official script): ``alpha = 1`` (``ALPHA=1.0``), multiplicative combination (``COMBINED=multi``; the
 additive variant is ``combine="add"``), the feature layer (LLaVA: the penultimate layer). Deviations: an image
 with several partitions is one pool under one ``k`` (the official LLaVA-NeXT path splits ``k`` evenly over
-tiles); separator tokens are never candidates. Like the official code this builds the ``n x n`` similarity
-once (``O(n^2)`` memory; at LLaVA-1.5's 576 tokens, 1.3 MB).
+tiles); separator tokens are never candidates. The official code builds the ``n x n`` similarity once; here
+the greedy is lazy (the same picks, ``O(n)`` memory, a first pass over similarity rows in chunks).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from ..config import MethodConfig, check_choice, check_float
 from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
 from ..method import Method
 from ..registry import register_method
+
+#: similarities held at once in the first pass over all candidates
+_CHUNK = 2**22
 
 
 @dataclasses.dataclass
@@ -54,22 +57,36 @@ class SCOPEConfig(MethodConfig):
 def scope_select(
     features: torch.Tensor, saliency: torch.Tensor, k: int, alpha: float = 1.0, combine: str = "multi"
 ) -> torch.Tensor:
-    """SCOPE's picks (indices, in pick order) among the ``n`` rows of ``features [n, C]``."""
+    """SCOPE's picks (indices, in pick order) among the ``n`` rows of ``features [n, C]``.
+
+    The same picks as the official loop over the full ``n x n`` similarity, with ``O(n)`` memory: coverage gains
+    only fall as tokens are chosen (the objective is submodular and the saliency factor fixed), so stale gains
+    are upper bounds and only the leading candidate's gain is recomputed (lazy greedy) until it stays ahead.
+    Ties go to the lowest index, as ``argmax`` over the exact gains would.
+    """
     n = features.shape[0]
     x = F.normalize(features.float(), dim=-1)
-    sim = x @ x.T  # [j, u]
-    weight = saliency.float().clamp_min(0) ** alpha
+    weight = saliency.float().clamp_min(0).to(x.device) ** alpha
     cover = torch.zeros(n, device=x.device)
-    chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def gain(us: torch.Tensor) -> torch.Tensor:  # [m] candidates -> [m] saliency-weighted coverage gains
+        g = (x[us] @ x.T - cover[None]).clamp_min(0).sum(dim=1)
+        return g * weight[us] if combine == "multi" else g + weight[us]
+
+    rows = max(1, _CHUNK // max(n, 1))
+    bound = torch.cat([gain(torch.arange(s, min(n, s + rows), device=x.device)) for s in range(0, n, rows)])
     picks = torch.empty(k, dtype=torch.long, device=x.device)
     for i in range(k):
-        gains = (sim.masked_fill(chosen[None, :], 0) - cover[:, None]).clamp_min(0).sum(dim=0)
-        gains = gains * weight if combine == "multi" else gains + weight
-        gains = gains.masked_fill(chosen, float("-inf"))
-        u = int(torch.argmax(gains))
+        u = int(torch.argmax(bound))
+        while True:  # recompute the leader until it leads with its exact gain (bounds never under-estimate)
+            bound[u] = gain(torch.tensor([u], device=x.device))[0]
+            leader = int(torch.argmax(bound))
+            if leader == u:
+                break
+            u = leader
         picks[i] = u
-        chosen[u] = True
-        cover = torch.maximum(cover, sim[u])
+        bound[u] = float("-inf")
+        cover = torch.maximum(cover, x @ x[u])
     return picks
 
 
