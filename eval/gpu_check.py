@@ -11,8 +11,9 @@
    configuration, its default methods and budgets; a preset that would start after ``--minutes`` have passed
    is listed as skipped, so the whole check stays within its time.
 
-``gpu_check.json`` holds the machine, both parts and what was skipped; ``gpu_check.md`` the tables. Without a
-GPU the script says so and exits 2, unless ``--smoke`` (tests: CPU references on tiny sizes, no presets).
+``gpu_check.json`` holds the machine, both parts and what was skipped; a Markdown file of the same name the
+tables. Without a GPU the script says so and exits 2, unless ``--smoke`` (tests: CPU references on tiny sizes,
+no presets).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", (out / f"speed_{name}" / "speed.md").read_text()]
     if result["skipped_presets"]:
         lines += ["", f"Not run (time): {', '.join(result['skipped_presets'])}"]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {result['seconds']:.0f} s")
+    (out / "gpu_check.json").with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'gpu_check.json'} and its .md tables in {result['seconds']:.0f} s")
     return 0
 
 

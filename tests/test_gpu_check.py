@@ -17,7 +17,7 @@ def test_smoke_run_writes_one_results_file_with_every_kernel(tmp_path, capsys):
         (op, n) for op in ("cosine_argmax", "attention_received", "greedy_maxmin") for n in (64, 128)
     }
     assert all(r["ref_ms"] > 0 for r in rows) and result["speed"] == {} and result["skipped_presets"] == []
-    assert "attention_received" in (tmp_path / "gpu_check.md").read_text()
+    assert "attention_received" in (tmp_path / "gpu_check.json").with_suffix(".md").read_text()
     assert check.peak_bandwidth("NVIDIA H200") == 4800.0 and check.peak_bandwidth("a CPU") is None
 
 

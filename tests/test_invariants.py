@@ -12,8 +12,8 @@ from vtc.testing import FAMILIES, compressed_inputs
 from .conftest import TOL
 
 #: stacks (vtc.stack) in the matrix: a merge then a selection, a selection then another that reads vision
-#: signals, and a selection before the LLM with the last cut inside it
-STACKS = ["pool+divprune", "uniform+hired", "divprune+fastv"]
+#: signals, a selection before the LLM with the last cut inside it, and ToMe in the tower then a selection
+STACKS = ["pool+divprune", "uniform+hired", "divprune+fastv", "tome+divprune"]
 METHODS = [m.name for m in vtc.list_methods()] + STACKS
 PRE_LLM = [m.name for m in vtc.list_methods() if Stage.PRE_LLM in m.stages]
 #: stages after which the LLM receives exactly k tokens per image (VISION_MERGE: the tower outputs them)
@@ -101,7 +101,8 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
         k = vtc.keep_count(budget, im.num_input)
         earlier = [c for c in im.counts if c.startswith("pre_llm:")]  # a stack's earlier members
         assert [c for c in im.counts if c not in earlier][:2] == ["input", "pre_llm"]
-        assert earlier == ([f"pre_llm:{m.name}" for m in impl.before[:-1]] if isinstance(impl, Stack) else [])
+        cutting = ([impl.tower] if impl.tower else []) + impl.before if isinstance(impl, Stack) else []
+        assert earlier == [f"pre_llm:{m.name}" for m in cutting[:-1]]
         kept_newlines = im.newlines.get("pre_llm", 0) if extra_newlines else 0
         if pre_llm:
             assert im.counts["pre_llm"] == k + kept_newlines

@@ -15,7 +15,7 @@ import vtc
 from vtc.contexts import ImageTokens, Layout
 from vtc.registry import get_method
 from vtc.stack import Stack, StackConfig, stack_config
-from vtc.testing import llava_inputs, tiny_llava
+from vtc.testing import compressed_inputs, llava_inputs, tiny_llava
 
 
 def _image(rows=8, cols=8, k=4, dim=16, seed=0) -> ImageTokens:
@@ -116,7 +116,7 @@ def test_string_list_and_config_forms_agree_and_deepcopy_keeps_the_stack():
     ("method", "options", "error", "match"),
     [
         (["divprune"], {}, ValueError, "at least two"),
-        (["tome", "divprune"], {}, ValueError, "inside the vision tower"),
+        (["divprune", "tome"], {}, ValueError, "must come first"),
         (["fastv", "divprune"], {}, ValueError, "put it last"),
         (["holitom", "fastv"], {}, ValueError, "put it last"),
         (["dycoke", "pool"], {}, ValueError, "put it last"),
@@ -168,3 +168,44 @@ def test_tools_take_a_stack_wherever_they_take_a_method_name():
     assert upstream == {"pretrained": "x"}
     with pytest.raises(SystemExit):  # argparse's error: an unknown member is named
         main(["demo", "--model", "tiny", "--method", "pool+nope"])
+
+
+def _visual_embeds(model, inputs, method, budget):
+    """Per sample, the visual rows of the embeddings the LLM receives under ``method``."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with vtc.compressed(model, method, budget=budget), torch.no_grad():
+            model(**inputs)
+            short = compressed_inputs(model, inputs)
+    finally:
+        handle.remove()
+    rows = short["input_ids"] == model.config.image_token_id
+    return [seen["embeds"][b][rows[b]] for b in range(rows.shape[0])]
+
+
+def test_tome_in_the_tower_then_divprune_on_what_it_left():
+    """ToMe merges inside the tower to the first stage's count (8 of 16), DivPrune picks k = 4 of those merged
+    tokens: the same tokens DivPrune picks from ToMe's output alone."""
+    model = tiny_llava(seed=4)
+    inputs = llava_inputs(model, ((3, 4), (6, 2)), padding_side="left")
+    stack = Stack(stack_config(["tome", "divprune"], 0.25, {}))
+    assert stack.tower_count(16) == 8 and stack.prompt_count(16) == 4
+    alone = _visual_embeds(model, inputs, "tome", 8)
+    stacked = _visual_embeds(model, inputs, "tome+divprune", 0.25)
+    with vtc.compressed(model, "tome+divprune", budget=0.25), torch.no_grad():
+        model(**inputs)
+        assert [im.counts for im in vtc.last_record(model).images] == [
+            {"input": 16, "pre_llm:tome": 8, "pre_llm": 4}
+        ] * 2
+    for a, b in zip(alone, stacked, strict=True):
+        picks = (
+            get_method("divprune")
+            .method_class(get_method("divprune").config_class())
+            .reduce(ImageTokens(tokens=a, layout=Layout.grid(1, a.shape[0]), k=4))
+        )
+        torch.testing.assert_close(b, a[picks.index], rtol=0, atol=1e-6)

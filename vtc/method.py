@@ -60,6 +60,16 @@ class Method:
         members before the LLM reach, when an in-LLM member makes the last cut)."""
         return keep_count(self.config.budget, n)
 
+    def tower_count(self, n: int) -> int:
+        """Tokens of an image of ``n`` a ``VISION_MERGE`` stage leaves (the budget's ``k``; a stack: its first
+        stage's count)."""
+        return keep_count(self.config.budget, n)
+
+    def after_tower(self, image: ImageTokens, merged: Reduction) -> Reduction | None:
+        """What a method does before the LLM with an image its tower stage already merged (None: nothing more;
+        a stack's later members go on from the merged tokens)."""
+        return None
+
     def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
         """Signals the adapter must capture inside the vision tower for this configuration and tower."""
         return ()

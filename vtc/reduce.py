@@ -49,7 +49,11 @@ class Reducer:
             if merged is not None:  # already reduced inside the vision tower (VISION_MERGE)
                 image.k = int(merged.index.numel())
                 check_reduction(self.method.name, image.n, image.k, merged)
-                reductions.append(merged)
+                more = self.method.after_tower(image, merged)  # a stack's members after the tower
+                if more is not None:
+                    image.k = int(more.index.numel())
+                    check_reduction(self.method.name, image.n, self.method.prompt_count(image.n), more)
+                reductions.append(merged if more is None else more)
                 continue
             image.k = self.method.prompt_count(image.n) if pre_llm else image.n
             reductions.append(None if image.k >= image.n else self.reduce(image))

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import keep_count
 from .config import MethodConfig
 from .contexts import Stage
 from .instance import swap_class
@@ -66,7 +65,7 @@ class Session:
         self.original_class: type = type(model)  # set again at attach()
         #: the model's own instance-level forward, when it has one (wrapped while compressed)
         self.instance_forward: Callable | None = None
-        adapter.configure(method, lambda n: keep_count(config.budget, n), self.recorder)
+        adapter.configure(method, method.tower_count, self.recorder)
 
     @property
     def record(self) -> Record | None:

@@ -14,11 +14,15 @@ keeps ``floor(n * (k / n) ** (s / S))`` of an image's ``n`` tokens (:func:`vtc.b
 kept after each member but the last (``None`` entries keep the default). Counts never rise from stage to
 stage and never go below ``k``.
 
-Rules, checked before the model is touched: at least two members; every member but the last acts before
-the LLM and only there (a member with an in-LLM stage, or a decode-time selection, must be last); no member
-merges inside the vision tower (``VISION_MERGE``); a later member gets the earlier members' output tokens
-as its image (merged tokens stand at their anchor's place; a member after one that emits tokens with no
-source, such as VisionZip's contextual tokens, is refused at the call); members' ``budget`` fields are not
+``["tome", "divprune"]`` merges inside the vision tower to the first stage's count (families whose towers hand
+the LLM a token set: LLaVA-1.5) and lets DivPrune pick from the merged tokens.
+
+Rules, checked before the model is touched: at least two members; a member that merges inside the vision tower
+(``VISION_MERGE``: ToMe) comes first; every other member but the last acts before the LLM and only there (a
+member with an in-LLM stage, or a decode-time selection, must be last); a later member gets the earlier
+members' output tokens as its image (merged tokens stand at their anchor's place; a member after one that
+emits tokens with no source, such as VisionZip's contextual tokens, is refused at the call); members'
+``budget`` fields are not
 used and their ``positions`` / ``newlines`` must be left unset (set them on the stack; the defaults are the
 first member's policy before the LLM and the in-LLM member's inside it). The record's image ``counts``
 list every earlier member's output as ``"pre_llm:<member>"`` next to ``"pre_llm"`` and ``"llm_layer_<i>"``.
@@ -115,12 +119,15 @@ def stack_config(methods: Sequence[str | MethodConfig], budget: Any, options: Ma
 
 
 def _check_order(infos: Sequence[Any]) -> None:
-    for info in infos:
-        if Stage.VISION_MERGE in info.stages:
+    for i, info in enumerate(infos):
+        if Stage.VISION_MERGE in info.stages and (i > 0 or set(info.stages) - {Stage.VISION, Stage.VISION_MERGE}):
             raise ValueError(
-                f"{info.name!r} merges inside the vision tower, which a stack does not compose yet; use it alone"
+                f"{info.name!r} merges inside the vision tower: in a stack it must come first (nothing acts before "
+                f"the tower)"
             )
     for info in infos[:-1]:
+        if Stage.VISION_MERGE in info.stages:
+            continue
         late = sorted(s.value for s in info.stages if s not in (Stage.VISION, Stage.PRE_LLM))
         if late or Stage.PRE_LLM not in info.stages or _decodes(info.method_class):
             raise ValueError(
@@ -149,13 +156,15 @@ class Stack(Method):
         if not self.modalities:
             raise ValueError(f"the members of {self.name!r} share no input modality")
         self.reads_prompt = any(m.reads_prompt for m in members)
+        #: the member merging inside the vision tower (first), if any, and the members acting before the LLM
+        self.tower = members[0] if Stage.VISION_MERGE in members[0].stages else None
         self.before = [m for m in members if Stage.PRE_LLM in m.stages]
         last = members[-1]
         #: the member acting inside the LLM (prune points, observations, decode-time selection), if any
         self.inner = last if Stage.LLM_LAYER in last.stages or _decodes(type(last)) else None
         #: the last member cuts only inside the LLM: the budget counts after that cut
         self.cuts_in_llm = Stage.PRE_LLM not in last.stages
-        first = self.before[0]
+        first = self.before[0] if self.before else last
         self.default_positions = first.default_positions
         self.default_newlines = first.default_newlines
         if self.inner is not None:
@@ -175,11 +184,26 @@ class Stack(Method):
             out.append(prev)
         return [*out, end]
 
+    def _counts(self, n: int) -> list[int]:
+        """Tokens left after each member's cut, for an image of ``n`` (the last is the budget's ``k``)."""
+        return self._schedule(n, keep_count(self.config.budget, n), len(self.members))
+
+    def tower_count(self, n: int) -> int:
+        return self._counts(n)[0] if self.tower is not None else keep_count(self.config.budget, n)
+
     def prompt_count(self, n: int) -> int:
-        k = keep_count(self.config.budget, n)
-        if not self.cuts_in_llm:
-            return k
-        return self._schedule(n, k, len(self.before) + 1)[-2]
+        return self._counts(n)[-2] if self.cuts_in_llm else keep_count(self.config.budget, n)
+
+    def tower_merge(self, call):
+        return self.tower.tower_merge(call)
+
+    def after_tower(self, image: ImageTokens, merged: Reduction) -> Reduction | None:
+        if not self.before:
+            return None
+        counts = self._counts(image.n)
+        targets = counts[1 : 1 + len(self.before)]
+        current = _output_image(image, merged, self.tower.name)
+        return self._cut(image, current, merged, targets, {self.tower.name: int(merged.index.numel())})
 
     # -- before the LLM -----------------------------------------------------------------------------
     def vision_signals(self, tower: TowerInfo) -> tuple[VisionSignal, ...]:
@@ -190,8 +214,11 @@ class Stack(Method):
         return tuple(out)
 
     def reduce(self, image: ImageTokens) -> Reduction:
-        targets = self._schedule(image.n, image.k, len(self.before))
-        current, total, stages = image, None, {}
+        # the tower left this image whole (its share was every token), or there is no tower stage
+        return self._cut(image, image, None, self._schedule(image.n, image.k, len(self.before)), {})
+
+    def _cut(self, image, current, total, targets, stages) -> Reduction:
+        """The members before the LLM, one after the other on what the previous left (``total``: so far)."""
         for s, (member, k) in enumerate(zip(self.before, targets, strict=True)):
             stages[member.name] = min(k, current.n)
             if k >= current.n:  # nothing to cut at this stage
