@@ -67,3 +67,15 @@ def test_end_to_end_cls_attention_and_features_recomputed_by_hand():
     features = out.hidden_states[block + 1][0, 1:]
     expected = reference(attention, features, vtc.keep_count(0.5, attention.numel()))
     assert sorted(i for i in im.kept) == expected
+
+
+def test_duplicate_search_in_row_chunks_keeps_the_official_selection():
+    import vtc.pruners.vispruner as vispruner
+
+    gen = torch.Generator().manual_seed(7)
+    attention, features = torch.rand(300, generator=gen), torch.randn(300, 16, generator=gen)
+    chunk, vispruner._CHUNK = vispruner._CHUNK, 150 * 5  # five rows of similarities at a time
+    try:
+        assert vispruner_select(attention, features, 40).tolist() == reference(attention, features, 40)
+    finally:
+        vispruner._CHUNK = chunk

@@ -23,8 +23,9 @@ member with an in-LLM stage, or a decode-time selection, must be last); a later 
 members' output tokens as its image (merged tokens stand at their anchor's place; a member after one that
 emits tokens with no source, such as VisionZip's contextual tokens, is refused at the call); members'
 ``budget`` fields are not used and their ``positions`` / ``newlines`` must be left unset (set them on the
-stack; the defaults are the first member's policy before the LLM and the in-LLM member's inside it). The record's image ``counts``
-list every earlier member's output as ``"pre_llm:<member>"`` next to ``"pre_llm"`` and ``"llm_layer_<i>"``.
+stack; the defaults are the first member's policy before the LLM and the in-LLM member's inside it). The
+record's image ``counts`` list every earlier member's output as ``"pre_llm:<member>"`` next to ``"pre_llm"``
+and ``"llm_layer_<i>"``.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ from ..contexts import ImageTokens, Reduction, Stage, TowerInfo, VisionSignal
 from ..method import Method
 from ..registry import register_method
 
+#: cosine similarities held at once while finding each token's nearest duplicate
+_CHUNK = 2**22
+
 
 @dataclasses.dataclass
 class VisPrunerConfig(MethodConfig):
@@ -78,7 +81,10 @@ def vispruner_select(
         if r <= 0:
             break
         even, odd = rest[0::2], rest[1::2]
-        scores = (normed[even] @ normed[odd].T).max(dim=-1).values
+        rows = max(1, _CHUNK // max(1, odd.numel()))  # similarities held at once: no n x n buffer
+        scores = torch.cat(
+            [(normed[even[i : i + rows]] @ normed[odd].T).max(dim=-1).values for i in range(0, even.numel(), rows)]
+        )
         survivors = torch.sort(scores, descending=True, stable=True).indices[r:]
         rest = torch.cat([even[survivors], odd])
     return torch.cat([keep, rest]).sort().values
