@@ -217,3 +217,19 @@ def test_fastvid_budget_is_exact_on_long_segments(budget):
             model(**inputs)
         (im,) = vtc.last_record(model).images
     assert im.counts["pre_llm"] == vtc.keep_count(budget, 16 * 9 + 1) + 1
+
+
+def test_dpc_knn_in_row_blocks_equals_one_block():
+    """Past 2**22 distances DPC-kNN works on blocks of rows (no N x N buffer): same centres and assignment."""
+    import vtc.mergers._video as video
+
+    gen = torch.Generator().manual_seed(3)
+    y = torch.cat([torch.randn(40, 6, generator=gen) + 4 * torch.randn(1, 6, generator=gen) for _ in range(5)])
+    whole = dpc_knn(y, 7, 5)
+    chunk, video._CHUNK = video._CHUNK, 200 * 9  # nine rows at a time
+    try:
+        blocks = dpc_knn(y, 7, 5)
+    finally:
+        video._CHUNK = chunk
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+    torch.testing.assert_close(whole[2], blocks[2], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,9 @@ import torch
 from .. import kernels
 from ..contexts import ImageTokens
 
+#: pairwise distances held at once by :func:`dpc_knn`
+_CHUNK = 2**22
+
 
 def frame_grid(image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F [T, P, C], index [T, P])``: each frame's grid tokens and their indices among the image's tokens.
@@ -42,17 +45,27 @@ def dpc_knn(y: torch.Tensor, n_centres: int, k: int) -> tuple[torch.Tensor, torc
     """
     n, d = y.shape
     yf = y.float()
-    dist = torch.cdist(yf, yf) / math.sqrt(d)  # [N, N]
+    rows = max(1, _CHUNK // n)  # distance rows held at once: no N x N buffer past 2**22 entries
+
+    def dist(start: int) -> torch.Tensor:  # [rows, N] scaled Euclidean distances of a block of rows
+        return torch.cdist(yf[start : start + rows], yf) / math.sqrt(d)
+
     k = max(1, min(k, n))
-    knn = dist.topk(k, dim=-1, largest=False).values
+    knn = torch.cat([dist(s).topk(k, dim=-1, largest=False).values for s in range(0, n, rows)])
     rho = torch.exp(-(knn**2).mean(dim=-1))
     rho = rho + 1e-9 * (n - torch.arange(n, device=y.device)) / n  # deterministic tie-break: earlier tokens first
-    higher = rho[None, :] > rho[:, None]  # [i, j]: j denser than i
-    delta = dist.masked_fill(~higher, float("inf")).min(dim=-1).values
-    delta = torch.where(torch.isinf(delta), dist.max(), delta)
+    delta, far = [], torch.zeros((), device=y.device)
+    for s in range(0, n, rows):
+        block = dist(s)
+        higher = rho[None, :] > rho[s : s + rows, None]  # [i, j]: j denser than i
+        delta.append(block.masked_fill(~higher, float("inf")).min(dim=-1).values)
+        far = torch.maximum(far, block.max())
+    delta = torch.cat(delta)
+    delta = torch.where(torch.isinf(delta), far, delta)
     gamma = delta * rho
     centres = kernels.topk_sorted(gamma, n_centres)
-    assign = dist[:, centres].argmin(dim=-1)
+    columns = block[:, centres] if rows >= n else torch.cdist(yf, yf[centres]) / math.sqrt(d)  # one block: reuse
+    assign = columns.argmin(dim=-1)
     assign[centres] = torch.arange(n_centres, device=y.device)
     return centres, assign, gamma
 
