@@ -243,3 +243,23 @@ def test_a_method_whose_selection_follows_the_prompt_says_so(name):
         picks.append(m.reduce(img).index.tolist())
     if any(p != picks[0] for p in picks):
         assert info.method_class.reads_prompt, f"{name} selects differently for different prompts"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mmtok_lazy_coverage_is_the_matrix_greedy(seed):
+    """Large images skip the (n + m) x n matrix: columns on demand, lazy greedy; the picks are the same."""
+    from vtc.pruners.mmtok import lazy_coverage
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, 5, generator=g)
+    y = centres[torch.randint(0, 6, (90,), generator=g)] + 0.1 * torch.randn(90, 5, generator=g)
+    x, z = torch.randn(90, 6, generator=g), torch.randn(4, 6, generator=g)
+    import vtc.pruners.mmtok as mmtok
+
+    chunk, mmtok._CHUNK = mmtok._CHUNK, 90 * 7  # seven columns (and rows) per block
+    try:
+        for text in (z, None):
+            cov = coverage_matrix(x, y, text, 0.5, 0.02, 0.2)
+            assert lazy_coverage(x, y, text, 0.5, 0.02, 0.2, 20).tolist() == greedy_coverage(cov, 20).tolist()
+    finally:
+        mmtok._CHUNK = chunk

@@ -36,6 +36,9 @@ from ..kernels import normalize
 from ..method import Method
 from ..registry import register_method
 
+#: coverage entries held at once; a larger image runs the lazy greedy (:func:`lazy_coverage`)
+_CHUNK = 2**22
+
 
 @dataclasses.dataclass
 class MMTokConfig(MethodConfig):
@@ -86,6 +89,56 @@ def greedy_coverage(cov: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long, device=cov.device)
 
 
+def lazy_coverage(
+    x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, alpha: float, tau_tv: float, tau_vv: float, k: int
+) -> torch.Tensor:
+    """:func:`greedy_coverage` of :func:`coverage_matrix` without holding the matrix: ``O(n + m)`` memory.
+
+    Each row's softmax normaliser is found in one pass over row blocks, so any column ``C[:, j]`` costs one
+    matrix-vector product; gains only fall as columns are chosen (submodular), so stale gains bound the true
+    ones and only the leading column is recomputed until it stays ahead (lazy greedy: the same picks, ties to
+    the lower index).
+    """
+    n = x.shape[0]
+    yn = normalize(y)
+    sides = [(yn, yn, tau_vv, alpha / n)]  # (row features, column features, temperature, row weight)
+    if z is not None and z.shape[0] > 0:
+        sides.insert(0, (normalize(z), normalize(x), tau_tv, 1.0 / z.shape[0]))
+    rows = max(1, _CHUNK // n)
+    lse = [
+        torch.cat([torch.logsumexp(a[s : s + rows] @ b.T / tau, dim=-1) for s in range(0, a.shape[0], rows)])
+        for a, b, tau, _ in sides
+    ]
+
+    def column(j: int) -> torch.Tensor:  # C[:, j]
+        return torch.cat([w * torch.exp(a @ b[j] / tau - l) for (a, b, tau, w), l in zip(sides, lse, strict=True)])
+
+    def block(start: int) -> torch.Tensor:  # C[:, start:start + rows]
+        return torch.cat(
+            [
+                w * torch.exp(a @ b[start : start + rows].T / tau - l[:, None])
+                for (a, b, tau, w), l in zip(sides, lse, strict=True)
+            ]
+        )
+
+    bound = torch.cat([block(s).sum(dim=0) for s in range(0, n, rows)])
+    best = torch.zeros(sum(a.shape[0] for a, *_ in sides), device=x.device)
+    picks = []
+    for _ in range(k):
+        j = int(bound.argmax())
+        while True:
+            col = column(j)
+            bound[j] = (col - best).clamp_min(0).sum()
+            leader = int(bound.argmax())
+            if leader == j:
+                break
+            j = leader
+        picks.append(j)
+        bound[j] = float("-inf")
+        best = torch.maximum(best, column(j))
+    return torch.tensor(picks, dtype=torch.long, device=x.device)
+
+
 @register_method("mmtok", config=MMTokConfig, kind="pruner", stages=(Stage.PRE_LLM,))
 class MMTokPruner(Method):
     """Greedy coverage of the prompt text and of the image by the kept visual tokens."""
@@ -95,6 +148,10 @@ class MMTokPruner(Method):
     def reduce(self, image: ImageTokens) -> Reduction:
         vision = image.vision_tokens if image.vision_tokens is not None else image.tokens
         c = self.config
-        cov = coverage_matrix(image.tokens, vision, image.text_embeds, c.alpha, c.tau_tv, c.tau_vv)
-        picks = greedy_coverage(cov, image.k)
+        m = 0 if image.text_embeds is None else image.text_embeds.shape[0]
+        if (image.n + m) * image.n <= _CHUNK:  # small: the matrix itself, exactly the official computation
+            cov = coverage_matrix(image.tokens, vision, image.text_embeds, c.alpha, c.tau_tv, c.tau_vv)
+            picks = greedy_coverage(cov, image.k)
+        else:  # no (n + m) x n matrix: columns on demand
+            picks = lazy_coverage(image.tokens, vision, image.text_embeds, c.alpha, c.tau_tv, c.tau_vv, image.k)
         return Reduction.keep(picks)
