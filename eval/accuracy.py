@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     import vtc
+    from vtc.api import known_method
     from vtc.demo import machine
     from vtc.native import NativeUnavailable
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     registered = [m.name for m in vtc.list_methods()]
     methods = registered + [NATIVE] if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m != NATIVE and not all(part in registered for part in m.split("+"))]
+    unknown = [m for m in methods if m != NATIVE and not known_method(m)]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; registered: {registered}")
     items, dataset = load_items(args)

@@ -58,8 +58,7 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
             standalone timm / open_clip vision transformer (token merging in its blocks: ``method="tome"``).
         method: a registered method name (``vtc.list_methods()``), a method config object, a list of names or
             configs, or names joined by ``+`` (a stack of methods at successive hook points, :mod:`vtc.stack`), or
-            None for
-            :data:`DEFAULT_METHOD`.
+            None for :data:`DEFAULT_METHOD`.
         budget: float in (0, 1] (fraction of visual tokens kept) or int >= 1 (tokens kept per image).
         **options: method options (fields of the method's config dataclass; for a stack, its own: ``keep``,
             ``positions``, ``newlines``).
@@ -101,6 +100,15 @@ def method_for(method: Any = None, budget: Any = 0.2, **options: Any) -> Method:
     or ``"a+b"``): its ``name``, ``stages``, ``modalities`` and ``reads_prompt``, for tools that sort methods.
     Raises what :func:`compress` raises for a bad name or option."""
     return _instance(_build_config(method, budget, options))
+
+
+def known_method(name: str) -> bool:
+    """Whether :func:`compress` takes ``name``: a registered method, or a stack of them written ``a+b``."""
+    try:
+        method_for(name)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -255,16 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _known(method: str, names: list[str]) -> bool:
-    """A registered method, or a stack of them written ``a+b``."""
-    return all(part in names for part in method.split("+"))
-
-
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]) -> int:
     import vtc
+    from vtc.api import known_method
 
     if args.command == "videoqa":
-        if args.method is not None and args.method.lower() != "none" and not _known(args.method, names):
+        if args.method is not None and args.method.lower() != "none" and not known_method(args.method):
             parser.error(f"unknown method {args.method!r}; choose from {names} (or a stack, 'a+b') or 'none'")
         if args.frames is not None and args.frames > args.max_frames:
             parser.error(f"--frames {args.frames} is over --max-frames {args.max_frames} (the memory guard)")
@@ -275,7 +271,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[
         return 0
     image_methods = [m.name for m in vtc.list_methods() if "image" in m.method_class.modalities]
     methods = image_methods if args.method == "all" else [args.method]
-    unknown = [m for m in methods if not _known(m, names)]
+    unknown = [m for m in methods if not known_method(m)]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {names} (or a stack, 'a+b') or 'all'")
     if "image" not in vtc.method_for(methods[0]).modalities:

@@ -159,29 +159,37 @@ class AIMMerger(Method):
     def prune(self, tokens: LayerTokens) -> list[torch.Tensor]:
         layer = tokens.layer - 1  # the layer whose attention ranks (official: after it ran)
         rate = self._rate(layer, tokens.num_layers)
-        kept = []
-        for b, (rows, n) in enumerate(zip(tokens.visual, tokens.n_input, strict=True)):
-            k = min(int(n * rate), rows.numel())
-            if k == rows.numel():
-                kept.append(rows)
-                continue
-            score = self.importance(tokens, b, layer)[rows]
-            kept.append(rows[kernels.topk_sorted(score, k)])
-        return kept
+        counts = [min(int(n * rate), rows.numel()) for rows, n in zip(tokens.visual, tokens.n_input, strict=True)]
+        cut = [k < rows.numel() for k, rows in zip(counts, tokens.visual, strict=True)]
+        scores = self.importance(tokens, layer, cut)
+        return [
+            rows[kernels.topk_sorted(score[rows], k)] if score is not None else rows
+            for rows, k, score in zip(tokens.visual, counts, scores, strict=True)
+        ]
 
-    def importance(self, tokens: LayerTokens, b: int, layer: int) -> torch.Tensor:
-        """``[L]`` PageRank importance of sample ``b``'s current rows from ``layer``'s attention (0 on padding)."""
+    def importance(self, tokens: LayerTokens, layer: int, wanted: list[bool]) -> list[torch.Tensor | None]:
+        """Per sample ``[L]`` PageRank importance of its current rows from ``layer``'s attention (0 on padding);
+        None for the samples not ``wanted``. One logits call per chunk of heads serves every sample."""
         empty = tokens.last[:0]
-        only = lambda rows: [rows if i == b else empty for i in range(len(tokens.visual))]  # noqa: E731
         # the last prompt token sees every real row of its sample: its finite logits name them; all heads
-        last = tokens.attention_logits(only(tokens.last[b : b + 1]), slice(0, None), layer)[b]  # [H, 1, L]
-        heads, valid = last.shape[0], torch.nonzero(torch.isfinite(last[0, 0])).flatten()
-        n = valid.numel()
-        chunk = max(1, _CHUNK // (n * n))
-        total = torch.zeros(n, device=valid.device)
+        lasts = [tokens.last[b : b + 1] if w else empty for b, w in enumerate(wanted)]
+        last = tokens.attention_logits(lasts, slice(0, None), layer)
+        pairs = list(zip(last, wanted, strict=True))
+        valid = [torch.nonzero(torch.isfinite(x[0, 0])).flatten() if w else empty for x, w in pairs]
+        heads = max((x.shape[0] for x, w in pairs if w), default=0)
+        chunk = max(1, _CHUNK // max(1, max(v.numel() for v in valid) ** 2))
+        totals = [torch.zeros(v.numel(), device=v.device) for v in valid]
         for h in range(0, heads, chunk):
-            logits = tokens.attention_logits(only(valid), slice(h, h + chunk), layer)[b][:, :, valid]  # [h', n, n]
-            total += pagerank(logits, self.config.tau, self.config.iters).pow(2).sum(0)
-        out = torch.zeros(tokens.hidden.shape[1], device=valid.device)
-        out[valid] = (total / heads).sqrt()
+            logits = tokens.attention_logits(valid, slice(h, h + chunk), layer)  # per sample [h', n_b, L]
+            for b, v in enumerate(valid):
+                if wanted[b]:
+                    totals[b] += pagerank(logits[b][:, :, v], self.config.tau, self.config.iters).pow(2).sum(0)
+        out: list[torch.Tensor | None] = []
+        for v, total, w in zip(valid, totals, wanted, strict=True):
+            if not w:
+                out.append(None)
+                continue
+            score = torch.zeros(tokens.hidden.shape[1], device=v.device)
+            score[v] = (total / heads).sqrt()
+            out.append(score)
         return out

@@ -135,7 +135,7 @@ def lazy_coverage(
             j = leader
         picks.append(j)
         bound[j] = float("-inf")
-        best = torch.maximum(best, column(j))
+        best = torch.maximum(best, col)
     return torch.tensor(picks, dtype=torch.long, device=x.device)
 
 
