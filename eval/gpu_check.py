@@ -23,6 +23,7 @@ import json
 import pathlib
 import sys
 import time
+import traceback
 
 import torch
 
@@ -61,9 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cpu" if args.smoke else "cuda"
     sizes = "64,128" if args.smoke else KERNEL_SIZES
-    kernels = bench_kernels.main(
-        ["--device", device, "--ops", KERNEL_OPS, "--sizes", sizes, "--dims", "64", "--out", str(out / "kernels")]
-    )
+    kernels = {"machine": {"gpu": torch.cuda.get_device_name() if device == "cuda" else ""}, "rows": []}
+    failed = {}
+    for op in KERNEL_OPS.split(","):  # op by op: one kernel's failure must not lose the others' figures
+        try:
+            part = bench_kernels.main(
+                ["--device", device, "--ops", op, "--sizes", sizes, "--dims", "64", "--out", str(out / f"k_{op}")]
+            )
+            kernels = {**part, "rows": kernels["rows"] + part["rows"]}
+        except Exception:
+            failed[op] = traceback.format_exc(limit=8)
+            print(f"gpu_check: kernel {op} failed:\n{failed[op]}", file=sys.stderr)
     gpu = kernels["machine"].get("gpu") or ""
     peak = args.peak_gbps or peak_bandwidth(gpu)
     for row in kernels["rows"]:
@@ -75,18 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         "kernels": kernels,
         "speed": {},
         "skipped_presets": [],
+        "failed_kernels": failed,
     }
+    result["failed_presets"] = {}
     presets = [] if args.smoke else [x for x in args.presets.split(",") if x]
     for name in presets:
+        _write(out, result, started)  # what is done so far survives a kill
         if time.perf_counter() - started > args.minutes * 60:
             result["skipped_presets"].append(name)
             continue
         folder = out / f"speed_{name}"
-        bench_speed.main(["--preset", name, "--dtype", "bfloat16", "--repeats", "3", "--out", str(folder)])
-        result["speed"][name] = json.loads((folder / "speed.json").read_text())
-    result["seconds"] = time.perf_counter() - started
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    lines = [f"# GPU check ({gpu or 'CPU smoke run'}), {result['seconds']:.0f} s", "", bench_kernels.markdown(kernels)]
+        try:
+            bench_speed.main(["--preset", name, "--dtype", "bfloat16", "--repeats", "3", "--out", str(folder)])
+            result["speed"][name] = json.loads((folder / "speed.json").read_text())
+        except Exception:  # one preset's failure must not lose the others' figures
+            result["failed_presets"][name] = traceback.format_exc(limit=8)
+            print(f"gpu_check: preset {name} failed:\n{result['failed_presets'][name]}", file=sys.stderr)
+    _write(out, result, started)
+    table = bench_kernels.markdown(kernels) if "mode" in kernels else "No kernel ran."
+    lines = [f"# GPU check ({gpu or 'CPU smoke run'}), {result['seconds']:.0f} s", "", table]
     if peak:
         lines.append(f"Peak memory bandwidth taken as {peak:.0f} GB/s.")
         for row in kernels["rows"]:
@@ -97,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", (out / f"speed_{name}" / "speed.md").read_text()]
     if result["skipped_presets"]:
         lines += ["", f"Not run (time): {', '.join(result['skipped_presets'])}"]
+    for name, error in {**result["failed_kernels"], **result["failed_presets"]}.items():
+        lines += ["", f"Preset {name} failed: `{error.strip().splitlines()[-1]}`"]
     (out / "gpu_check.json").with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'gpu_check.json'} and its .md tables in {result['seconds']:.0f} s")
     return 0
+
+
+def _write(out: pathlib.Path, result: dict, started: float) -> None:
+    result["seconds"] = time.perf_counter() - started
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
