@@ -206,10 +206,21 @@ def generate_trial(model: nn.Module, inputs: dict, new_tokens: int, clock: Clock
     return out
 
 
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """CPU SDPA (flash kernel): the two matmuls, ``4 B H Lq Lk d`` (torch counts only the CUDA kernels)."""
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """SDPA forward: the two matmuls, ``4 B H Lq Lk d`` with ``H`` the query heads. torch counts only its CUDA
+    kernels, and asserts on grouped-query attention (fewer key heads), which these presets use."""
     b, h, lq, d = query
     return 4 * b * h * lq * key[-2] * d
+
+
+def _sdpa_ops() -> dict:
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return {getattr(torch.ops.aten, n): _sdpa_flops for n in names if hasattr(torch.ops.aten, n)}
 
 
 def _module_at(model: nn.Module, path: str) -> nn.Module | None:
@@ -232,7 +243,7 @@ def count_flops(model: nn.Module, inputs: dict, base: dict | None = None) -> dic
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    mapping = _sdpa_ops()
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
     by_module = {key: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()}

@@ -56,14 +56,17 @@ def _inv_norm_kernel(x_ptr, out_ptr, R, D, s_b, s_r, s_d, BLOCK_R: tl.constexpr,
 @triton.jit
 def _cosine_argmax_kernel(
     a_ptr, b_ptr, inv_a_ptr, inv_b_ptr, row_mask_ptr, col_mask_ptr, val_ptr, idx_ptr,
-    M, N, D,
+    M, N, D, B, N_PER,
     s_ab, s_am, s_ad, s_bb, s_bn, s_bd,
     HAS_ROW_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, HOLD_A: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Running row max/argmax of cos(a_i, b_j) over column tiles in increasing order."""
+    """Running row max/argmax of cos(a_i, b_j) over the column tiles of split ``program_id(2)`` (columns
+    ``[split * N_PER, (split + 1) * N_PER)``) in increasing order. ``FINAL`` (one split): NaN restored and rows
+    masked here; otherwise the split's ranking key (+inf for NaN) goes to ``val[split]`` for ``_combine``."""
     pid_b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
@@ -78,9 +81,10 @@ def _cosine_argmax_kernel(
 
     best_val = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for n0 in range(0, N, BLOCK_N):
+    n_end = tl.minimum(N, (split + 1) * N_PER)
+    for n0 in range(split * N_PER, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        col_ok = cols < n_end
         b_cols = b_base + cols[None, :].to(tl.int64) * s_bn  # [1, BN]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HOLD_A:
@@ -115,13 +119,15 @@ def _cosine_argmax_kernel(
         best_idx = tl.where(take, tile_idx, best_idx)
         best_val = tl.where(take, tile_max, best_val)
 
-    best_val = tl.where(best_val == float("inf"), float("nan"), best_val)
-    if HAS_ROW_MASK:
-        keep = tl.load(row_mask_ptr + pid_b * M + rows, mask=row_ok, other=0) != 0
-        best_val = tl.where(keep, best_val, float("-inf"))
-        best_idx = tl.where(keep, best_idx, 0)
-    tl.store(val_ptr + pid_b * M + rows, best_val, mask=row_ok)
-    tl.store(idx_ptr + pid_b * M + rows, best_idx.to(tl.int64), mask=row_ok)
+    if FINAL:
+        best_val = tl.where(best_val == float("inf"), float("nan"), best_val)
+        if HAS_ROW_MASK:
+            keep = tl.load(row_mask_ptr + pid_b * M + rows, mask=row_ok, other=0) != 0
+            best_val = tl.where(keep, best_val, float("-inf"))
+            best_idx = tl.where(keep, best_idx, 0)
+    out = (split * B + pid_b) * M + rows
+    tl.store(val_ptr + out, best_val, mask=row_ok)
+    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=row_ok)
 
 
 def _inv_norms(x: torch.Tensor, block_r: int, block_d: int) -> torch.Tensor:
@@ -148,11 +154,14 @@ def cosine_argmax(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match in ``b`` for every row of ``a``, tiled, without an ``M x N`` buffer.
 
     Same contract as ``reference.cosine_argmax``; ``block_*`` override the tile sizes (tests use tiny tiles
-    to cover several tiles on small inputs). Inputs that require grad go to the reference (no backward here).
+    to cover several tiles on small inputs), ``splits`` the number of column ranges walked by separate programs
+    (default: enough programs to fill the GPU, see ``_splits``). Inputs that require grad go to the reference
+    (no backward here).
 
     Args:
         a: ``[..., M, D]``; b: ``[..., N, D]`` (leading dims broadcast); fp16/bf16/fp32, any strides.
@@ -167,14 +176,14 @@ def cosine_argmax(
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"feature dims differ: a {tuple(a.shape)} vs b {tuple(b.shape)}")
     if not (a.shape[-2] and b.shape[-2]):
-        return _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k)
+        return _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k, splits)
     rows, col_mask = reference.equal_inputs(a, b, row_mask, col_mask)  # equal inputs, equal scores
-    val, idx = _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k)
+    val, idx = _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k, splits)
     rows = rows.expand(val.shape)
     return val.gather(-1, rows), idx.gather(-1, rows)
 
 
-def _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k) -> tuple[torch.Tensor, torch.Tensor]:
+def _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k, splits) -> tuple[torch.Tensor, torch.Tensor]:
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     m, n, d = a.shape[-2], b.shape[-2], a.shape[-1]
     a, b = float_input(a), float_input(b)
@@ -203,13 +212,47 @@ def _cosine_argmax(a, b, row_mask, col_mask, block_m, block_n, block_k) -> tuple
     rmask = _flat_mask(row_mask, lead, m)
     cmask = _flat_mask(col_mask, lead, n)
     dot_fp32 = wide or (interp and a3.dtype == torch.bfloat16)  # the interpreter has no bf16 tl.dot
-    grid = (bsz, triton.cdiv(m, bm))
+    tiles = triton.cdiv(n, bn)
+    n_split = max(1, min(splits or _splits(a.device, bsz * triton.cdiv(m, bm)), tiles))
+    n_per = triton.cdiv(tiles, n_split) * bn  # columns per split, whole tiles
+    n_split = triton.cdiv(n, n_per)
+    final = n_split == 1
+    pval = val if final else new_empty((n_split, bsz, m), torch.float32, a.device)  # [S, B, M] ranking keys
+    pidx = idx if final else new_empty((n_split, bsz, m), torch.int64, a.device)  # [S, B, M]
+    grid = (bsz, triton.cdiv(m, bm), n_split)
     _cosine_argmax_kernel[grid](
         a3, b3, inv_a, inv_b,
         rmask if rmask is not None else val, cmask if cmask is not None else val,  # dummies when absent
-        val, idx, m, n, d, *a3.stride(), *b3.stride(),
+        pval, pidx, m, n, d, bsz, n_per, *a3.stride(), *b3.stride(),
         HAS_ROW_MASK=rmask is not None, HAS_COL_MASK=cmask is not None, HOLD_A=d <= bk, DOT_FP32=dot_fp32,
-        PRECISION="tf32x3" if wide and not interp else "ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        PRECISION="tf32x3" if wide and not interp else "ieee", FINAL=final, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=4 if interp else 8,
     )  # fmt: skip
+    if not final:
+        val, idx = _combine(pval, pidx, rmask)
     return val.reshape(*lead, m), idx.reshape(*lead, m)
+
+
+def _splits(device: torch.device, programs: int) -> int:
+    """Column splits that give at least four programs per streaming multiprocessor (one split on a CPU)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return triton.cdiv(4 * sms, programs)
+
+
+def _combine(key: torch.Tensor, idx: torch.Tensor, rmask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split ``(key, index)`` ``[S, B, M]`` -> the kernel's one-split answer ``[B, M]``.
+
+    The splits hold increasing column ranges, so the first split that reaches the maximum key holds the
+    left-most best column (``argmax`` returns the first maximum); a key of +inf is a NaN similarity.
+    """
+    best = key.amax(0)  # [B, M]
+    first = (key == best).to(torch.int8).argmax(0, keepdim=True)  # [1, B, M]
+    out = idx.gather(0, first)[0]
+    best = best.masked_fill(best == float("inf"), float("nan"))
+    if rmask is not None:
+        keep = rmask.bool()
+        best = best.masked_fill(~keep, float("-inf"))
+        out = out.masked_fill(~keep, 0)
+    return best, out

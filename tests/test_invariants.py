@@ -119,6 +119,39 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
     assert all(out.shape[1] == len(s.source_positions) for s in rec.samples)
 
 
+@pytest.fixture(scope="module")
+def bf16_model(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bfloat16_model_compresses_in_its_own_dtype(bf16_model, family, method):
+    """Users run bf16: every method's tokens (merged averages, projected contexts) reach the LLM in its dtype."""
+    inputs = family.inputs(bf16_model, BATCH, padding_side="left")
+    inputs = {
+        k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()
+    }
+    budget = BUDGET.get(method, 0.25)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs.get("inputs_embeds")
+
+    handle = bf16_model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with vtc.compressed(bf16_model, method, budget=budget):
+            out = _greedy(bf16_model, inputs, n=2)
+            rec = vtc.last_record(bf16_model)
+    finally:
+        handle.remove()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert all(list(im.counts.values())[-1] < im.num_input for im in rec.images)  # after the last stage
+    if seen["embeds"] is not None:
+        assert seen["embeds"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [1.0, 10_000])
 def test_full_budget_is_the_untouched_model(model, family, method, budget):

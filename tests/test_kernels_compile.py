@@ -30,8 +30,10 @@ CASES = [
              "row_mask_ptr": "*i8", "col_mask_ptr": "*i8", "val_ptr": "*fp32", "idx_ptr": "*i64"},
             [
                 {"HAS_ROW_MASK": True, "HAS_COL_MASK": True, "HOLD_A": hold, "DOT_FP32": dt == "fp32",
-                 "PRECISION": "tf32x3" if dt == "fp32" else "ieee", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk}
+                 "PRECISION": "tf32x3" if dt == "fp32" else "ieee", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk,
+                 "FINAL": final}
                 for hold, bk in ([(True, 64), (False, 32)] if dt == "fp32" else [(True, 128), (False, 64)])
+                for final in (True, False)
             ],
             8,
         )
@@ -48,10 +50,15 @@ CASES = [
     *[
         (
             f"triton_attention:{kernel}",
-            {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "scale": "fp32"}
+            {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "scale2": "fp32"}
             | ({"out_ptr": "*fp32"} if kernel == "_colsum_kernel" else {}),
-            [{"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": bd} for bd in (64, 128)],
-            4,
+            [
+                {"BLOCK_Q": bq, "BLOCK_K": bk, "BLOCK_D": bd, "DOT_FP32": dt == "fp32",
+                 "PRECISION": "tf32x3" if dt == "fp32" else "ieee"}
+                for bd, big in ((64, 128), (128, 64))
+                for bq, bk in ((big, 64), (64, big))
+            ],
+            8,
         )
         for kernel in ("_lse_kernel", "_colsum_kernel")
         for dt in ("bf16", "fp32")

@@ -10,8 +10,9 @@ after it. The feature outputs are kept, so the stock forward reuses them instead
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
                     vision_tokens=vision_tokens,
                     text_ids=text_ids,
                     text_embeds=embed(text_ids),
-                    project=adapter.project,
+                    project=functools.partial(_project, adapter.project, proj_in.dtype),
                     sample=sample,
                     image=len(encoded.images),
                     modality=modality.name,
@@ -136,3 +137,8 @@ def arrange(modalities: Sequence[Any], encoded: Encoded, reductions: Sequence[Re
         if not torch.equal(order, torch.arange(order.numel())):
             out[j] = red.reordered(order, im.n)
     return out
+
+
+def _project(project: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    """The projector on features in the dtype the model feeds it (a method may hand it fp32 averages)."""
+    return project(x.to(dtype))
