@@ -165,6 +165,41 @@ def test_first_equal_groups_equal_rows_per_batch_entry_and_skips_invalid_ones():
     assert index.tolist() == [2, 1, 2, 2]  # column 0 is masked: its equals answer for it
 
 
+def _first_equal_by_definition(x, valid):
+    """The first earlier row equal to each row under ``==`` (NaN rows and invalid rows equal to none)."""
+    b, r, _ = x.shape
+    out = torch.arange(r).repeat(b, 1)
+    usable = ~x.isnan().any(-1) & (torch.ones(b, r, dtype=torch.bool) if valid is None else valid)
+    for i in range(b):
+        for a in range(r):
+            for c in range(a):
+                if usable[i, a] and usable[i, c] and bool((x[i, c] == x[i, a]).all()):
+                    out[i, a] = c
+                    break
+    return out
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["unique", "hashed"])
+def test_first_equal_is_exact_equality_with_nan_signed_zero_and_inf(hashed, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        b, r, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 4), (1, 25), (1, 6)))
+        protos = torch.randint(-2, 3, (5, d), generator=g).float()
+        x = protos[torch.randint(0, 5, (b, r), generator=g)]
+        x = torch.where((x == 0) & (torch.rand(x.shape, generator=g) > 0.5), torch.tensor(-0.0), x)  # -0.0 == 0.0
+        if trial % 3 == 0:
+            x = torch.where(x == 2, torch.tensor(float("inf")), x)
+        if trial % 4 == 0:
+            x[0, 0, 0] = float("nan")
+        valid = torch.rand(b, r, generator=g) > 0.3 if trial % 2 else None
+        want = _first_equal_by_definition(x, valid)
+        assert torch.equal(reference.first_equal(x, valid, hashed=hashed), want), trial
+        assert torch.equal(reference.first_equal(x.bfloat16(), valid, hashed=hashed), want), trial
+    if hashed:  # every row hashing alike: neighbours differ, so the exact fallback answers, still correctly
+        monkeypatch.setattr(reference, "_row_hash", lambda flat: torch.zeros(flat.shape[0], dtype=torch.long))
+        assert torch.equal(reference.first_equal(x, valid, hashed=True), want)
+
+
 def test_greedy_maxmin_holds_no_n_by_n_buffer():
     """200,000 tokens: a distance matrix would be 160 GB (fp32), far beyond this machine (24 GB); the rows
     computed per pick need 0.8 MB each."""
