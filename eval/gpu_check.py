@@ -7,7 +7,10 @@
    preset's ViT patches) and 25,088 with 16 heads of 64, and ``greedy_maxmin`` at the same sizes; each row
    with the Triton speed-up, the effective bandwidth over the minimal bytes and its fraction of the GPU's
    peak memory bandwidth (``--peak-gbps``, or the data-sheet figure for the GPUs named below).
-2. **Speed presets** (``eval/bench_speed.py`` in bf16 with SDPA): each preset in turn, three timed calls per
+2. **greedy_maxmin replayed as a CUDA graph** (``greedy_graphs``): three calls of one shape with different
+   inputs (the first runs step by step, the second captures, the third replays), each compared with the
+   PyTorch reference pick for pick, and the time of each call, at d = 64 and at an LLM's width (3,584).
+3. **Speed presets** (``eval/bench_speed.py`` in bf16 with SDPA): each preset in turn, three timed calls per
    configuration, its default methods and budgets; a preset that would start after ``--minutes`` have passed
    is listed as skipped, so the whole check stays within its time.
 
@@ -86,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_presets": [],
         "failed_kernels": failed,
     }
+    if not args.smoke:
+        try:
+            result["greedy_graphs"] = greedy_graphs()
+        except Exception:
+            result["greedy_graphs"] = {"error": traceback.format_exc(limit=8)}
+            print(f"gpu_check: greedy graphs failed:\n{result['greedy_graphs']['error']}", file=sys.stderr)
     result["failed_presets"] = {}
     presets = [] if args.smoke else [x for x in args.presets.split(",") if x]
     for name in presets:
@@ -109,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             if "triton_bandwidth_fraction" in row:
                 fraction = row["triton_bandwidth_fraction"]
                 lines.append(f"* {row['op']} N={row['N']}: Triton at {fraction:.1%} of peak bandwidth")
+    graphs = result.get("greedy_graphs")
+    if isinstance(graphs, list):
+        lines += [
+            "",
+            "| greedy_maxmin n | d | k | call | ms | same picks as the reference |",
+            "|---:|---:|---:|---|---:|:-:|",
+        ]
+        lines += [
+            f"| {r['n']} | {r['d']} | {r['k']} | {r['call']} | {r['ms']:.1f} | {r['same_as_reference']} |"
+            for r in graphs
+        ]
     for name in result["speed"]:
         lines += ["", (out / f"speed_{name}" / "speed.md").read_text()]
     if result["skipped_presets"]:
@@ -118,6 +138,30 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu_check.json").with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'gpu_check.json'} and its .md tables in {result['seconds']:.0f} s")
     return 0
+
+
+def greedy_graphs(n: int = 6272, keep: float = 0.2, dims: tuple[int, ...] = (64, 3584)) -> list[dict]:
+    """Three calls of ``greedy_maxmin`` per width: step by step, captured, replayed; each checked and timed."""
+    from vtc.kernels import reference, triton_greedy
+    from vtc.kernels.triton_greedy import greedy_maxmin
+
+    triton_greedy._SEEN.clear()  # the kernel benchmarks above called these shapes already
+    triton_greedy._GRAPHS.clear()
+    rows = []
+    for d in dims:
+        k = round(keep * n)
+        gen = torch.Generator(device="cuda").manual_seed(d)
+        for call in ("eager", "capture", "replay", "replay"):
+            x = torch.randn(1, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            got = greedy_maxmin(x, k)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) * 1000
+            same = bool(torch.equal(got, reference.greedy_maxmin(x, k)))
+            rows.append({"n": n, "d": d, "k": k, "call": call, "ms": ms, "same_as_reference": same})
+            print(f"  greedy_maxmin n={n} d={d} k={k} {call}: {ms:.1f} ms, same picks as the reference: {same}")
+    return rows
 
 
 def _write(out: pathlib.Path, result: dict, started: float) -> None:

@@ -64,3 +64,23 @@ def test_no_n_by_n_buffer(gen):
     x = torch.randn(1, 100_000, 4, generator=gen)
     first = torch.tensor([7])
     assert torch.equal(greedy_maxmin(x, 3, first), reference.greedy_maxmin(x, 3, first))
+
+
+def test_cuda_graph_policy(monkeypatch):
+    """Graphs only on CUDA, from the second call with the same shapes and k, never for few picks or when off."""
+    from vtc.kernels import triton_greedy as tg
+
+    monkeypatch.setattr(tg, "_SEEN", set())
+    monkeypatch.setattr(tg, "_NO_GRAPH", set())
+    cuda = ((1, 500, 64), torch.device("cuda", 0), 100, 512)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not tg._use_graph(cuda)  # first call: eager (it may be the only one with these shapes)
+    assert tg._use_graph(cuda)  # second: capture, then replay
+    assert not tg._use_graph(((1, 500, 64), torch.device("cpu"), 100, 512))
+    few = ((1, 500, 64), torch.device("cuda", 0), tg._MIN_GRAPH_STEPS - 1, 512)
+    assert not tg._use_graph(few) and not tg._use_graph(few)
+    monkeypatch.setenv("VTC_CUDA_GRAPHS", "0")
+    assert not tg._use_graph(cuda)
+    monkeypatch.delenv("VTC_CUDA_GRAPHS")
+    tg._NO_GRAPH.add(cuda)  # a capture that failed is not tried again
+    assert not tg._use_graph(cuda)
