@@ -24,21 +24,18 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=EPS)
 
 
-def first_equal(x: torch.Tensor, valid: torch.Tensor | None = None, hashed: bool | None = None) -> torch.Tensor:
+def first_equal(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``[..., R]``: for every row of ``x [..., R, D]``, the index of the first row equal to it (itself if none).
 
-    Rows where ``valid [..., R]`` is False, and rows holding a NaN, are equal to no other row; ``-0.0 == 0.0``
-    (exact comparison, ``==``). Two exact ways, chosen by ``hashed`` (default: on a GPU only):
-
-    * ``torch.unique`` over the rows prefixed with a tag (their batch entry, or their own index when they stand
-      alone): a lexicographic sort of the rows, fast on a CPU, about 0.7 ms for 6,272 x 64 on an H200;
-    * hashed: every row gets an exact integer hash of its values, one stable sort of the hashes brings equal
-      ones together and neighbours are compared value by value, so a collision can never merge unequal rows
-      (if one ever pairs two unequal neighbours, the answer comes from ``torch.unique``).
+    Exact comparison (``==``: ``-0.0`` equals ``0.0``); rows where ``valid [..., R]`` is False, and rows holding a
+    NaN, are equal to no other row. Batched: one ``torch.unique`` over the rows prefixed with a tag (their batch
+    entry, or their own index for a row that stands alone). A NaN row must get its own tag: left among the
+    others it breaks the sort's order and equal rows around it fail to group. On an H200 this costs about
+    0.7 ms for 6,272 x 64 rows; an exact-hash-and-sort variant measured about twice as slow there and was dropped.
     """
     *lead, r, d = x.shape
     bsz = math.prod(lead)
-    flat = x.reshape(bsz * r, d).float() + 0.0  # + 0.0 turns -0.0 into 0.0 (equal under ==), bit patterns then agree
+    flat = x.reshape(bsz * r, d).float() + 0.0  # + 0.0 turns -0.0 into 0.0, which unique would keep apart
     index = torch.arange(bsz * r, device=x.device)
     alone = flat.isnan().any(-1)
     if valid is not None:
@@ -46,43 +43,9 @@ def first_equal(x: torch.Tensor, valid: torch.Tensor | None = None, hashed: bool
     tag = torch.where(alone, bsz + index, index // max(r, 1))  # rows of different batch entries never group
     if flat.shape[0] == 0:
         return index.reshape(*lead, r)
-    if not (x.device.type == "cuda" if hashed is None else hashed):
-        return (_first_equal_unique(flat, tag, index) % max(r, 1)).reshape(*lead, r)
-    key = _row_hash(flat)
-    order = torch.argsort(key, stable=True)
-    order = order[torch.argsort(tag[order], stable=True)]  # by tag, then hash, then index
-    rows, tags, keys = flat[order], tag[order], key[order]
-    same_key = (tags[1:] == tags[:-1]) & (keys[1:] == keys[:-1])
-    same = same_key & (rows[1:] == rows[:-1]).all(-1)
-    if bool((same_key != same).any()):  # a collision between unequal rows: the slow exact path
-        return (_first_equal_unique(flat, tag, index) % max(r, 1)).reshape(*lead, r)
-    group = torch.cat([same.new_zeros(1), ~same]).cumsum(0)  # [BR] group id in sorted order
-    first = torch.full_like(index, bsz * r).scatter_reduce(0, group, order, "amin")
-    out = torch.empty_like(index)
-    out[order] = first[group]
-    return (out % max(r, 1)).reshape(*lead, r)
-
-
-_PRIME = 2_147_483_629  # below 2**31
-
-
-def _row_hash(flat: torch.Tensor) -> torch.Tensor:
-    """An exact integer hash of each fp32 row, ``[R, D] -> [R]`` int64: equal rows get equal hashes on any device
-    and in any summation order. Each value's bits as two 16-bit halves, times fixed random factors below 2**31
-    (products below 2**47, sums of up to 2**15 features below 2**63), summed, then two such sums mod a prime."""
-    bits = flat.view(torch.int32).to(torch.int64)
-    halves = torch.cat([bits & 0xFFFF, (bits >> 16) & 0xFFFF], -1)  # [R, 2D]
-    gen = torch.Generator().manual_seed(20261204)
-    factors = torch.randint(1, _PRIME, (halves.shape[1], 2), generator=gen).to(flat.device)
-    h0, h1 = ((halves * factors[:, 0]).sum(-1) % _PRIME, (halves * factors[:, 1]).sum(-1) % _PRIME)
-    return h0 * _PRIME + h1
-
-
-def _first_equal_unique(flat: torch.Tensor, tag: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The first equal row's flat index, through ``torch.unique`` over the rows prefixed with their tag."""
     _, inverse = torch.unique(torch.cat([tag[:, None].double(), flat.double()], 1), dim=0, return_inverse=True)
-    first = torch.full_like(index, index.numel()).scatter_reduce(0, inverse, index, "amin")
-    return first[inverse]
+    first = torch.full_like(index, bsz * r).scatter_reduce(0, inverse, index, "amin")
+    return (first[inverse] % max(r, 1)).reshape(*lead, r)
 
 
 def equal_inputs(
