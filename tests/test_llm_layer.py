@@ -174,6 +174,38 @@ def test_recomputed_attention_rows_equal_eager_attention_weights():
     torch.testing.assert_close(mine, eager, atol=TOL["attention_rows"], rtol=0)
 
 
+def _llm_layer_families():
+    from vtc.adapters import ADAPTERS
+    from vtc.contexts import Stage
+    from vtc.testing import FAMILIES
+
+    return sorted(n for n, f in FAMILIES.items() if Stage.LLM_LAYER in ADAPTERS[f.model_type].stages)
+
+
+@pytest.mark.parametrize("name", _llm_layer_families())
+def test_recomputed_attention_rows_equal_eager_weights_in_every_family(name):
+    """Each family's decoder as the model runs it (Qwen2-VL's multimodal RoPE, Qwen3-VL's per-head q / k norms,
+    grouped KV heads): the rows vtc recomputes equal the eager attention weights of layer 1."""
+    from vtc.adapters import adapter_for
+    from vtc.testing import FAMILIES
+
+    family = FAMILIES[name]
+    m = family.build(seed=4, attn_implementation="eager")
+    inputs = family.inputs(m, ((3, 4),))
+    layer, captured = 1, {}
+    handle = m.model.language_model.layers[layer].register_forward_pre_hook(
+        lambda mod, a, kw: captured.update(x=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        eager = m(**inputs, output_attentions=True).attentions[layer][0].mean(0)  # [L, L] head-mean
+    handle.remove()
+    x = captured["x"]
+    valid = torch.ones(1, x.shape[1], dtype=torch.bool)
+    (mine,) = adapter_for(m).decoder().attention_rows(layer, x, *captured["pe"], valid, [torch.arange(x.shape[1])])
+    torch.testing.assert_close(mine, eager, atol=TOL["attention_rows"], rtol=0)
+
+
 def test_fastv_keeps_the_most_attended_tokens_and_records_equivalent_budget(model):
     inputs = llava_inputs(model, ((3, 4),), seed=3)
     with vtc.compressed(model, "fastv", budget=0.25, layer=2):

@@ -1,8 +1,9 @@
 """A view of a stock decoder-only LLM for the ``LLM_LAYER`` hook point: its layers, RoPE, masks, attention rows.
 
-Works on the transformers 5.x decoder layout shared by Llama, Qwen2 and Qwen2-VL's text model: a plain
-Python loop over ``layers`` that passes every layer the same ``attention_mask`` (4-D or None),
-``position_ids``, ``position_embeddings=(cos, sin)`` and ``cache``, computed once for the full sequence.
+Works on the transformers 5.x decoder layout shared by Llama, Qwen2, Qwen2-VL's and Qwen3-VL's text models
+(with Qwen3's per-head q / k norms): a plain Python loop over ``layers`` that passes every layer the same
+``attention_mask`` (4-D or None), ``position_ids``, ``position_embeddings=(cos, sin)`` and ``cache``, computed
+once for the full sequence.
 The hooks that prune inside it are :mod:`vtc.adapters.llm_hooks`.
 
 Attention rows are recomputed from a layer's own input norm, q/k projections, RoPE and grouped KV heads, so
@@ -16,6 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def _heads(attn: nn.Module, which: str, h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, L, H, d]`` queries (``which="q"``) or keys of the normed input ``h [B, L, D]``: the projection, then
+    the per-head RMSNorm where the layer has one (Qwen3, Gemma 3: ``q_norm`` / ``k_norm``, before RoPE)."""
+    x = getattr(attn, f"{which}_proj")(h)
+    x = x.view(*x.shape[:-1], -1, head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    return norm(x) if norm is not None else x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +76,7 @@ class Decoder:
         attn = block.self_attn
         h = block.input_layernorm(x)
         bsz, length, _ = h.shape
-        keys = attn.k_proj(h).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        keys = _heads(attn, "k", h, attn.head_dim).transpose(1, 2)
         keys = self.rope(keys, cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1))
         return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
 
@@ -102,7 +112,7 @@ class Decoder:
         h = block.input_layernorm(x)  # [B, L, D]
         bsz, length, _ = h.shape
         d = attn.head_dim
-        keys = attn.k_proj(h).view(bsz, length, -1, d).transpose(1, 2)  # [B, Hkv, L, d]
+        keys = _heads(attn, "k", h, d).transpose(1, 2)  # [B, Hkv, L, d]
         keys = self.rope(keys, cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1))
         groups = attn.num_key_value_groups
         out = []
@@ -110,7 +120,7 @@ class Decoder:
             if r.numel() == 0:  # no query rows asked for this sample
                 out.append(x.new_zeros((0, 0, length) if heads is not None else (0, length), dtype=torch.float32))
                 continue
-            q = attn.q_proj(h[b, r]).view(1, len(r), -1, d).transpose(1, 2)  # [1, H, R, d]
+            q = _heads(attn, "q", h[b, r][None], d).transpose(1, 2)  # [1, H, R, d]
             cb = cos.expand(bsz, -1, -1)[b : b + 1, r]
             sb = sin.expand(bsz, -1, -1)[b : b + 1, r]
             q = self.rope(q, cb, sb)
@@ -129,7 +139,7 @@ class Decoder:
         attn = block.self_attn
         bsz = x.shape[0]
         h = block.input_layernorm(x[:, -1:])
-        q = attn.q_proj(h).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
+        q = _heads(attn, "q", h, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
         q = self.rope(q, cos.expand(bsz, -1, -1)[:, -1:], sin.expand(bsz, -1, -1)[:, -1:])
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
         logits = (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
