@@ -67,8 +67,10 @@ def cosine_argmax(
     b: torch.Tensor,
     row_mask: torch.Tensor | None = None,
     col_mask: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best cosine match in ``b`` for every row of ``a``.
+    """Best cosine match in ``b`` for every row of ``a``, ``chunk`` rows of similarities at a time (``O(chunk N)``
+    memory, never ``M x N``).
 
     Args:
         a: ``[..., M, D]``; b: ``[..., N, D]`` (same leading dims).
@@ -80,14 +82,16 @@ def cosine_argmax(
         Equal rows get equal answers, and among equal columns the first is chosen (:func:`equal_inputs`).
     """
     rows, col_mask = equal_inputs(a, b, row_mask, col_mask)
-    sim = normalize(a) @ normalize(b).transpose(-1, -2)  # [..., M, N]
-    if col_mask is not None:
-        sim = sim.masked_fill(~col_mask.bool().unsqueeze(-2), float("-inf"))
-    if sim.shape[-1] == 0:
-        shape = sim.shape[:-1]
-        value, index = sim.new_full(shape, float("-inf")), torch.zeros(shape, dtype=torch.long, device=sim.device)
-    else:
-        value, index = sim.max(dim=-1)
+    an, bt = normalize(a), normalize(b).transpose(-1, -2)  # [..., M, D], [..., D, N]
+    shape = torch.broadcast_shapes(a.shape[:-1], (*b.shape[:-2], a.shape[-2]))  # [..., M]
+    value = torch.full(shape, float("-inf"), device=an.device)
+    index = torch.zeros(shape, dtype=torch.long, device=an.device)
+    if b.shape[-2]:
+        for start in range(0, a.shape[-2], chunk):
+            sim = an[..., start : start + chunk, :] @ bt  # [..., c, N]
+            if col_mask is not None:
+                sim = sim.masked_fill(~col_mask.bool().unsqueeze(-2), float("-inf"))
+            value[..., start : start + chunk], index[..., start : start + chunk] = sim.max(dim=-1)
     if row_mask is not None:
         keep = row_mask.bool()
         value = value.masked_fill(~keep, float("-inf"))
