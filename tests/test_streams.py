@@ -22,7 +22,9 @@ def test_a_declared_row_stream_takes_the_rows_of_the_ids():
         adapter.row_streams = (*adapter.row_streams, RowStream("tags", fill=-1))
         out = compressed_inputs(model, inputs)
     assert out["input_ids"].shape[1] < inputs["input_ids"].shape[1]
-    assert torch.equal(out["tags"], out["input_ids"] * 10 + 7)  # every row, the caller's padding included
+    real = out["attention_mask"].bool()  # the caller's padding is dropped; new padding takes the stream's fill
+    assert torch.equal(out["tags"][real], (out["input_ids"] * 10 + 7)[real])
+    assert (out["tags"][~real] == -1).all() and (~real).any()
 
 
 def test_token_stream_split_reduce_pack():

@@ -168,7 +168,9 @@ def splice(
         pad_id: id of the padding rows added when samples end up with different lengths.
         policy: ``"original"`` keeps each kept row's base position; ``"compact"`` subtracts the number of
             tokens removed before it (1-D positions only).
-        side: ``"left"`` or ``"right"``: where padding goes when samples end up with different lengths.
+        side: ``"left"`` or ``"right"``: where padding goes when samples end up with different lengths. The
+            caller's own padding rows (``attention_mask == 0``) are dropped first, so the new batch is as long
+            as its longest compressed sample, not as the uncompressed batch's padding made it.
         rows: other ``[B, L]`` inputs aligned with the prompt rows (labels, token types), each with the fill
             value of new padding; they take the same rows as the ids.
 
@@ -211,11 +213,12 @@ def splice(
     for b in range(bsz):
         takes, srcs, poss = [], [], []
         cursor, removed = 0, 0
+        real = attention_mask[b].to(device) != 0  # the caller's padding rows are dropped, then padded anew
         for start, n, take, src in sorted(pieces[b], key=lambda p: p[0]):
-            text = torch.arange(cursor, start, device=device)
+            text = torch.arange(cursor, start, device=device)[real[cursor:start]]
             takes.append(text)
             srcs.append(text)
-            poss.append(base_positions[..., b, cursor:start] - (removed if policy == "compact" else 0))
+            poss.append(base_positions[..., b, text] - (removed if policy == "compact" else 0))
             k = int(take.numel())
             takes.append(take)
             srcs.append(src)
@@ -225,10 +228,10 @@ def splice(
                 poss.append(base_positions[..., b, take])
             removed += n - k
             cursor = start + n
-        tail = torch.arange(cursor, input_ids.shape[1], device=device)
+        tail = torch.arange(cursor, input_ids.shape[1], device=device)[real[cursor:]]
         takes.append(tail)
         srcs.append(tail)
-        poss.append(base_positions[..., b, cursor:] - (removed if policy == "compact" else 0))
+        poss.append(base_positions[..., b, tail] - (removed if policy == "compact" else 0))
         take_rows.append(torch.cat(takes))
         src_rows.append(torch.cat(srcs))
         pos_rows.append(torch.cat(poss, dim=-1))
