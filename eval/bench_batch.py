@@ -11,7 +11,7 @@ left-padded, as a server batches requests. Per configuration (uncompressed, then
 * **throughput**: one ``generate`` of the batch (``--new-tokens``, greedy, KV cache on), median over
   ``--repeats``: generated tokens per second (all samples, prefill included) and the prefill time;
 * **KV cache**: bytes of the cache ``generate`` returns (every layer's keys and values, padding included),
-  per sample, and the bytes that hold real (unpadded) rows;
+  per sample;
 * **memory cap**: the peak memory of one batched ``generate`` at batch sizes 1, 2 and 4 (CPU: growth of peak
   RSS, ``speed_probes.PeakMemory``; CUDA: the allocator's peak), a straight line fitted through them, and the
   largest batch whose fitted peak stays under ``--cap-gib``.
@@ -71,18 +71,11 @@ def batch_inputs(model, size: int, samples=SAMPLES, seed: int = 0) -> dict[str, 
     }
 
 
-def kv_bytes(cache, mask: torch.Tensor) -> tuple[float, float]:
-    """(bytes per sample, bytes in unpadded rows per sample) of a returned cache; ``mask [B, S]`` marks real rows
-    of the cache's longest layer (layers shortened by in-LLM pruning count their own rows, padding included)."""
-    total, real = 0, 0.0
-    bsz = mask.shape[0]
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            total += t.numel() * t.element_size()
-            per_row = t.numel() * t.element_size() / (t.shape[0] * t.shape[-2])
-            pad = mask.shape[1] - int(mask.sum(1).min())  # rows every sample pads at least
-            real += per_row * float((mask.sum(1) - max(0, mask.shape[1] - t.shape[-2] - pad)).clamp(min=0).sum())
-    return total / bsz, real / bsz
+def kv_bytes(cache, bsz: int) -> float:
+    """Bytes per sample of a returned cache: every layer's keys and values, the batch's padding included (what a
+    padded batch holds; layers shortened by in-LLM pruning count their own rows)."""
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total / bsz
 
 
 def run_config(model, method: str | None, budget: float, inputs, new_tokens: int, repeats: int) -> dict:
@@ -110,9 +103,7 @@ def run_config(model, method: str | None, budget: float, inputs, new_tokens: int
             times.append(time.perf_counter() - start)
         rec = vtc.last_record(model) if method else None
     bsz = inputs["input_ids"].shape[0]
-    length = out.sequences.shape[1] - new_tokens  # prompt rows fed (compressed: the shortened prompt)
-    cache_mask = out.sequences[:, :length] != sp.PAD
-    per_sample, real = kv_bytes(out.past_key_values, cache_mask)
+    per_sample = kv_bytes(out.past_key_values, bsz)
     seconds = statistics.median(times)
     kept = [sum(len(im.kept) for im in rec.images_of(b)) for b in range(bsz)] if rec else None
     return {
@@ -122,7 +113,6 @@ def run_config(model, method: str | None, budget: float, inputs, new_tokens: int
         "generate_s": seconds,
         "prefill_s": statistics.median(prefill),
         "kv_bytes_per_sample": per_sample,
-        "kv_real_bytes_per_sample": real,
         "visual_tokens_kept": kept,
     }
 
@@ -165,7 +155,7 @@ def markdown(result: dict) -> str:
         f"`python eval/bench_batch.py {' '.join(result['argv'])}`.",
         "",
         "| method | budget | visual tokens kept per sample | tokens/s | vs uncompressed | prefill s | "
-        "KV MiB per sample (real rows) | peak MiB per extra sample | largest batch under the cap |",
+        "KV MiB per sample (padding included) | peak MiB per extra sample | largest batch under the cap |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = result["rows"][0]["tokens_per_s"]
@@ -173,7 +163,7 @@ def markdown(result: dict) -> str:
         cap = r.get("cap", {})
         kept = "all" if r["visual_tokens_kept"] is None else ", ".join(map(str, r["visual_tokens_kept"]))
         speed = f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {r['prefill_s']:.2f}"
-        kv = f"{r['kv_bytes_per_sample'] / 2**20:.2f} ({r['kv_real_bytes_per_sample'] / 2**20:.2f})"
+        kv = f"{r['kv_bytes_per_sample'] / 2**20:.2f}"
         fit = f"{cap.get('mib_per_sample', float('nan')):.1f} | {cap.get('largest', '-')}"
         lines.append(f"| {r['method']} | {r['budget']:g} | {kept} | {speed} | {kv} | {fit} |")
     lines += ["", f"Memory cap {a['cap_gib']:g} GiB; peaks measured at batch sizes 1, 2, 4 and fitted by a line."]
