@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import warnings
 
 import torch
@@ -202,7 +203,7 @@ class _Captured:
     def __init__(self, xn: torch.Tensor, cur: torch.Tensor, k: int, blk: int):
         bsz, n, _ = xn.shape
         self.xn = xn.clone()
-        self.cur0 = cur.clone()
+        self.lock = threading.Lock()  # one replay at a time: the buffers are shared
         self.state = _State.fresh(cur, bsz, n, xn.device)
         self.out = torch.empty(bsz, k, dtype=torch.int64, device=xn.device)
         side = torch.cuda.Stream(xn.device)
@@ -215,9 +216,10 @@ class _Captured:
             _steps(self.xn, self.state, self.out, k, blk)
 
     def __call__(self, xn: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-        self.xn.copy_(xn)
-        self.state.cur.copy_(cur)
-        self.state.mind.fill_(float("inf"))
-        self.state.chosen.zero_()
-        self.graph.replay()
-        return self.out.clone()
+        with self.lock:
+            self.xn.copy_(xn)
+            self.state.cur.copy_(cur)
+            self.state.mind.fill_(float("inf"))
+            self.state.chosen.zero_()
+            self.graph.replay()
+            return self.out.clone()
