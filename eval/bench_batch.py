@@ -12,8 +12,8 @@ left-padded, as a server batches requests. Per configuration (uncompressed, then
   ``--repeats``: generated tokens per second (all samples, prefill included) and the prefill time;
 * **KV cache**: bytes of the cache ``generate`` returns (every layer's keys and values, padding included),
   per sample;
-* **memory cap**: the peak memory of one batched ``generate`` at batch sizes 1, 2 and 4 (CPU: growth of peak
-  RSS, ``speed_probes.PeakMemory``; CUDA: the allocator's peak), a straight line fitted through them, and the
+* **memory cap**: the peak memory of one batched ``generate`` at batch sizes 1, 2 and 4 (growth of peak RSS,
+  ``speed_probes.PeakMemory``; the model runs on the CPU), a straight line fitted through them, and the
   largest batch whose fitted peak stays under ``--cap-gib``.
 
 Writes ``batch.json`` and ``batch.md`` into ``--out``.
@@ -22,6 +22,7 @@ Writes ``batch.json`` and ``batch.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -90,20 +91,20 @@ def run_config(model, method: str | None, budget: float, inputs, new_tokens: int
             return_dict_in_generate=True,
         )
 
-    ctx = vtc.compressed(model, method, budget=budget) if method else _nothing()
+    ctx = vtc.compressed(model, method, budget=budget) if method else contextlib.nullcontext()
     with ctx, torch.no_grad():
         call()  # warm-up
         times, prefill = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
             prefill.append(time.perf_counter() - start)
             start = time.perf_counter()
             out = call()
             times.append(time.perf_counter() - start)
         rec = vtc.last_record(model) if method else None
     bsz = inputs["input_ids"].shape[0]
-    per_sample = kv_bytes(out.past_key_values, bsz)
+    per_sample = kv_bytes(out.cache, bsz)
     seconds = statistics.median(times)
     kept = [sum(len(im.kept) for im in rec.images_of(b)) for b in range(bsz)] if rec else None
     return {
@@ -117,14 +118,6 @@ def run_config(model, method: str | None, budget: float, inputs, new_tokens: int
     }
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def largest_batch(model, method, budget, new_tokens: int, cap_mib: float, sizes=(1, 2, 4)) -> dict:
     """Peak memory of one batched generate at ``sizes``, a fitted line, the largest batch under ``cap_mib``."""
     import vtc
@@ -134,7 +127,7 @@ def largest_batch(model, method, budget, new_tokens: int, cap_mib: float, sizes=
         return {"error": memory.reason}
     memory.enable()
     peaks = []
-    ctx = vtc.compressed(model, method, budget=budget) if method else _nothing()
+    ctx = vtc.compressed(model, method, budget=budget) if method else contextlib.nullcontext()
     with ctx, torch.no_grad():
         for size in sizes:
             inputs = batch_inputs(model, size)

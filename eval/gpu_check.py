@@ -14,9 +14,9 @@
    configuration, its default methods and budgets; a preset that would start after ``--minutes`` have passed
    is listed as skipped, so the whole check stays within its time.
 
-``gpu_check.json`` holds the machine, both parts and what was skipped; a Markdown file of the same name the
-tables. Without a GPU the script says so and exits 2, unless ``--smoke`` (tests: CPU references on tiny sizes,
-no presets).
+``gpu_check.json`` holds the machine, every part and what was skipped or failed; ``gpu_check.md`` the tables.
+Without a GPU the script says so and exits 2, unless ``--smoke`` (tests: CPU references on tiny sizes, no
+presets).
 """
 
 from __future__ import annotations
@@ -133,20 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", (out / f"speed_{name}" / "speed.md").read_text()]
     if result["skipped_presets"]:
         lines += ["", f"Not run (time): {', '.join(result['skipped_presets'])}"]
-    for name, error in {**result["failed_kernels"], **result["failed_presets"]}.items():
-        lines += ["", f"Preset {name} failed: `{error.strip().splitlines()[-1]}`"]
-    (out / "gpu_check.json").with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'gpu_check.json'} and its .md tables in {result['seconds']:.0f} s")
+    for what, failures in (("Kernel", result["failed_kernels"]), ("Preset", result["failed_presets"])):
+        lines += [f"\n{what} {name} failed: `{error.strip().splitlines()[-1]}`" for name, error in failures.items()]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {result['seconds']:.0f} s")
     return 0
 
 
 def greedy_graphs(n: int = 6272, keep: float = 0.2, dims: tuple[int, ...] = (64, 3584)) -> list[dict]:
     """Three calls of ``greedy_maxmin`` per width: step by step, captured, replayed; each checked and timed."""
-    from vtc.kernels import reference, triton_greedy
-    from vtc.kernels.triton_greedy import greedy_maxmin
+    from vtc.kernels import reference
+    from vtc.kernels.triton_greedy import forget_graphs, greedy_maxmin
 
-    triton_greedy._SEEN.clear()  # the kernel benchmarks above called these shapes already
-    triton_greedy._GRAPHS.clear()
+    forget_graphs()  # the kernel benchmarks above called these shapes already
     rows = []
     for d in dims:
         k = round(keep * n)

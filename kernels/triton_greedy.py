@@ -181,6 +181,13 @@ _SEEN: set = set()
 _NO_GRAPH: set = set()
 
 
+def forget_graphs() -> None:
+    """Drop every captured loop and every shape seen (the next call of any shape runs step by step)."""
+    _GRAPHS.clear()
+    _SEEN.clear()
+    _NO_GRAPH.clear()
+
+
 def _use_graph(key: tuple) -> bool:
     """Replay a captured loop from the second call with these shapes on (the first may be the only one)."""
     xn_shape, device, k, _ = key

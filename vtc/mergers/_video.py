@@ -47,8 +47,10 @@ def dpc_knn(y: torch.Tensor, n_centres: int, k: int) -> tuple[torch.Tensor, torc
     yf = y.float()
     rows = max(1, _CHUNK // n)  # distance rows held at once: no N x N buffer past 2**22 entries
 
+    whole = torch.cdist(yf, yf) / math.sqrt(d) if rows >= n else None  # one block: computed once
+
     def dist(start: int) -> torch.Tensor:  # [rows, N] scaled Euclidean distances of a block of rows
-        return torch.cdist(yf[start : start + rows], yf) / math.sqrt(d)
+        return whole if whole is not None else torch.cdist(yf[start : start + rows], yf) / math.sqrt(d)
 
     k = max(1, min(k, n))
     knn = torch.cat([dist(s).topk(k, dim=-1, largest=False).values for s in range(0, n, rows)])
@@ -64,7 +66,7 @@ def dpc_knn(y: torch.Tensor, n_centres: int, k: int) -> tuple[torch.Tensor, torc
     delta = torch.where(torch.isinf(delta), far, delta)
     gamma = delta * rho
     centres = kernels.topk_sorted(gamma, n_centres)
-    columns = block[:, centres] if rows >= n else torch.cdist(yf, yf[centres]) / math.sqrt(d)  # one block: reuse
+    columns = whole[:, centres] if whole is not None else torch.cdist(yf, yf[centres]) / math.sqrt(d)
     assign = columns.argmin(dim=-1)
     assign[centres] = torch.arange(n_centres, device=y.device)
     return centres, assign, gamma
