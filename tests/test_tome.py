@@ -129,11 +129,14 @@ def test_listed_families():
     row = next(m.to_dict() for m in vtc.list_methods() if m.name == "tome")
     assert row["stages"] == ["vision", "vision_merge"] and row["families"] == [
         "llava",
+        "llava_next",
+        "llava_next_video",
+        "llava_onevision",
         "open_clip",
         "timm",
         "transformers",
     ]
-    assert row["modalities"] == ["image"]
+    assert row["modalities"] == ["image", "video"]  # video: frames of the towers that unmerge (test_tome_grid.py)
 
 
 # -- block runners ------------------------------------------------------------------------------------------
@@ -493,10 +496,10 @@ def test_llava_tower_merge(tower):
 
 
 def test_llava_errors():
-    from vtc.testing import tiny_llava_next
+    from vtc.testing import tiny_qwen2_vl
 
     with pytest.raises(ValueError, match="vision_merge"):
-        vtc.compress(tiny_llava_next(), "tome", budget=0.5)
+        vtc.compress(tiny_qwen2_vl(), "tome", budget=0.5)
     model = tiny_llava()
     model.config.vision_feature_layer = [-2, -3]
     with pytest.raises(ValueError, match="vision_feature_layer"):

@@ -489,6 +489,8 @@ class TowerMerge:
     anchor: torch.Tensor
     #: ``[B, T]`` fp32: how many block-0 tokens each current token stands for
     size: torch.Tensor
+    #: the tokens were copied back onto the block-0 grid (:meth:`unmerge`); later blocks run on the full grid
+    unmerged: bool = False
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         raise NotImplementedError
@@ -501,6 +503,13 @@ class TowerMerge:
 
     def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, C]`` -> ``[B, T0, C]``: each block-0 token takes the row of the group it ended in (a merged
+        token is copied to every position it covers), for towers whose consumer needs the full grid (LLaVA-NeXT,
+        OneVision, NeXT-Video). Later blocks then run on the grid with no attention bias."""
+        self.unmerged = True
+        return x.gather(1, self.origin.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
 
     def consumer_view(self, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(groups [B, T0 - drop], anchors [B, T - drop])`` for a consumer that drops the first ``drop``

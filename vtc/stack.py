@@ -214,8 +214,10 @@ class Stack(Method):
         return tuple(out)
 
     def reduce(self, image: ImageTokens) -> Reduction:
-        # the tower left this image whole (its share was every token), or there is no tower stage
-        return self._cut(image, image, None, self._schedule(image.n, image.k, len(self.before)), {})
+        # the tower left this image whole (its share was every token, or it copied its merged tokens back onto the
+        # grid the model packs), or there is no tower stage
+        stages = {self.tower.name: image.n} if self.tower is not None else {}
+        return self._cut(image, image, None, self._schedule(image.n, image.k, len(self.before)), stages)
 
     def _cut(self, image, current, total, targets, stages) -> Reduction:
         """The members before the LLM, one after the other on what the previous left (``total``: so far)."""

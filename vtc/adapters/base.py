@@ -73,6 +73,8 @@ class Adapter:
     #: ``config.model_type`` values this adapter serves (empty for standalone towers, found by class name)
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[frozenset[Stage]] = frozenset()
+    #: the model packs every tile's / frame's full grid: tower merging copies merged tokens back onto it
+    tower_unmerge: ClassVar[bool] = False
     #: the kinds of visual input the family's models take (``"image"``, ``"video"``)
     inputs: ClassVar[tuple[str, ...]] = ("image",)
     #: position policy the family requires (None: any)

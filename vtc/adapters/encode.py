@@ -39,6 +39,8 @@ def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:
             if ctx is not None:
                 adapter.timer.signal(ctx.seconds)
         merged = ctx.state if ctx is not None else None
+        if merged is not None and merged.unmerged:  # merged in the tower, handed on as the full grid
+            merged = None
         encoded.encoder_output[modality.name] = out
         captured = adapter.gather(parts, kwargs, modality)
         proj_in = captured.pop("projector_input")

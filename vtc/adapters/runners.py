@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..contexts import Layout, Reduction, TowerCall, TowerMerge
+from ..contexts import Layout, Reduction, Stage, TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
 from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
 
@@ -42,6 +43,8 @@ class MergeContext:
         self.start: Callable[[torch.Tensor], TowerMerge | None] | None = None
         self.state: TowerMerge | None = None
         self.on_done: Callable[[TowerMerge], None] | None = None
+        #: the block after which merged tokens are copied back onto the full grid (None: never)
+        self.unmerge_after: int | None = None
         self.capture = False
         self.keys: torch.Tensor | None = None
         self.seconds = 0.0
@@ -71,6 +74,8 @@ class MergeContext:
 
     def finish(self, state: TowerMerge, block: int, x: torch.Tensor) -> torch.Tensor:
         x = state.after_block(block, x)
+        if block == self.unmerge_after:
+            x = state.unmerge(x)
         if block == self.num_blocks - 1 and self.on_done is not None:
             self.on_done(state)
         return x
@@ -184,10 +189,19 @@ class TowerMerging:
         blocks: the tower's blocks; prefix: its CLS tokens; feature_layer, feature_block: the model's
             ``vision_feature_layer`` and the block that computes it (blocks up to it may merge);
         method: the method (its ``tower_merge``); keep: ``n -> k`` (:mod:`vtc.budget`).
+        unmerge: copy the merged tokens back onto the full grid after the feature block (a consumer that packs
+            every tile's or frame's grid); the tower still runs its merging blocks on fewer tokens.
     """
 
     def __init__(
-        self, blocks: Sequence[nn.Module], prefix: int, feature_layer: Any, feature_block: int, method: Any, keep: Any
+        self,
+        blocks: Sequence[nn.Module],
+        prefix: int,
+        feature_layer: Any,
+        feature_block: int,
+        method: Any,
+        keep: Any,
+        unmerge: bool = False,
     ):
         if not isinstance(feature_layer, int):
             raise ValueError(
@@ -196,6 +210,7 @@ class TowerMerging:
             )
         self.prefix, self.merge_blocks, self.method, self.keep = prefix, feature_block + 1, method, keep
         self.ctx = MergeContext(len(blocks))
+        self.ctx.unmerge_after = feature_block if unmerge else None
         self.runners = Runners(blocks, self.ctx)
 
     def remove(self) -> None:
@@ -221,6 +236,26 @@ class TowerMerging:
             yield ctx
         finally:
             ctx.start = None
+
+
+def check_tower_merge(family: str, method: Any, signals: Sequence[Any], unmerge: bool) -> None:
+    """Refuse (or explain) tower merging where the model needs the full grid back (``unmerge``)."""
+    if not unmerge or Stage.VISION_MERGE not in method.stages:
+        return
+    if signals:
+        raise ValueError(
+            f"{method.name!r} merges inside the {family} vision tower and copies the merged tokens back onto the grid "
+            f"the model packs; a member that reads the tower's attention ({', '.join(map(str, signals))}) would read "
+            f"merged tokens. Stack tome with a method that reads no tower signal (divprune, dpc_knn, random, pool)"
+        )
+    if Stage.PRE_LLM not in method.stages and method.config.budget != 1.0:
+        warnings.warn(
+            f"{method.name!r} on {family} speeds up the vision tower only: its merging blocks run on the budget's "
+            f"share of the tokens, then the merged tokens are copied back onto the grid the model packs, so the LLM "
+            f"still receives every visual token. Stack a pre-LLM method to reduce those too: "
+            f"vtc.compress(model, ['{method.name}', 'divprune'], budget=...)",
+            stacklevel=4,
+        )
 
 
 def merged_item(

@@ -6,8 +6,8 @@ it takes (strategy objects: image, multi-image, video), which side streams ride 
 and read their queries and keys. Qwen2-VL overrides only its vision signals and its M-RoPE positions.
 
 The adapter installs every hook point it owns: the vision signals (:mod:`vtc.adapters.vision`), token
-merging inside the tower (:mod:`vtc.adapters.runners`, LLaVA only: the NeXT, OneVision and video families
-pack every tile's full grid), and the LLM-layer hooks (:mod:`vtc.adapters.llm_hooks`).
+merging inside the tower (:mod:`vtc.adapters.runners`; unmerged at its output where the model packs full grids)
+and the LLM-layer hooks (:mod:`vtc.adapters.llm_hooks`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .llm import Decoder
 from .llm_hooks import LLMHooks
 from .llm_state import LLMPlan
 from .modalities import Modality
-from .runners import TowerMerging
+from .runners import TowerMerging, check_tower_merge
 from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice
 from .streams import RowStream, TokenStream
 from .vision import Capture, QKReader, feature_block, find_tower, install_signals, projection_qk
@@ -125,6 +125,7 @@ class VLMAdapter(Adapter):
     def configure(self, method, keep, recorder) -> None:
         super().configure(method, keep, recorder)
         self.signals = tuple(method.vision_signals(self.tower_info()))
+        check_tower_merge(self.family, method, self.signals, self.tower_unmerge)
         self.llm = LLMHooks(self.decoder(), method) if Stage.LLM_LAYER in method.stages else None
 
     def install(self) -> None:
@@ -133,9 +134,8 @@ class VLMAdapter(Adapter):
         )
         self.handles.append(self.projector.register_forward_pre_hook(self.capture.store_input("projector_input")))
         if Stage.VISION_MERGE in self.method.stages:
-            self._merge = TowerMerging(
-                self.blocks, self.prefix, self.feature_layer, self.feature_block, self.method, self.keep
-            )
+            where = (self.prefix, self.feature_layer, self.feature_block)
+            self._merge = TowerMerging(self.blocks, *where, self.method, self.keep, self.tower_unmerge)
             self.handles.append(self._merge)
         if self.llm is not None:
             self.llm.install()
@@ -244,14 +244,11 @@ class VLMAdapter(Adapter):
         if self.llm is None:
             return
         images = encoded.images
-        kept = [
-            torch.arange(im.n) if red is None else red.index.cpu() for im, red in zip(images, reductions, strict=True)
-        ]
+        kept = [torch.arange(i.n) if r is None else r.index.cpu() for i, r in zip(images, reductions, strict=True)]
         side = padding_side(out.get("attention_mask"), for_generate)
         rows, sizes = self.visual_rows(out["input_ids"]), [im.n for im in images]
-        self.llm.pending = LLMPlan.build(
-            rows, encoded.spans, kept, sources, positions, side, self.recorder.on_prune, sizes
-        )
+        on_prune = self.recorder.on_prune
+        self.llm.pending = LLMPlan.build(rows, encoded.spans, kept, sources, positions, side, on_prune, sizes)
 
     def end_call(self) -> None:
         """A routed call finished (or failed): no prefill is pending any more."""

@@ -243,7 +243,7 @@ class ToMeState(TowerMerge):
         self.counts = [tokens]  # tokens after each block
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not (self.merged and self.prop_attn):
+        if not (self.merged and self.prop_attn) or self.unmerged:
             return None  # all sizes are 1: log 1 = 0, so the host attention runs exactly as without vtc
         return self.size.log().to(dtype)[:, None, None, :]
 
@@ -285,7 +285,7 @@ class ToMeState(TowerMerge):
 class ToMeMerger(Method):
     """ToMe: bipartite soft matching in every vision block, size-weighted merges, proportional attention."""
 
-    modalities = ("image",)
+    modalities = ("image", "video")  # video: frames merged in towers that hand the model full grids (unmerge)
 
     def tower_merge(self, call: TowerCall) -> ToMeState | None:
         if call.k >= call.n:
