@@ -1,5 +1,6 @@
 """Gemma 3: bidirectional attention among exactly the kept image tokens of each block; pooled signals and
-pre-projector features line up with the model's 4 x 4-pooled tokens; in-LLM methods are refused."""
+pre-projector features line up with the model's 4 x 4-pooled tokens; in-LLM pruning gives each later layer the
+mask and RoPE of its kind."""
 
 import pytest
 import torch
@@ -71,11 +72,51 @@ def test_pooled_signals_and_pre_projector_features_match_the_models_tokens(model
     torch.testing.assert_close(signal[0].float(), by_hand, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
-def test_in_llm_methods_are_refused_and_the_model_left_alone(model, method):
-    with pytest.raises(ValueError, match=r"acts at \['llm_layer'\], which the gemma3 adapter does not provide"):
-        vtc.compress(model, method, budget=0.25)
-    assert not vtc.is_compressed(model)
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_in_llm_pruning_gives_each_later_layer_the_mask_and_rope_of_its_kind_over_the_kept_rows(model, positions):
+    """FastV prunes before layer 2 (sliding window 6) and so layer 3 (global) runs on the kept rows too: each gets
+    causal OR its own image block among the kept image rows (AND the window for the sliding layer), never onto
+    padding, and the rotary embeddings of its own kind at the kept rows' positions."""
+    inputs = gemma3_inputs(model, ((2, 3), (5, 1)), images_per_sample=2, padding_side="left", seed=4)
+    seen = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            seen[layer] = (kwargs["attention_mask"], kwargs["position_ids"], kwargs["position_embeddings"])
+
+        return hook
+
+    layers = model.model.language_model.layers
+    with vtc.compressed(model, "fastv", budget=0.25, layer=2, positions=positions):
+        # registered after vtc's own layer hooks, so they see what the layers get
+        handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (2, 3)]
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        call = vtc.session_of(model).adapter.llm.call
+        pad, visual, image = call.mask2d, call.visual, call.row_image
+    n = pad.shape[1]
+    assert visual.sum(-1).tolist() == [8, 8]  # 25 % of two 16-token images per sample
+    rows = torch.arange(n)
+    causal = rows[None, :] <= rows[:, None]
+    block = torch.where(visual, image, -1)
+    same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+    window = rows[None, :] > rows[:, None] - model.config.text_config.sliding_window
+    real = pad[:, :, None]
+    rope = model.model.language_model.rotary_emb
+    for layer, kind, allowed in ((2, "sliding_attention", window), (3, "full_attention", None)):
+        mask, pos, (cos, sin) = seen[layer]
+        expected = (causal | same) & pad[:, None, :]
+        if allowed is not None:
+            expected = expected & allowed
+        assert mask.dtype == torch.bool and mask.shape[-2:] == (n, n)
+        assert torch.equal(mask[:, 0] & real, expected & real), kind
+        ref_cos, ref_sin = rope(torch.zeros(1, dtype=torch.float32), pos, kind)
+        assert torch.equal(cos[pad], ref_cos[pad]) and torch.equal(sin[pad], ref_sin[pad]), kind
+    assert not torch.equal(seen[2][2][0], seen[3][2][0])  # the two kinds' RoPE differ (local and global bases)
 
 
 def test_pan_and_scan_crops_from_the_processor_are_items_with_their_own_share(tmp_path):

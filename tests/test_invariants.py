@@ -31,7 +31,8 @@ def _impl(method: str):
 def _tower_only(impl, family) -> bool:
     """The method merges in a tower whose merged tokens are copied back onto the grid (NeXT, OneVision), and does
     nothing else: the LLM receives every visual token."""
-    return Stage.PRE_LLM not in impl.stages and ADAPTERS[family.model_type].tower_unmerge
+    stages = set(impl.stages)
+    return Stage.VISION_MERGE in stages and Stage.PRE_LLM not in stages and ADAPTERS[family.model_type].tower_unmerge
 
 
 def _skip_unmerged_tower(method: str, family) -> None:
@@ -83,6 +84,11 @@ def _applicable(request):
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def _eos(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def _greedy(model, inputs, n=6):
@@ -236,6 +242,7 @@ def test_generate_with_cache_equals_cache_free_steps(model, family, method, posi
                 mm_encoder_outputs=short["mm_encoder_outputs"],
                 **types,
             ).logits[:, -1]
+        logits[:, _eos(model)] = float("-inf")  # generate's min_new_tokens forbids stopping early
         nxt = logits.argmax(-1)
         assert torch.equal(nxt, new_tokens[:, t]), f"step {t}"
         ids = torch.cat([ids, nxt[:, None]], 1)

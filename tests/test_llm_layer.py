@@ -94,12 +94,14 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
             with torch.no_grad():
                 logits = model(**step, **extra, use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits, out.logits[t], atol=TOL["logits_fp32"], rtol=0)
-            nxt = logits.argmax(-1)
+            eos = model.generation_config.eos_token_id
+            nxt = logits.index_fill(-1, torch.tensor([eos]).flatten(), float("-inf")).argmax(-1)  # min_new_tokens
             assert torch.equal(nxt, out.sequences[:, prompt.shape[1] + t]), f"step {t}"
             step["input_ids"] = torch.cat([step["input_ids"], nxt[:, None]], 1)
             step["attention_mask"] = torch.cat([step["attention_mask"], torch.ones_like(nxt[:, None])], 1)
-            if mrope:
-                step["mm_token_type_ids"] = torch.cat([step["mm_token_type_ids"], torch.zeros_like(nxt[:, None])], 1)
+            for key in ("mm_token_type_ids", "token_type_ids"):  # row-aligned types (M-RoPE; Gemma 3's image blocks)
+                if key in step:
+                    step[key] = torch.cat([step[key], torch.zeros_like(nxt[:, None])], 1)
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
@@ -192,18 +194,25 @@ def test_recomputed_attention_rows_equal_eager_weights_in_every_family(name):
     family = FAMILIES[name]
     m = family.build(seed=4, attn_implementation="eager")
     inputs = family.inputs(m, ((3, 4),))
-    layer, captured = 1, {}
-    handle = m.model.language_model.layers[layer].register_forward_pre_hook(
-        lambda mod, a, kw: captured.update(x=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]),
-        with_kwargs=True,
-    )
-    with torch.no_grad():
-        eager = m(**inputs, output_attentions=True).attentions[layer][0].mean(0)  # [L, L] head-mean
-    handle.remove()
-    x = captured["x"]
-    valid = torch.ones(1, x.shape[1], dtype=torch.bool)
-    (mine,) = adapter_for(m).decoder().attention_rows(layer, x, *captured["pe"], valid, [torch.arange(x.shape[1])])
-    torch.testing.assert_close(mine, eager, atol=TOL["attention_rows"], rtol=0)
+    # Gemma 3: image rows form a bidirectional block (token_type_ids); layers 0-2 slide over 6 rows, layer 3 is global
+    types = inputs.get("token_type_ids")
+    blocks = None if types is None else torch.where(types == 1, 0, -1)
+    for layer in (1, m.config.get_text_config().num_hidden_layers - 1):
+        captured: dict = {}
+        handle = m.model.language_model.layers[layer].register_forward_pre_hook(
+            lambda mod, a, kw, seen=captured: seen.update(
+                x=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]
+            ),
+            with_kwargs=True,
+        )
+        with torch.no_grad():
+            eager = m(**inputs, output_attentions=True).attentions[layer][0].mean(0)  # [L, L] head-mean
+        handle.remove()
+        x = captured["x"]
+        valid = torch.ones(1, x.shape[1], dtype=torch.bool)
+        rows = [torch.arange(x.shape[1])]
+        (mine,) = adapter_for(m).decoder().attention_rows(layer, x, *captured["pe"], valid, rows, blocks=blocks)
+        torch.testing.assert_close(mine, eager, atol=TOL["attention_rows"], rtol=0)
 
 
 def test_fastv_keeps_the_most_attended_tokens_and_records_equivalent_budget(model):

@@ -16,7 +16,7 @@ CASES = ["llava_next", "llava_onevision", "llava_next_video"]
 
 def _tower_calls(model):
     """Every call of the vision tower's feature block: (tokens entering block 0, feature-block output)."""
-    adapter = vtc.api._SESSIONS[model].adapter
+    adapter = vtc.session_of(model).adapter
     blocks, calls = adapter.blocks, []
 
     def enter(module, args, kwargs):
@@ -88,7 +88,7 @@ def test_a_stack_reaches_the_budget_after_the_unmerged_tower(name):
         "pre_llm:tome": im.num_input,
         "pre_llm": k,
     }
-    state = vtc.api._SESSIONS[model].adapter._merge.ctx.state
+    state = vtc.session_of(model).adapter._merge.ctx.state
     assert state.unmerged and min(state.counts) < state.counts[0]  # the tower merged before copying back
 
 
@@ -106,6 +106,8 @@ def test_generate_with_the_cache_equals_cache_free_steps(name):
     for t in range(4):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **visual).logits[:, -1]
+        eos = model.generation_config.eos_token_id
+        logits[:, [eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")  # min_new_tokens
         nxt = logits.argmax(-1)
         assert torch.equal(nxt, generated[:, inputs["input_ids"].shape[1] + t])
         ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

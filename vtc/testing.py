@@ -623,7 +623,7 @@ def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.d
         num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
-        sliding_window=512,
+        sliding_window=6,  # shorter than every test prompt, so sliding layers see a window
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         max_position_embeddings=4096,
         pad_token_id=PAD_TOKEN,

@@ -20,9 +20,13 @@ What vtc does:
   ids, so the model's bidirectional block is exactly the kept tokens of each image;
 * **pan-and-scan** crops are images of their own in the prompt (each behind its own text), so each crop is an
   item with its own budget share (the budget is a fraction of every item), not a partition of one item;
-* **in-LLM methods** are not offered: Gemma 3 interleaves sliding-window layers (5 of every 6), and vtc's
-  LLM-layer hook point does not rebuild sliding-window masks yet; they are refused when compressing, with
-  the list of stages the family provides. The model has no FlashAttention path; SDPA and eager both work.
+* **in-LLM methods** (:class:`Gemma3Decoder`): Gemma 3 interleaves sliding-window layers (5 of every 6) with
+  global ones, each kind with its own RoPE base, and its image blocks are bidirectional in both kinds. After
+  a prune point every layer gets the mask of its kind over the kept rows: causal OR same image block (the kept
+  tokens of each image), AND the sliding window (over the shortened sequence, as the layer's own cache holds
+  it) for sliding layers, and the rotary embeddings of its kind; attention rows recomputed for scoring use the
+  same rule. The language model gets its masks prepared as a dict, so the 2-D padding mask is read where the
+  model's forward receives it. The model has no FlashAttention path; SDPA and eager both work.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..contexts import Layout, Stage
+from ..contexts import Layout
+from .llm import Decoder
 from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
 from .streams import RowStream
@@ -68,16 +73,70 @@ class PooledImages(Modality):
         return adapter.pool(proj_in[rows]).flatten(0, 1).to(proj_in.dtype)  # [r * r, C]
 
 
+class Gemma3Decoder(Decoder):
+    """Gemma 3's text model: sliding-window and global layers, each with its own mask and RoPE; image blocks
+    attend bidirectionally (``blocks``: the image of each row, -1 for text)."""
+
+    per_type_rotary = True
+
+    def __init__(self, language_model: Any, outer: Any):
+        super().__init__(language_model)
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise ValueError(
+                "in-LLM pruning of a Gemma 3 text model with use_bidirectional_attention is not supported"
+            )
+        self.mask_source = outer
+        self.window = int(self.config.sliding_window)
+
+    def layer_type(self, layer: int) -> str:
+        return self.config.layer_types[layer]
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int | None = None):
+        return self.lm.rotary_emb(hidden, position_ids, self.layer_type(layer))
+
+    def allow(self, layer: int, allowed: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor | None):
+        if blocks is not None:  # OR the query's own image block (every row of which is a real, visual row)
+            allowed = allowed | ((blocks[rows][:, None] == blocks[None, :]) & (blocks[rows][:, None] >= 0))
+        if self.layer_type(layer) == "sliding_attention":  # AND the window, over row indices
+            keys = torch.arange(allowed.shape[1], device=allowed.device)
+            allowed = allowed & (keys[None, :] > rows[:, None] - self.window)
+        return allowed
+
+    def mask(self, hidden, mask2d, cache, position_ids, layer, blocks=None):
+        from transformers import masking_utils as mu
+
+        sliding = self.layer_type(layer) == "sliding_attention"
+        args = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache)
+        if blocks is None:  # decode steps: the new rows are text
+            make = mu.create_sliding_window_causal_mask if sliding else mu.create_causal_mask
+            return make(**args, position_ids=position_ids, layer_idx=layer)
+        if not sliding:
+            return mu.create_causal_mask(**args, position_ids=position_ids, block_sequence_ids=blocks, layer_idx=layer)
+        _, _, _, _, kv_length, _, kv_offset = mu._preprocess_mask_arguments(
+            **args, position_ids=position_ids, layer_idx=layer
+        )
+        blocks = mu.maybe_pad_block_sequence_ids(blocks, mask2d, kv_length, kv_offset)
+        return mu.create_causal_mask(
+            **args,
+            position_ids=position_ids,
+            or_mask_function=mu.blockwise_overlay(blocks),
+            and_mask_function=mu.sliding_window_overlay(self.window),
+            layer_idx=layer,
+        )
+
+
 @register_adapter
 class Gemma3Adapter(VLMAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
-    stages = frozenset({Stage.VISION, Stage.PRE_LLM})
     feature_args = ()
     row_streams = (RowStream("token_type_ids", 0), RowStream("labels", -100))
 
     def modalities_of(self, config: Any) -> list[Modality]:
         return [PooledImages("image", "pixel_values", int(config.image_token_id))]
+
+    def decoder(self) -> Gemma3Decoder:
+        return Gemma3Decoder(self.base.language_model, self.base)
 
     def find_tower(self) -> None:
         super().find_tower()  # no vision_feature_layer: last_hidden_state, the last block then the final LayerNorm

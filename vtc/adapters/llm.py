@@ -28,6 +28,12 @@ def _heads(attn: nn.Module, which: str, h: torch.Tensor, head_dim: int) -> torch
     return norm(x) if norm is not None else x
 
 
+def _softcap(attn: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The layer's attention-logit soft cap (Gemma's ``attn_logit_softcapping``), if it has one."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -53,10 +59,38 @@ class Decoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return x * cos + rotate_half(x) * sin
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    #: the module whose call carries the 2-D padding mask when the LM itself gets prepared masks (Gemma 3)
+    mask_source: nn.Module | None = None
+    #: rotary embeddings differ per layer type (recomputed from positions, never gathered from another layer's)
+    per_type_rotary = False
+
+    def layer_type(self, layer: int) -> str:
+        """The kind of attention ``layer`` runs (its mask and RoPE): one kind unless a subclass says otherwise."""
+        return "full_attention"
+
+    def rotary(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lm.rotary_emb(hidden, position_ids=position_ids)
 
-    def mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, position_ids: torch.Tensor, layer: int):
+    def allow(
+        self, layer: int, allowed: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``[R, L]`` keys each query row in ``rows`` may attend to in ``layer``, from the causal and padding mask
+        ``allowed`` (``blocks [L]``: image block of every row, -1 for text; used by models with bidirectional
+        image blocks)."""
+        return allowed
+
+    def mask(
+        self,
+        hidden: torch.Tensor,
+        mask2d: torch.Tensor,
+        cache: Any,
+        position_ids: torch.Tensor,
+        layer: int,
+        blocks: torch.Tensor | None = None,
+    ):
+        """The 4-D mask layer ``layer`` gets for ``hidden`` (``blocks [B, L]``: see :meth:`allow`)."""
         from transformers.masking_utils import create_causal_mask
 
         return create_causal_mask(
@@ -99,6 +133,7 @@ class Decoder:
         valid: torch.Tensor,
         rows: list[torch.Tensor],
         heads: slice | None = None,
+        blocks: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Attention of ``rows`` (per sample) over all rows of ``x [B, L, D]`` as layer ``layer`` computes it.
 
@@ -125,8 +160,9 @@ class Decoder:
             sb = sin.expand(bsz, -1, -1)[b : b + 1, r]
             q = self.rope(q, cb, sb)
             k = keys[b : b + 1].repeat_interleave(groups, dim=1)  # [1, H, L, d]
-            logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [1, H, R, L]
+            logits = _softcap(attn, (q.float() @ k.float().transpose(-1, -2)) * attn.scaling)  # [1, H, R, L]
             allowed = valid[b][None, :] & (torch.arange(length, device=x.device)[None, :] <= r[:, None])
+            allowed = self.allow(layer, allowed, r, None if blocks is None else blocks[b])
             logits = logits.masked_fill(~allowed[None, None], float("-inf"))
             out.append(logits[0, heads] if heads is not None else logits.softmax(dim=-1).mean(dim=1)[0])  # [R, L]
         return out
@@ -142,7 +178,7 @@ class Decoder:
         q = _heads(attn, "q", h, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
         q = self.rope(q, cos.expand(bsz, -1, -1)[:, -1:], sin.expand(bsz, -1, -1)[:, -1:])
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
+        logits = _softcap(attn, (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attn.scaling)  # [B, H, S]
         valid = valid[:, : keys.shape[-2]].to(logits.device)
         logits = logits.masked_fill(valid[:, None] == 0, float("-inf"))
         return logits.softmax(-1).mean(1)

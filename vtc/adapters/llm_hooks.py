@@ -12,7 +12,11 @@ every layer shares:
 * **decode** (and any later call on the same cache): layers of each group get a mask built for their own
   cache length from that group's prompt mask plus the new tokens, and, under ``"compact"`` positions, the
   new tokens' positions minus the visual tokens the group dropped. A method with a decode layer (DyCoke)
-  re-selects, at every step, the cached visual rows the layers from there on may attend to.
+  re-selects, at every step, the cached visual rows the layers from there on may attend to
+  (:mod:`~vtc.adapters.llm_decode`).
+
+Masks and rotary embeddings are built per layer type (:meth:`Decoder.layer_type`: Gemma 3's sliding-window and
+global layers differ in both), each sized against the first layer of its type in the group.
 
 Layers below the first prune layer are never touched; the adapter arms the hooks per call.
 """
@@ -25,8 +29,9 @@ from typing import Any
 
 import torch
 
-from ..contexts import DecodeTokens, LayerTokens, LayerUpdate
+from ..contexts import LayerTokens, LayerUpdate
 from .llm import Decoder
+from .llm_decode import decode_select
 from .llm_observe import SubBlockObserver, observed_rows
 from .llm_state import LLMPlan, Prefill, layer_schedule, shorten
 
@@ -43,6 +48,7 @@ class LLMHooks:
         self.observer = SubBlockObserver(decoder, method, lambda: self.call)
         self.handles: list[Any] = []
         self.pending: LLMPlan | None = None
+        self.outer_mask: torch.Tensor | None = None  # the 2-D mask of the decoder's mask source, for this call
         self.call: Prefill | None = None  # the call in progress
         self.calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill state
 
@@ -51,6 +57,9 @@ class LLMHooks:
         lm = self.decoder.lm
         self.handles.append(lm.register_forward_pre_hook(skip(self._lm_pre), with_kwargs=True))
         self.handles.append(lm.register_forward_hook(skip(self._lm_post)))
+        if self.decoder.mask_source is not None:  # the LM gets prepared masks: read the 2-D one where it is passed
+            source = self.decoder.mask_source
+            self.handles.append(source.register_forward_pre_hook(skip(self._outer_mask), with_kwargs=True))
         for idx in range(self.first, self.decoder.num_layers):
             layer = self.decoder.layers[idx]
             self.handles.append(layer.register_forward_pre_hook(skip(self._layer_hook(idx)), with_kwargs=True))
@@ -64,6 +73,10 @@ class LLMHooks:
         self.calls = weakref.WeakKeyDictionary()
 
     # -- language-model level: which kind of call is this? -----------------------------------------------
+    def _outer_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.outer_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
     def _lm_pre(self, module, args, kwargs):
         cache = kwargs.get("cache")
         embeds = kwargs.get("inputs_embeds")
@@ -71,6 +84,8 @@ class LLMHooks:
             embeds = args[0] if args else kwargs.get("input_ids")
         past = cache.get_seq_length() if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
+        if isinstance(mask2d, dict):  # masks prepared per layer type (Gemma 3): the 2-D one its caller got
+            mask2d, self.outer_mask = self.outer_mask, None
         if self.pending is not None and past == 0:
             bsz, length = embeds.shape[:2]
             plan, self.pending = self.pending.expanded(bsz), None
@@ -118,8 +133,9 @@ class LLMHooks:
     def _prefill(self, idx: int, args: tuple, kwargs: dict):
         call = self.call
         hidden = args[0] if args else kwargs["hidden_states"]
+        kind = self.decoder.layer_type(idx)
         if call.cur is not None:  # we are past a prune point: inputs for the shortened sequence
-            kwargs.update(call.cur)
+            kwargs.update(call.cur[kind])
         cos, sin = kwargs["position_embeddings"]
         if call.pos is None:
             pos = kwargs.get("position_ids")  # 1-D (text) positions; M-RoPE models may pass none
@@ -128,7 +144,7 @@ class LLMHooks:
             call.pos = pos.expand(hidden.shape[0], -1)
         if idx in self.prune_layers:
             hidden = self._prune(idx, hidden, kwargs)
-            kwargs.update(call.cur or {})
+            kwargs.update(call.cur[kind] if call.cur else {})
         if idx in self.score_layers:  # what this layer runs on, after a prune at it (AIM scores every layer)
             call.stash[idx] = (hidden, *kwargs["position_embeddings"], call.mask2d)
         if args:
@@ -163,6 +179,7 @@ class LLMHooks:
         text_after = [r[r > v[-1]] if v.numel() else r[:0] for r, v in zip(real, visual_rows, strict=True)]
         cos, sin = kwargs["position_embeddings"]
         at = self._inputs(idx, hidden, cos, sin)
+        blocks = call.blocks()
         ctx = LayerTokens(
             layer=idx,
             num_layers=self.decoder.num_layers,
@@ -171,7 +188,9 @@ class LLMHooks:
             n_input=[int(n) for n in call.plan.visual.sum(1).tolist()],
             last=last,
             text_after=text_after,
-            _attend=lambda layer, rows, heads=None: self.decoder.attention_rows(layer, *at(layer), rows, heads),
+            _attend=lambda layer, rows, heads=None: self.decoder.attention_rows(
+                layer, *at(layer), rows, heads, blocks
+            ),
             _keys=lambda layer: self.decoder.keys(layer, *at(layer)[:3]),
             _norm=self.decoder.final_norm,
             _observed=lambda: observed_rows(call),
@@ -204,13 +223,13 @@ class LLMHooks:
         if selecting and idx == self.decode_layer - 1:
             call.stash[idx] = (hidden, *kwargs["position_embeddings"], None)
         if selecting and idx == self.decode_layer:
-            self._decode_select(idx, hidden)
+            decode_select(self.method, self.decoder, call, idx, hidden)
         group = next((g for g in reversed(call.groups) if g.start <= idx), None)  # the latest group started
         masked = selecting and idx >= self.decode_layer and call.decode_keep is not None
         if group is None and not masked:
             return None
         bsz, q = hidden.shape[:2]
-        key = (None if group is None else group.start, masked)
+        key = (None if group is None else group.start, masked, self.decoder.layer_type(idx))
         if key not in call.decode_masks:
             call_mask = call.call_mask
             if group is None:
@@ -224,36 +243,10 @@ class LLMHooks:
             decode_pos = None
             if group is not None and call.plan.positions == "compact" and pos is not None:
                 pos = pos - group.removed[:, None]
-                decode_pos = (pos, self.decoder.rotary(hidden, pos))
+                decode_pos = (pos, self.decoder.rotary(hidden, pos, idx))
             call.decode_masks[key] = (self.decoder.mask(hidden, mask2d, call.cache, pos, idx), decode_pos)
         mask4d, decode_pos = call.decode_masks[key]
         kwargs["attention_mask"] = mask4d
         if decode_pos is not None:
             kwargs["position_ids"], kwargs["position_embeddings"] = decode_pos
         return args, kwargs
-
-    def _decode_select(self, idx: int, hidden: torch.Tensor) -> None:
-        """Decode-time selection (DyCoke's dynamic KV pruning): which cached visual rows layers >= idx see."""
-        call = self.call
-        x, cos, sin, _ = call.stash[idx - 1]
-        bsz = x.shape[0]
-        keys = call.cache.layers[idx - 1].keys  # [B, Hkv, S, d], RoPE already applied
-        probs = self.decoder.decode_attention(idx - 1, x, cos, sin, keys, call.call_mask)  # [B, S]
-        visual = [torch.nonzero(call.plan.visual[b]).flatten() for b in range(bsz)]
-        ctx = DecodeTokens(
-            layer=idx,
-            visual=visual,
-            attention=[probs[b, v] for b, v in enumerate(visual)],
-            n_input=[int(v.numel()) for v in visual],
-            state=call.method_state,
-        )
-        keep = self.method.decode_select(ctx)
-        call.decode_masks = {}
-        if keep is None:
-            call.decode_keep = call.decode_drop = None
-            return
-        drop = torch.zeros(bsz, keys.shape[-2], dtype=torch.bool, device=hidden.device)
-        for b, (rows, k) in enumerate(zip(visual, keep, strict=True)):
-            drop[b, rows] = True
-            drop[b, k] = False
-        call.decode_keep, call.decode_drop = keep, drop

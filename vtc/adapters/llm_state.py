@@ -140,7 +140,8 @@ class Prefill:
         self.decoding = False
         self.call_mask: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None  # current 1-D positions [B, L] (set at the first hooked layer)
-        self.cur: dict[str, Any] | None = None  # current replacement kwargs for layers of the last group
+        #: per layer type (:meth:`Decoder.layer_type`), the replacement kwargs of the last group's layers
+        self.cur: dict[str, dict[str, Any]] | None = None
         #: per prune layer, the rows each sample kept (coordinates of the sequence entering that layer)
         self.kept_rows: dict[int, list[torch.Tensor]] = {}
         # decode-time selection (methods with llm_decode_layers)
@@ -148,6 +149,10 @@ class Prefill:
         self.decode_keep: list[torch.Tensor] | None = None
         self.decode_drop: torch.Tensor | None = None
         self.decode_masks: dict[tuple, Any] = {}
+
+    def blocks(self) -> torch.Tensor:
+        """``[B, L]`` the image each current row belongs to if it is visual, else -1 (bidirectional image blocks)."""
+        return torch.where(self.visual, self.row_image, -1)
 
     def rows(self) -> RowView:
         """The current rows of the samples the caller sent (one copy of each)."""
@@ -234,12 +239,18 @@ def shorten(
         else:
             new_pos[b, sl] = call.pos[b, rows]
             new_cos[b, sl], new_sin[b, sl] = cos_full[b, rows], sin_full[b, rows]
-    if call.plan.positions == "compact":
-        new_cos, new_sin = decoder.rotary(new_hidden, new_pos)
     call.removed = call.removed + torch.tensor(dropped, device=hidden.device)
     call.mask2d, call.pos, call.visual = new_mask, new_pos, new_visual
     call.row_image, call.row_token, call.row_source = new_image, new_token, new_source
-    mask4d = decoder.mask(new_hidden, new_mask.long(), call.cache, new_pos, layer)
-    call.cur = {"attention_mask": mask4d, "position_ids": new_pos, "position_embeddings": (new_cos, new_sin)}
+    call.cur = {}
+    for at in range(layer, decoder.num_layers):  # the first layer of each kind from here on sizes its inputs
+        kind = decoder.layer_type(at)
+        if kind in call.cur:
+            continue
+        rotary = (new_cos, new_sin)
+        if call.plan.positions == "compact" or decoder.per_type_rotary:
+            rotary = decoder.rotary(new_hidden, new_pos, at)
+        mask4d = decoder.mask(new_hidden, new_mask.long(), call.cache, new_pos, at, call.blocks())
+        call.cur[kind] = {"attention_mask": mask4d, "position_ids": new_pos, "position_embeddings": rotary}
     call.groups.append(Group(start=layer, prompt_mask=new_mask.long(), removed=call.removed.clone()))
     return new_hidden

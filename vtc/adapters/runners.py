@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..contexts import Layout, Reduction, Stage, TowerCall, TowerMerge
+from ..contexts import Layout, Reduction, TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
 from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
 
@@ -236,26 +235,6 @@ class TowerMerging:
             yield ctx
         finally:
             ctx.start = None
-
-
-def check_tower_merge(family: str, method: Any, signals: Sequence[Any], unmerge: bool) -> None:
-    """Refuse (or explain) tower merging where the model needs the full grid back (``unmerge``)."""
-    if not unmerge or Stage.VISION_MERGE not in method.stages:
-        return
-    if signals:
-        raise ValueError(
-            f"{method.name!r} merges inside the {family} vision tower and copies the merged tokens back onto the grid "
-            f"the model packs; a member that reads the tower's attention ({', '.join(map(str, signals))}) would read "
-            f"merged tokens. Stack tome with a method that reads no tower signal (divprune, dpc_knn, random, pool)"
-        )
-    if Stage.PRE_LLM not in method.stages and method.config.budget != 1.0:
-        warnings.warn(
-            f"{method.name!r} on {family} speeds up the vision tower only: its merging blocks run on the budget's "
-            f"share of the tokens, then the merged tokens are copied back onto the grid the model packs, so the LLM "
-            f"still receives every visual token. Stack a pre-LLM method to reduce those too: "
-            f"vtc.compress(model, ['{method.name}', 'divprune'], budget=...)",
-            stacklevel=4,
-        )
 
 
 def merged_item(

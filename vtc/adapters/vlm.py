@@ -26,9 +26,10 @@ from .llm import Decoder
 from .llm_hooks import LLMHooks
 from .llm_state import LLMPlan
 from .modalities import Modality
-from .runners import TowerMerging, check_tower_merge
+from .runners import TowerMerging
 from .sequence import check_prompt, pad_id, padding_side, prompt_positions, splice
 from .streams import RowStream, TokenStream
+from .unmerge import check_tower_merge
 from .vision import Capture, QKReader, feature_block, find_tower, install_signals, projection_qk
 
 
