@@ -85,6 +85,36 @@ def test_hand_made_clip_keeps_the_prompt_frame_and_its_object():
     assert run(frames, text, 9, roi_ratio=0.25) == [y * 6 + x for y in range(3, 6) for x in range(0, 3)]
 
 
+def _aligned(values):
+    """Frames whose tokens have cosine ``v / sqrt(v^2 + 1)`` to the prompt ``e0``: ``values [T, R, C]`` along e0,
+    a unit e1 for all."""
+    frames = torch.zeros(*values.shape, 4)
+    frames[..., 0], frames[..., 1] = values, 1.0
+    return frames
+
+
+def test_an_roi_at_the_edge_is_shifted_inside_the_frame():
+    # 9 x 10 frame, roi_ratio 0.1: a 3 x 3 RoI centred on the 9 best tokens, the bottom row's first nine: centre
+    # (8, 4), so the box would reach row 9; shifted up it is rows 6-8, cols 3-5
+    values = torch.zeros(2, 9, 10)
+    values[0, 8, :9] = 1.0
+    text = torch.tensor([[1.0, 0, 0, 0]])
+    assert run(_aligned(values), text, 9, roi_ratio=0.1) == [y * 10 + x for y in range(6, 9) for x in range(3, 6)]
+    values = torch.zeros(2, 9, 10)
+    values[1, :, 9] = 1.0  # the last column of frame 1: centre (4, 9), the box would reach col 10: cols 7-9
+    want = [90 + y * 10 + x for y in range(3, 6) for x in range(7, 10)]
+    assert run(_aligned(values), text, 9, roi_ratio=0.1) == want
+
+
+def test_a_fitted_rois_extra_tokens_are_its_least_prompt_similar():
+    # one 5 x 5 frame keeping 7 tokens: a fitted 3 x 3 box centred on the 7 best tokens (the peak at (2, 2), its
+    # four neighbours and the two right-hand diagonals), less the box's two least similar tokens
+    y, x = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
+    values = (10 - (y - 2) ** 2 - (x - 2) ** 2 + 0.01 * x - 0.001 * y)[None]
+    kept = run(_aligned(values), torch.tensor([[1.0, 0, 0, 0]]), 7, roi_ratio=0.8)
+    assert kept == sorted(r * 5 + c for r, c in [(2, 2), (1, 2), (3, 2), (2, 1), (2, 3), (1, 3), (3, 3)])
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("shape, ratio", [((6, 7, 7), 0.8), ((5, 6, 9), 0.5), ((4, 12, 24), 0.8), ((3, 5, 5), 1.0)])
 def test_the_official_slow_pathway_when_k_is_whole_rois(seed, shape, ratio):
