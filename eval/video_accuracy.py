@@ -4,7 +4,7 @@ Default: the offline video model (``vtc.offline``, ``model="video"``: a stock LL
 from PyPI packages on first use) on test clips of :mod:`vtc.offline.clips`, written once as mp4 files and
 read back with decord by the same :class:`vtc.pipelines.VideoQA` runner that ``vtc videoqa`` uses::
 
-    python eval/video_accuracy.py --out docs/video          # 10 methods x {0.5, 0.25, 0.1}, 300 questions
+    python eval/video_accuracy.py --out docs/video          # 11 methods x {0.5, 0.25, 0.1}, 300 questions
     python eval/video_accuracy.py --quick                   # a 10-minute subset
 
 Each (method, budget) answers every question (greedy, exact match of the one-word answer); the question-only
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_report import plot  # noqa: E402
 from _accuracy_stats import paired_difference  # noqa: E402
 
-METHODS = "holitom,dycoke,fastvid,evs,vidcom2,divprune,visionzip,pool,uniform,random"
+METHODS = "holitom,dycoke,fastvid,evs,vidcom2,freevideo,divprune,visionzip,pool,uniform,random"
 BUDGETS = (0.5, 0.25, 0.1)
 QUICK = {"clips": 24, "methods": "holitom,divprune,random", "budgets": [0.1]}
 

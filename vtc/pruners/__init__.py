@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     evs,
     fastv,
     fopru,
+    freevideo,
     hired,
     mmtok,
     pdrop,
