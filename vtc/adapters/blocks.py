@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from ..kernels.attention import split_heads
 
 if TYPE_CHECKING:
     from .runners import MergeContext
@@ -40,6 +40,10 @@ def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Te
 def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """HF CLIP / SigLIP encoder layer: pre-norm attention, residual, pre-norm MLP, residual."""
     heads = int(block.self_attn.num_heads)
+    scale = getattr(block.self_attn, "scale", None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = ctx.begin(index, hidden_states)
@@ -51,7 +55,7 @@ def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module
         ctx.attend(state, index)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
         hidden_states = residual + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
+        hidden_states = ctx.merge(state, index, hidden_states, split, scale, mask)
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -64,6 +68,10 @@ def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module
 def dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """HF DINOv2 layer: ``x + drop_path(layer_scale1(attn(norm1(x))))``, then the same with ``norm2`` / MLP."""
     heads = int(block.attention.num_attention_heads)
+    scale = getattr(block.attention, "scaling", None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = ctx.begin(index, hidden_states)
@@ -73,7 +81,7 @@ def dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) ->
         ctx.attend(state, index)
         attn, _ = self.attention(self.norm1(hidden_states), attention_mask=mask, **kwargs)
         hidden_states = self.drop_path(self.layer_scale1(attn)) + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
+        hidden_states = ctx.merge(state, index, hidden_states, split, scale, mask)
         hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
         return ctx.finish(state, index, hidden_states)
 
@@ -90,7 +98,7 @@ def timm_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> C
         mask = _with_bias(attn_mask, state.attention_bias(x.dtype))
         ctx.attend(state, index)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k.transpose(1, 2)))  # k: [B, H, T, d]
+        x = ctx.merge(state, index, x, lambda t: t.transpose(1, 2), self.attn.scale, mask)  # q, k: [B, H, T, d]
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return ctx.finish(state, index, x)
 
@@ -118,32 +126,33 @@ def open_clip_block(ctx: MergeContext, index: int, orig: type, block: nn.Module)
         if bias is None:
             attn = self.attention(q_x=h)
             if ctx.capture:
-                ctx.keys = _mha_keys(self.attn, h)
+                ctx.queries, ctx.keys = _mha_qk(self.attn, h)
         else:
-            attn, ctx.keys = _mha_with_bias(self.attn, h, bias)
+            attn, ctx.queries, ctx.keys = _mha_with_bias(self.attn, h, bias)
         x = q_x + self.ls_1(attn)
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k, heads))
+        x = ctx.merge(state, index, x, lambda t: split_heads(t, heads), None, bias)
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
         return ctx.finish(state, index, x)
 
     return forward
 
 
-def _mha_keys(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C]`` keys of a packed ``nn.MultiheadAttention`` (rows ``C:2C`` of its in-projection)."""
+def _mha_qk(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T, C]`` queries and keys of a packed ``nn.MultiheadAttention`` (rows ``0:2C`` of its in-projection)."""
     c = attn.embed_dim
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[c : 2 * c]
-    return F.linear(x, attn.in_proj_weight[c : 2 * c], bias)
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[: 2 * c]
+    return F.linear(x, attn.in_proj_weight[: 2 * c], bias).split(c, dim=-1)
 
 
 def _mha_with_bias(
     attn: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``x [B, T, C]`` with an additive ``[B, 1, 1, T]`` bias: ``(out [B, T, C], keys)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of ``x [B, T, C]`` with an additive ``[B, 1, 1, T]`` bias: ``(out [B, T, C], queries, keys)``,
+    queries and keys ``[B, T, H, d]``."""
     bsz, t, c = x.shape
     h = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(bsz, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # [B, H, T, d]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0)
     out = attn.out_proj(out.transpose(1, 2).reshape(bsz, t, c))
-    return out, k.transpose(1, 2)  # keys [B, T, H, d]
+    return out, q.transpose(1, 2), k.transpose(1, 2)

@@ -3,7 +3,9 @@
 Every supported block class (data: :data:`HOSTS`, keyed by the qualified class name) has a runner
 (:mod:`vtc.adapters.blocks`) that re-does the block's own forward with the merge step in between. The
 attention keys (the similarity metric) are read from the module that produces them, by a forward hook,
-so they are not computed twice.
+so they are not computed twice. A state that asks for the attention probabilities
+(:attr:`~vtc.contexts.TowerMerge.wants_attention`, GTP) also gets the queries hooked, and the probabilities
+are recomputed from both (:func:`attention_probs`) while the host attention keeps its kernel (SDPA).
 
 Runners are installed by swapping the ``__class__`` of each block *instance* for a one-off subclass
 (the upstream class is never touched) and undone by swapping it back. A runner with no active merge
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from ..contexts import Layout, Reduction, TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
 from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
@@ -44,6 +47,7 @@ class MergeContext:
         self.on_done: Callable[[TowerMerge], None] | None = None
         self.capture = False
         self.keys: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
         self.seconds = 0.0
 
     def begin(self, block: int, x: torch.Tensor) -> TowerMerge | None:
@@ -53,19 +57,36 @@ class MergeContext:
         return self.state
 
     def attend(self, state: TowerMerge, block: int) -> None:
-        """Before the block's attention: capture its keys if the block merges."""
-        self.capture, self.keys = state.wants_metric(block), None
+        """Before the block's attention: capture its keys (and queries, if asked) if the block merges."""
+        self.capture, self.keys, self.queries = state.wants_metric(block), None, None
 
     def merge(
-        self, state: TowerMerge, block: int, x: torch.Tensor, metric: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        state: TowerMerge,
+        block: int,
+        x: torch.Tensor,
+        heads: Callable[[torch.Tensor], torch.Tensor],
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Between attention and MLP: ``metric`` turns the captured keys into ``[B, T, d]``."""
+        """Between attention and MLP, hand the state its metric.
+
+        Args:
+            heads: turns a captured query or key tensor into ``[B, T, H, d]``.
+            scale: the host attention's logit scale (default ``d ** -0.5``); mask: the additive (or boolean)
+                mask the host attention got, bias included; both only used for :attr:`TowerMerge.wants_attention`.
+        """
         start = time.perf_counter()
-        keys, self.capture, self.keys = self.keys, False, None
-        wanted = state.wants_metric(block)
-        if wanted and keys is None:
-            raise RuntimeError(f"vision block {block} merges but its keys were not captured")
-        x = state.merge(block, x, metric(keys) if wanted else None)
+        keys, queries, self.capture, self.keys, self.queries = self.keys, self.queries, False, None, None
+        metric = None
+        if state.wants_metric(block):
+            if keys is None or (state.wants_attention and queries is None):
+                raise RuntimeError(f"vision block {block} merges but its keys or queries were not captured")
+            if state.wants_attention:
+                metric = attention_probs(heads(queries), heads(keys), scale, mask)
+            else:
+                metric = kernels.head_mean_keys(heads(keys))
+        x = state.merge(block, x, metric)
         self.seconds += time.perf_counter() - start
         return x
 
@@ -79,6 +100,22 @@ class MergeContext:
         if self.capture:
             self.keys = output
 
+    def query_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self.capture and self.state is not None and self.state.wants_attention:
+            self.queries = output
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, T, T]`` fp32 attention probabilities of ``q, k [B, T, H, d]`` (before the scale), with the host's
+    additive (or boolean: False = masked) ``mask`` broadcast to ``[B, H, T, T]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    logits = torch.einsum("bihd,bjhd->bhij", q.float() * scale, k.float())
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    return logits.softmax(dim=-1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Host:
@@ -86,6 +123,7 @@ class Host:
 
     runner: Callable[[MergeContext, int, type, nn.Module], Callable]
     keys: str | None  # submodule whose output are the keys (hooked), None: the runner computes them
+    queries: str | None  # submodule whose output are the queries (hooked for wants_attention), None: as keys
     check: Callable[[nn.Module], str | None] = lambda block: None  # why the block cannot run, or None
 
 
@@ -112,13 +150,17 @@ def _check_open_clip(block: nn.Module) -> str | None:
 
 #: block class (module + qualified name) -> how it runs
 HOSTS: dict[str, Host] = {
-    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, "self_attn.k_proj", _check_hf),
-    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
-        hf_encoder_layer, "self_attn.k_proj", _check_hf
+    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(
+        hf_encoder_layer, "self_attn.k_proj", "self_attn.q_proj", _check_hf
     ),
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, "attention.k_proj", _check_hf),
-    "timm.models.vision_transformer.Block": Host(timm_block, "attn.k_norm", _check_timm),
-    "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
+    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
+        hf_encoder_layer, "self_attn.k_proj", "self_attn.q_proj", _check_hf
+    ),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(
+        dinov2_layer, "attention.k_proj", "attention.q_proj", _check_hf
+    ),
+    "timm.models.vision_transformer.Block": Host(timm_block, "attn.k_norm", "attn.q_norm", _check_timm),
+    "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, None, _check_open_clip),
 }
 
 
@@ -163,6 +205,8 @@ class Runners:
             for i, (block, host) in enumerate(zip(blocks, hosts, strict=True)):
                 if host.keys is not None:
                     self._handles.append(module_at(block, host.keys).register_forward_hook(ctx.key_hook))
+                if host.queries is not None:
+                    self._handles.append(module_at(block, host.queries).register_forward_hook(ctx.query_hook))
                 self._handles.append(ClassSwap(block, {"forward": host.runner(ctx, i, type(block), block)}))
         except BaseException:
             self.remove()
@@ -212,7 +256,7 @@ class TowerMerging:
         def start(x: torch.Tensor) -> TowerMerge | None:
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - drop
-            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device)
+            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device, inputs=x)
             return self.method.tower_merge(call)
 
         ctx = self.ctx
