@@ -34,6 +34,18 @@ def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Te
     return mask + bias
 
 
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, T, T]`` fp32 attention probabilities of ``q, k [B, T, H, d]`` (before the scale), with the host's
+    additive (or boolean: False = masked) ``mask`` broadcast to ``[B, H, T, T]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    logits = torch.einsum("bihd,bjhd->bhij", q.float() * scale, k.float())
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    return logits.softmax(dim=-1)
+
+
 # -- runners: (context, block index, original class, block) -> forward ----------------------------------
 
 
@@ -126,7 +138,7 @@ def open_clip_block(ctx: MergeContext, index: int, orig: type, block: nn.Module)
         if bias is None:
             attn = self.attention(q_x=h)
             if ctx.capture:
-                ctx.queries, ctx.keys = _mha_qk(self.attn, h)
+                ctx.queries, ctx.keys = _mha_qk(self.attn, h, state.wants_attention)
         else:
             attn, ctx.queries, ctx.keys = _mha_with_bias(self.attn, h, bias)
         x = q_x + self.ls_1(attn)
@@ -137,11 +149,14 @@ def open_clip_block(ctx: MergeContext, index: int, orig: type, block: nn.Module)
     return forward
 
 
-def _mha_qk(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T, C]`` queries and keys of a packed ``nn.MultiheadAttention`` (rows ``0:2C`` of its in-projection)."""
+def _mha_qk(attn: nn.MultiheadAttention, x: torch.Tensor, queries: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``[B, T, C]`` queries (None unless ``queries``) and keys of a packed ``nn.MultiheadAttention`` (rows ``0:C``
+    and ``C:2C`` of its in-projection)."""
     c = attn.embed_dim
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[: 2 * c]
-    return F.linear(x, attn.in_proj_weight[: 2 * c], bias).split(c, dim=-1)
+    start = 0 if queries else c
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[start : 2 * c]
+    out = F.linear(x, attn.in_proj_weight[start : 2 * c], bias)
+    return (out[..., :c], out[..., c:]) if queries else (None, out)
 
 
 def _mha_with_bias(

@@ -5,7 +5,8 @@ Every supported block class (data: :data:`HOSTS`, keyed by the qualified class n
 attention keys (the similarity metric) are read from the module that produces them, by a forward hook,
 so they are not computed twice. A state that asks for the attention probabilities
 (:attr:`~vtc.contexts.TowerMerge.wants_attention`, GTP) also gets the queries hooked, and the probabilities
-are recomputed from both (:func:`attention_probs`) while the host attention keeps its kernel (SDPA).
+are recomputed from both (:func:`~vtc.adapters.blocks.attention_probs`) while the host attention keeps its
+kernel (SDPA).
 
 Runners are installed by swapping the ``__class__`` of each block *instance* for a one-off subclass
 (the upstream class is never touched) and undone by swapping it back. A runner with no active merge
@@ -26,7 +27,7 @@ from torch import nn
 from .. import kernels
 from ..contexts import Layout, Reduction, TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
-from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
+from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
 
 
 class MergeContext:
@@ -60,22 +61,10 @@ class MergeContext:
         """Before the block's attention: capture its keys (and queries, if asked) if the block merges."""
         self.capture, self.keys, self.queries = state.wants_metric(block), None, None
 
-    def merge(
-        self,
-        state: TowerMerge,
-        block: int,
-        x: torch.Tensor,
-        heads: Callable[[torch.Tensor], torch.Tensor],
-        scale: float | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Between attention and MLP, hand the state its metric.
-
-        Args:
-            heads: turns a captured query or key tensor into ``[B, T, H, d]``.
-            scale: the host attention's logit scale (default ``d ** -0.5``); mask: the additive (or boolean)
-                mask the host attention got, bias included; both only used for :attr:`TowerMerge.wants_attention`.
-        """
+    def merge(self, state: TowerMerge, block: int, x: torch.Tensor, heads: Callable, scale=None, mask=None):
+        """Between attention and MLP, hand the state its metric. ``heads`` turns a captured query or key tensor
+        into ``[B, T, H, d]``; ``scale`` (default ``d ** -0.5``) and ``mask`` (what the host attention got, bias
+        included) are those of the host attention, used for :attr:`TowerMerge.wants_attention` only."""
         start = time.perf_counter()
         keys, queries, self.capture, self.keys, self.queries = self.keys, self.queries, False, None, None
         metric = None
@@ -105,25 +94,12 @@ class MergeContext:
             self.queries = output
 
 
-def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B, H, T, T]`` fp32 attention probabilities of ``q, k [B, T, H, d]`` (before the scale), with the host's
-    additive (or boolean: False = masked) ``mask`` broadcast to ``[B, H, T, T]``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    logits = torch.einsum("bihd,bjhd->bhij", q.float() * scale, k.float())
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    return logits.softmax(dim=-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class Host:
-    """One supported block class: its runner, where its keys come from, and what it must look like."""
+    """One supported block class: its runner, where its queries and keys come from, what it must look like."""
 
     runner: Callable[[MergeContext, int, type, nn.Module], Callable]
-    keys: str | None  # submodule whose output are the keys (hooked), None: the runner computes them
-    queries: str | None  # submodule whose output are the queries (hooked for wants_attention), None: as keys
+    qk: tuple[str, str] | None  # submodules that output the queries and keys (hooked), None: the runner makes them
     check: Callable[[nn.Module], str | None] = lambda block: None  # why the block cannot run, or None
 
 
@@ -149,18 +125,13 @@ def _check_open_clip(block: nn.Module) -> str | None:
 
 
 #: block class (module + qualified name) -> how it runs
+_HF_QK, _DINOV2_QK = ("self_attn.q_proj", "self_attn.k_proj"), ("attention.q_proj", "attention.k_proj")
 HOSTS: dict[str, Host] = {
-    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(
-        hf_encoder_layer, "self_attn.k_proj", "self_attn.q_proj", _check_hf
-    ),
-    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
-        hf_encoder_layer, "self_attn.k_proj", "self_attn.q_proj", _check_hf
-    ),
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(
-        dinov2_layer, "attention.k_proj", "attention.q_proj", _check_hf
-    ),
-    "timm.models.vision_transformer.Block": Host(timm_block, "attn.k_norm", "attn.q_norm", _check_timm),
-    "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, None, _check_open_clip),
+    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
+    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, _DINOV2_QK, _check_hf),
+    "timm.models.vision_transformer.Block": Host(timm_block, ("attn.q_norm", "attn.k_norm"), _check_timm),
+    "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
 
 
@@ -203,10 +174,9 @@ class Runners:
         self._handles: list[Any] = []  # key hooks, then class swaps
         try:
             for i, (block, host) in enumerate(zip(blocks, hosts, strict=True)):
-                if host.keys is not None:
-                    self._handles.append(module_at(block, host.keys).register_forward_hook(ctx.key_hook))
-                if host.queries is not None:
-                    self._handles.append(module_at(block, host.queries).register_forward_hook(ctx.query_hook))
+                if host.qk is not None:
+                    self._handles.append(module_at(block, host.qk[1]).register_forward_hook(ctx.key_hook))
+                    self._handles.append(module_at(block, host.qk[0]).register_forward_hook(ctx.query_hook))
                 self._handles.append(ClassSwap(block, {"forward": host.runner(ctx, i, type(block), block)}))
         except BaseException:
             self.remove()
