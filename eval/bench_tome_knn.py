@@ -1,5 +1,5 @@
 """ToMe's accuracy-throughput trade-off on real data: DINOv2-S/14 k-NN accuracy on MNIST under ``tome`` at
-several ``r``, next to images per second, in one run.
+several ``r``, next to images per second, in one run; ``--method gtp`` measures GTP-ViT the same way.
 
 The ToMe paper (Bolya et al., ICLR 2023) reports how much accuracy a pretrained ViT keeps as ``r`` tokens are
 merged in every block, against the throughput gained. This is that measurement on what installs offline:
@@ -18,10 +18,14 @@ merged in every block, against the throughput gained. This is that measurement o
   95 % interval, and the paired difference to ``r = 0`` (bootstrap over queries). Throughput: images per
   second over the whole run and per CPU-second of this process (the steadier figure on a shared machine);
   the machine's load average at the start is printed.
+- **GTP-ViT** (``--method gtp``): ``vtc.compress(model, "gtp", num_prop=r)``, ``r`` tokens propagated into
+  their graph neighbours in every block (the official constant ``P``), so a row removes the same tokens per
+  block as ToMe's row with that ``r`` (before ToMe's cap).
 
     python eval/bench_tome_knn.py                       # 168 px (144 patches), r in 0,4,8,11; ~15 min on 2 cores
     python eval/bench_tome_knn.py --quick               # 20 queries and 50 bank images per digit
     python eval/bench_tome_knn.py --out docs/tome_knn   # also writes tome_knn.{json,md}
+    python eval/bench_tome_knn.py --method gtp          # GTP-ViT instead (writes gtp_knn.{json,md} with --out)
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _accuracy_stats import paired_difference  # noqa: E402
 
 K, TEMPERATURE = 20, 0.07
+#: the in-tower methods this benchmark runs, and the option that sets the tokens removed per block
+PER_BLOCK = {"tome": "r", "gtp": "num_prop"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -111,7 +117,7 @@ def run(args) -> dict:
     patches = (args.size // 14) ** 2
     rows, base = [], None
     for r in args.r:
-        vtc.compress(model, "tome", r=r)
+        vtc.compress(model, args.method, **{PER_BLOCK[args.method]: r})
         try:
             bank, w1, c1, tokens = embed(model, bank_x, args.batch)
             query, w2, c2, _ = embed(model, query_x, args.batch)
@@ -135,7 +141,7 @@ def run(args) -> dict:
             }
         )
         print(
-            f"r={r:>2}: {tokens - 1:>3} of {patches} patch tokens leave block 12, k-NN accuracy "
+            f"{args.method} r={r:>2}: {tokens - 1:>3} of {patches} patch tokens leave block 12, k-NN accuracy "
             f"{100 * correct.mean():.1f} %, {n_images / (w1 + w2):.1f} images/s",
             flush=True,
         )
@@ -170,13 +176,14 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=168, help="input pixels (a multiple of 14; 168: 12 x 12 patches)")
+    parser.add_argument("--method", default="tome", choices=sorted(PER_BLOCK), help="the in-tower method")
     parser.add_argument("--r", default="0,4,8,11", help="comma-separated r values; the first is the reference")
     parser.add_argument("--bank", type=int, default=200, help="bank images per digit (of the first 400)")
     parser.add_argument("--queries", type=int, default=50, help="query images per digit (of the last 100)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="50 bank and 20 query images per digit")
-    parser.add_argument("--out", default=None, help="folder for tome_knn.json and tome_knn.md")
+    parser.add_argument("--out", default=None, help="folder for <method>_knn.json and <method>_knn.md")
     args = parser.parse_args(argv)
     if args.size % 14:
         parser.error(f"--size must be a multiple of 14 (the patch size), got {args.size}")
@@ -196,16 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run(args)
     header = (
-        f"DINOv2-S/14 (real weights) k-NN on MNIST-5k digits at {args.size} px: bank {result['bank']} images, "
-        f"{result['queries']} queries (disjoint), k = {K}, CLS feature, fp32, batch {args.batch}"
+        f"DINOv2-S/14 (real weights) under {args.method}, k-NN on MNIST-5k digits at {args.size} px: bank "
+        f"{result['bank']} images, {result['queries']} queries (disjoint), k = {K}, CLS feature, fp32, "
+        f"batch {args.batch}"
     )
     text = f"{header}\nmachine: {machine}\n\n{table(result)}"
     print("\n" + text)
     if args.out:
         folder = pathlib.Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "tome_knn.md").write_text(text + "\n")
-        (folder / "tome_knn.json").write_text(json.dumps({"machine": machine, "args": vars(args), **result}, indent=2))
+        (folder / f"{args.method}_knn.md").write_text(text + "\n")
+        (folder / f"{args.method}_knn.json").write_text(
+            json.dumps({"machine": machine, "args": vars(args), **result}, indent=2)
+        )
     return 0
 
 

@@ -458,6 +458,9 @@ class TowerCall:
         n: tokens the consumer (the LLM, or a standalone ViT's output without the prefix) would get
             uncompressed; k: what it should get (``vtc.budget.keep_count``). The tower removes ``n - k`` tokens.
         device: where the tower runs.
+        grid: ``(rows, cols)`` patch grid of the tokens after the prefix, where the adapter knows it (standalone
+            ViTs); None otherwise (LLaVA towers: a square grid).
+        inputs: ``[B, T, C]`` the tokens entering block 0 (GTP builds its token graph from them).
     """
 
     batch: int
@@ -467,6 +470,8 @@ class TowerCall:
     n: int
     k: int
     device: torch.device = torch.device("cpu")
+    grid: tuple[int, int] | None = None
+    inputs: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class TowerMerge:
@@ -480,8 +485,17 @@ class TowerMerge:
         x = x + mlp(x)
         x = merge.after_block(i, x)
 
+    A state with :attr:`wants_attention` gets, as ``metric``, the block's attention probabilities
+    ``[B, H, T, T]`` (fp32, softmax of the scaled query-key logits plus the mask and bias the host attention got),
+    recomputed by the runner from the queries and keys it captures, so the host attention keeps its kernel.
+
     After the tower, :attr:`origin` and :attr:`anchor` say where every input token went.
     """
+
+    #: the metric is the attention probabilities ``[B, H, T, T]`` instead of the head-mean keys (GTP's selection)
+    wants_attention: bool = False
+    #: a host that average-pools its output tokens weighs them by :attr:`size` (ToMe); False: the host's own mean
+    pool_by_size: bool = True
 
     #: ``[B, T0]`` row of the current tokens that each token entering block 0 is part of
     origin: torch.Tensor

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from ..kernels.attention import split_heads
 
 if TYPE_CHECKING:
     from .runners import MergeContext
@@ -34,12 +34,28 @@ def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Te
     return mask + bias
 
 
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, T, T]`` fp32 attention probabilities of ``q, k [B, T, H, d]`` (before the scale), with the host's
+    additive (or boolean: False = masked) ``mask`` broadcast to ``[B, H, T, T]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    logits = torch.einsum("bihd,bjhd->bhij", q.float() * scale, k.float())
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    return logits.softmax(dim=-1)
+
+
 # -- runners: (context, block index, original class, block) -> forward ----------------------------------
 
 
 def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """HF CLIP / SigLIP encoder layer: pre-norm attention, residual, pre-norm MLP, residual."""
     heads = int(block.self_attn.num_heads)
+    scale = getattr(block.self_attn, "scale", None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = ctx.begin(index, hidden_states)
@@ -51,7 +67,7 @@ def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module
         ctx.attend(state, index)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
         hidden_states = residual + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
+        hidden_states = ctx.merge(state, index, hidden_states, split, scale, mask)
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -64,6 +80,10 @@ def hf_encoder_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module
 def dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """HF DINOv2 layer: ``x + drop_path(layer_scale1(attn(norm1(x))))``, then the same with ``norm2`` / MLP."""
     heads = int(block.attention.num_attention_heads)
+    scale = getattr(block.attention, "scaling", None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = ctx.begin(index, hidden_states)
@@ -73,7 +93,7 @@ def dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) ->
         ctx.attend(state, index)
         attn, _ = self.attention(self.norm1(hidden_states), attention_mask=mask, **kwargs)
         hidden_states = self.drop_path(self.layer_scale1(attn)) + hidden_states
-        hidden_states = ctx.merge(state, index, hidden_states, lambda k: kernels.head_mean_keys(k, heads))
+        hidden_states = ctx.merge(state, index, hidden_states, split, scale, mask)
         hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
         return ctx.finish(state, index, hidden_states)
 
@@ -90,7 +110,7 @@ def timm_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> C
         mask = _with_bias(attn_mask, state.attention_bias(x.dtype))
         ctx.attend(state, index)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask, is_causal=is_causal)))
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k.transpose(1, 2)))  # k: [B, H, T, d]
+        x = ctx.merge(state, index, x, lambda t: t.transpose(1, 2), self.attn.scale, mask)  # q, k: [B, H, T, d]
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return ctx.finish(state, index, x)
 
@@ -118,32 +138,36 @@ def open_clip_block(ctx: MergeContext, index: int, orig: type, block: nn.Module)
         if bias is None:
             attn = self.attention(q_x=h)
             if ctx.capture:
-                ctx.keys = _mha_keys(self.attn, h)
+                ctx.queries, ctx.keys = _mha_qk(self.attn, h, state.wants_attention)
         else:
-            attn, ctx.keys = _mha_with_bias(self.attn, h, bias)
+            attn, ctx.queries, ctx.keys = _mha_with_bias(self.attn, h, bias)
         x = q_x + self.ls_1(attn)
-        x = ctx.merge(state, index, x, lambda k: kernels.head_mean_keys(k, heads))
+        x = ctx.merge(state, index, x, lambda t: split_heads(t, heads), None, bias)
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
         return ctx.finish(state, index, x)
 
     return forward
 
 
-def _mha_keys(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C]`` keys of a packed ``nn.MultiheadAttention`` (rows ``C:2C`` of its in-projection)."""
+def _mha_qk(attn: nn.MultiheadAttention, x: torch.Tensor, queries: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``[B, T, C]`` queries (None unless ``queries``) and keys of a packed ``nn.MultiheadAttention`` (rows ``0:C``
+    and ``C:2C`` of its in-projection)."""
     c = attn.embed_dim
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[c : 2 * c]
-    return F.linear(x, attn.in_proj_weight[c : 2 * c], bias)
+    start = 0 if queries else c
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[start : 2 * c]
+    out = F.linear(x, attn.in_proj_weight[start : 2 * c], bias)
+    return (out[..., :c], out[..., c:]) if queries else (None, out)
 
 
 def _mha_with_bias(
     attn: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``x [B, T, C]`` with an additive ``[B, 1, 1, T]`` bias: ``(out [B, T, C], keys)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of ``x [B, T, C]`` with an additive ``[B, 1, 1, T]`` bias: ``(out [B, T, C], queries, keys)``,
+    queries and keys ``[B, T, H, d]``."""
     bsz, t, c = x.shape
     h = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(bsz, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # [B, H, T, d]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.dropout if attn.training else 0.0)
     out = attn.out_proj(out.transpose(1, 2).reshape(bsz, t, c))
-    return out, k.transpose(1, 2)  # keys [B, T, H, d]
+    return out, q.transpose(1, 2), k.transpose(1, 2)

@@ -19,8 +19,8 @@ import torch
 
 from ..contexts import ImageTokens, Reduction
 from .base import Encoded
-from .runners import merged_item
 from .sequence import assign, reduced_tokens, text_after, token_segments
+from .unmerge import merged_item
 
 
 def encode(adapter: Any, kwargs: Mapping[str, Any]) -> Encoded:

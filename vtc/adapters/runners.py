@@ -3,7 +3,10 @@
 Every supported block class (data: :data:`HOSTS`, keyed by the qualified class name) has a runner
 (:mod:`vtc.adapters.blocks`) that re-does the block's own forward with the merge step in between. The
 attention keys (the similarity metric) are read from the module that produces them, by a forward hook,
-so they are not computed twice.
+so they are not computed twice. A state that asks for the attention probabilities
+(:attr:`~vtc.contexts.TowerMerge.wants_attention`, GTP) also gets the queries hooked, and the probabilities
+are recomputed from both (:func:`~vtc.adapters.blocks.attention_probs`) while the host attention keeps its
+kernel (SDPA).
 
 Runners are installed by swapping the ``__class__`` of each block *instance* for a one-off subclass
 (the upstream class is never touched) and undone by swapping it back. A runner with no active merge
@@ -21,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..contexts import Layout, Reduction, TowerCall, TowerMerge
+from .. import kernels
+from ..contexts import TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
-from .blocks import dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
+from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
 
 
 class MergeContext:
@@ -46,6 +50,7 @@ class MergeContext:
         self.unmerge_after: int | None = None
         self.capture = False
         self.keys: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
         self.seconds = 0.0
 
     def begin(self, block: int, x: torch.Tensor) -> TowerMerge | None:
@@ -55,19 +60,24 @@ class MergeContext:
         return self.state
 
     def attend(self, state: TowerMerge, block: int) -> None:
-        """Before the block's attention: capture its keys if the block merges."""
-        self.capture, self.keys = state.wants_metric(block), None
+        """Before the block's attention: capture its keys (and queries, if asked) if the block merges."""
+        self.capture, self.keys, self.queries = state.wants_metric(block), None, None
 
-    def merge(
-        self, state: TowerMerge, block: int, x: torch.Tensor, metric: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        """Between attention and MLP: ``metric`` turns the captured keys into ``[B, T, d]``."""
+    def merge(self, state: TowerMerge, block: int, x: torch.Tensor, heads: Callable, scale=None, mask=None):
+        """Between attention and MLP, hand the state its metric. ``heads`` turns a captured query or key tensor
+        into ``[B, T, H, d]``; ``scale`` (default ``d ** -0.5``) and ``mask`` (what the host attention got, bias
+        included) are those of the host attention, used for :attr:`TowerMerge.wants_attention` only."""
         start = time.perf_counter()
-        keys, self.capture, self.keys = self.keys, False, None
-        wanted = state.wants_metric(block)
-        if wanted and keys is None:
-            raise RuntimeError(f"vision block {block} merges but its keys were not captured")
-        x = state.merge(block, x, metric(keys) if wanted else None)
+        keys, queries, self.capture, self.keys, self.queries = self.keys, self.queries, False, None, None
+        metric = None
+        if state.wants_metric(block):
+            if keys is None or (state.wants_attention and queries is None):
+                raise RuntimeError(f"vision block {block} merges but its keys or queries were not captured")
+            if state.wants_attention:
+                metric = attention_probs(heads(queries), heads(keys), scale, mask)
+            else:
+                metric = kernels.head_mean_keys(heads(keys))
+        x = state.merge(block, x, metric)
         self.seconds += time.perf_counter() - start
         return x
 
@@ -83,13 +93,17 @@ class MergeContext:
         if self.capture:
             self.keys = output
 
+    def query_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self.capture and self.state is not None and self.state.wants_attention:
+            self.queries = output
+
 
 @dataclasses.dataclass(frozen=True)
 class Host:
-    """One supported block class: its runner, where its keys come from, and what it must look like."""
+    """One supported block class: its runner, where its queries and keys come from, what it must look like."""
 
     runner: Callable[[MergeContext, int, type, nn.Module], Callable]
-    keys: str | None  # submodule whose output are the keys (hooked), None: the runner computes them
+    qk: tuple[str, str] | None  # submodules that output the queries and keys (hooked), None: the runner makes them
     check: Callable[[nn.Module], str | None] = lambda block: None  # why the block cannot run, or None
 
 
@@ -115,13 +129,12 @@ def _check_open_clip(block: nn.Module) -> str | None:
 
 
 #: block class (module + qualified name) -> how it runs
+_HF_QK, _DINOV2_QK = ("self_attn.q_proj", "self_attn.k_proj"), ("attention.q_proj", "attention.k_proj")
 HOSTS: dict[str, Host] = {
-    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, "self_attn.k_proj", _check_hf),
-    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(
-        hf_encoder_layer, "self_attn.k_proj", _check_hf
-    ),
-    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, "attention.k_proj", _check_hf),
-    "timm.models.vision_transformer.Block": Host(timm_block, "attn.k_norm", _check_timm),
+    "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
+    "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, _DINOV2_QK, _check_hf),
+    "timm.models.vision_transformer.Block": Host(timm_block, ("attn.q_norm", "attn.k_norm"), _check_timm),
     "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
 
@@ -165,8 +178,9 @@ class Runners:
         self._handles: list[Any] = []  # key hooks, then class swaps
         try:
             for i, (block, host) in enumerate(zip(blocks, hosts, strict=True)):
-                if host.keys is not None:
-                    self._handles.append(module_at(block, host.keys).register_forward_hook(ctx.key_hook))
+                if host.qk is not None:
+                    self._handles.append(module_at(block, host.qk[1]).register_forward_hook(ctx.key_hook))
+                    self._handles.append(module_at(block, host.qk[0]).register_forward_hook(ctx.query_hook))
                 self._handles.append(ClassSwap(block, {"forward": host.runner(ctx, i, type(block), block)}))
         except BaseException:
             self.remove()
@@ -226,7 +240,7 @@ class TowerMerging:
         def start(x: torch.Tensor) -> TowerMerge | None:
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - drop
-            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device)
+            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device, inputs=x)
             return self.method.tower_merge(call)
 
         ctx = self.ctx
@@ -235,25 +249,3 @@ class TowerMerging:
             yield ctx
         finally:
             ctx.start = None
-
-
-def merged_item(
-    merged: TowerMerge, feat: torch.Tensor, proj_in: torch.Tensor, rows: list[int], layout: Layout, strategy: str
-) -> tuple[Reduction | None, torch.Tensor, torch.Tensor]:
-    """An image whose tokens were merged inside the tower: ``(reduction, tokens [n, D], vision tokens [n, C])``.
-
-    ``feat [k, D]`` are the merged tokens the LLM gets; the image's ``n`` input tokens each take the row of
-    the group they ended in (what the uncompressed positions now hold), so ``ImageTokens.n`` stays ``n``.
-    """
-    if len(rows) != 1:
-        raise RuntimeError("token merging in the tower needs one tower row per image")
-    (row,) = rows
-    groups, anchors = merged.consumer_view(0 if strategy == "full" else layout.prefix)
-    groups, anchors = groups[row].to(feat.device), anchors[row].to(feat.device)
-    if groups.numel() != layout.num_tokens or anchors.numel() != feat.shape[0]:
-        raise RuntimeError(
-            f"the merged tower output has {feat.shape[0]} tokens for {groups.numel()} inputs, but the image's "
-            f"layout has {layout.num_tokens} (bug in the tower merge)"
-        )
-    red = Reduction(index=anchors, tokens=feat, groups=groups) if feat.shape[0] < layout.num_tokens else None
-    return red, feat[groups], proj_in[row].to(feat.device)[groups]

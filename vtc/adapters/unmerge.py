@@ -1,5 +1,6 @@
-"""Where a family's tower can host a method that merges inside it (``Stage.VISION_MERGE``), and what to say when
-the model needs the full grid back (the merged tokens are copied onto it: :meth:`vtc.contexts.TowerMerge.unmerge`)."""
+"""What leaves a vision tower that merges tokens (``Stage.VISION_MERGE``): the merged token set, as LLaVA-1.5's LLM
+takes it (:func:`merged_item`), or the full grid again where the model packs one (the merged tokens copied back onto
+it: :meth:`vtc.contexts.TowerMerge.unmerge`), with the checks and warnings that go with the latter."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ..contexts import Stage
+import torch
+
+from ..contexts import Layout, Reduction, Stage, TowerMerge
 
 
 def check_tower_merge(family: str, method: Any, signals: Sequence[Any], unmerge: bool) -> None:
@@ -28,3 +31,25 @@ def check_tower_merge(family: str, method: Any, signals: Sequence[Any], unmerge:
             f"vtc.compress(model, ['{method.name}', 'divprune'], budget=...)",
             stacklevel=4,
         )
+
+
+def merged_item(
+    merged: TowerMerge, feat: torch.Tensor, proj_in: torch.Tensor, rows: list[int], layout: Layout, strategy: str
+) -> tuple[Reduction | None, torch.Tensor, torch.Tensor]:
+    """An image whose tokens were merged inside the tower: ``(reduction, tokens [n, D], vision tokens [n, C])``.
+
+    ``feat [k, D]`` are the merged tokens the LLM gets; the image's ``n`` input tokens each take the row of
+    the group they ended in (what the uncompressed positions now hold), so ``ImageTokens.n`` stays ``n``.
+    """
+    if len(rows) != 1:
+        raise RuntimeError("token merging in the tower needs one tower row per image")
+    (row,) = rows
+    groups, anchors = merged.consumer_view(0 if strategy == "full" else layout.prefix)
+    groups, anchors = groups[row].to(feat.device), anchors[row].to(feat.device)
+    if groups.numel() != layout.num_tokens or anchors.numel() != feat.shape[0]:
+        raise RuntimeError(
+            f"the merged tower output has {feat.shape[0]} tokens for {groups.numel()} inputs, but the image's "
+            f"layout has {layout.num_tokens} (bug in the tower merge)"
+        )
+    red = Reduction(index=anchors, tokens=feat, groups=groups) if feat.shape[0] < layout.num_tokens else None
+    return red, feat[groups], proj_in[row].to(feat.device)[groups]

@@ -85,7 +85,8 @@ class ViTAdapter(Adapter):
         def start(x: torch.Tensor):
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - prefix
-            return method.tower_merge(TowerCall(bsz, tokens, prefix, blocks, n, keep(n), x.device))
+            call = TowerCall(bsz, tokens, prefix, blocks, n, keep(n), x.device, grid=self.grid(n), inputs=x)
+            return method.tower_merge(call)
 
         def done(state) -> None:
             seconds, ctx.seconds = ctx.seconds, 0.0
@@ -105,6 +106,8 @@ class ViTAdapter(Adapter):
     def sizes_for(self, ctx: MergeContext, x: torch.Tensor) -> torch.Tensor | None:
         """``[B, T]`` sizes of the tokens ``x [B, T, C]`` leaving the last merging call, if ``x`` is its output."""
         state = ctx.state
+        if not getattr(state, "pool_by_size", True):
+            return None  # the method's sizes are not member counts (GTP's token scales): the host's own mean
         size = getattr(state, "size", None)
         if size is None or size.shape != x.shape[:2] or bool((size == 1).all()):
             return None  # not this call's output, or nothing merged: the host's own pooling is exact
