@@ -128,6 +128,8 @@ def test_config():
 def test_listed_families():
     row = next(m.to_dict() for m in vtc.list_methods() if m.name == "tome")
     assert row["stages"] == ["vision", "vision_merge"] and row["families"] == [
+        "gemma3",
+        "internvl",
         "llava",
         "llava_next",
         "llava_next_video",

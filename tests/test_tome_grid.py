@@ -1,6 +1,6 @@
-"""ToMe in the towers of families that pack full grids (LLaVA-NeXT, OneVision, NeXT-Video): the merging blocks run
-on fewer tokens, the merged tokens are copied back onto the grid after the feature block, and the model packs the
-grid it expects; a pre-LLM member stacked after it brings the LLM's tokens to the budget."""
+"""ToMe in the towers of families that pack full grids (LLaVA-NeXT, OneVision, NeXT-Video, Gemma 3, InternVL):
+the merging blocks run on fewer tokens, the merged tokens are copied back onto the grid after the feature block, and
+the model packs the grid it expects; a pre-LLM member stacked after it brings the LLM's tokens to the budget."""
 
 import warnings
 
@@ -10,8 +10,9 @@ import torch
 import vtc
 from vtc.testing import FAMILIES
 
-#: anyres image tiles (NeXT) and video frames (OneVision: pooled after the projector; NeXT-Video: before it)
-CASES = ["llava_next", "llava_onevision", "llava_next_video"]
+#: anyres image tiles (NeXT), video frames (OneVision: pooled after the projector; NeXT-Video: before it), Gemma 3's
+#: 4 x 4-pooled SigLIP grid, InternVL's pixel-shuffled tiles (its own vision layer runner)
+CASES = ["llava_next", "llava_onevision", "llava_next_video", "gemma3", "internvl"]
 
 
 def _tower_calls(model):

@@ -100,6 +100,31 @@ def dinov2_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) ->
     return forward
 
 
+def internvl_layer(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
+    """HF InternVL vision layer: ``x + lambda_1 * attn(layernorm_before(x))``, then
+    ``x + lambda_2 * dropout(mlp(layernorm_after(x)))``."""
+    heads = int(block.attention.num_heads)
+    scale = getattr(block.attention, "scale", None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
+
+    def forward(self, hidden_states):
+        state = ctx.begin(index, hidden_states)
+        if state is None:
+            return orig.forward(self, hidden_states)
+        mask = state.attention_bias(hidden_states.dtype)
+        ctx.attend(state, index)
+        attn, _ = self.attention(self.layernorm_before(hidden_states), attention_mask=mask)
+        hidden_states = self.lambda_1 * attn + hidden_states
+        hidden_states = ctx.merge(state, index, hidden_states, split, scale, mask)
+        out = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        out = out if self.lambda_2 is None else self.lambda_2 * out
+        return ctx.finish(state, index, out + hidden_states)
+
+    return forward
+
+
 def timm_block(ctx: MergeContext, index: int, orig: type, block: nn.Module) -> Callable:
     """timm ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))`` then ``x + drop_path2(ls2(mlp(norm2(x))))``."""
 

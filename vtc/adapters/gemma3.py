@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..contexts import Layout
+from ..contexts import Layout, Stage
 from .llm import Decoder
 from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
@@ -129,6 +129,8 @@ class Gemma3Decoder(Decoder):
 class Gemma3Adapter(VLMAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
+    stages = VLMAdapter.stages | {Stage.VISION_MERGE}
+    tower_unmerge = True  # the projector pools each image's full patch grid
     feature_args = ()
     row_streams = (RowStream("token_type_ids", 0), RowStream("labels", -100))
 

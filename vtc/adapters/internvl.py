@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..contexts import Layout
+from ..contexts import Layout, Stage
 from .frames import frames_layout
 from .modalities import Modality, equal_rows, pool_to_token_grid
 from .registry import register_adapter
@@ -102,6 +102,8 @@ class TiledImages(Modality):
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
     model_types = ("internvl",)
+    stages = VLMAdapter.stages | {Stage.VISION_MERGE}
+    tower_unmerge = True  # the pixel shuffle needs each tile's full patch grid
 
     def modalities_of(self, config: Any) -> list[Modality]:
         return [TiledImages("image", "pixel_values", int(config.image_token_id))]

@@ -27,7 +27,7 @@ from torch import nn
 from .. import kernels
 from ..contexts import TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
-from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, open_clip_block, timm_block
+from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, internvl_layer, open_clip_block, timm_block
 
 
 class MergeContext:
@@ -134,6 +134,11 @@ HOSTS: dict[str, Host] = {
     "transformers.models.clip.modeling_clip.CLIPEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
     "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer": Host(hf_encoder_layer, _HF_QK, _check_hf),
     "transformers.models.dinov2.modeling_dinov2.Dinov2Layer": Host(dinov2_layer, _DINOV2_QK, _check_hf),
+    "transformers.models.internvl.modeling_internvl.InternVLVisionLayer": Host(
+        internvl_layer,
+        ("attention.q_norm", "attention.k_norm"),
+        _check_hf,  # identities without qk norm
+    ),
     "timm.models.vision_transformer.Block": Host(timm_block, ("attn.q_norm", "attn.k_norm"), _check_timm),
     "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
