@@ -461,6 +461,8 @@ class TowerCall:
         grid: ``(rows, cols)`` patch grid of the tokens after the prefix, where the adapter knows it (standalone
             ViTs); None otherwise (LLaVA towers: a square grid).
         inputs: ``[B, T, C]`` the tokens entering block 0 (GTP builds its token graph from them).
+        coords: ``[B, T - prefix, 2]`` (row, column) of every patch token where the tower's order is not a raster
+            of ``grid`` (Qwen2-VL packs 2 x 2 patch groups); None: raster order.
     """
 
     batch: int
@@ -472,6 +474,7 @@ class TowerCall:
     device: torch.device = torch.device("cpu")
     grid: tuple[int, int] | None = None
     inputs: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    coords: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class TowerMerge:

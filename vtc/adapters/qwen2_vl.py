@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..contexts import Layout
+from ..contexts import Layout, Stage
 from .frames import frames_layout
 from .llm import rotate_half
 from .modalities import Modality
+from .qwen_tower import position_hook
 from .registry import register_adapter
 from .streams import RowStream
 from .vision import Capture, Emit, QKReader
@@ -80,7 +81,10 @@ class QwenVisual(Modality):
 @register_adapter
 class QwenVLAdapter(VLMAdapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl",)
+    #: token merging in the tower (:mod:`vtc.adapters.qwen_tower`), copied back onto the grid for the patch merger
+    stages = VLMAdapter.stages | {Stage.VISION_MERGE}
+    tower_unmerge = True
     inputs = ("image", "video")
     forced_positions = "original"
     parts = ("visual", "language_model", "get_image_features", "get_rope_index")
@@ -101,6 +105,11 @@ class QwenVLAdapter(VLMAdapter):
             ("video_grid_thw", "second_per_grid_ts"),
         )
         return [QwenVisual(*image), QwenVisual(*video)]
+
+    def install(self) -> None:
+        super().install()
+        if self._merge is not None:  # merged tokens take the RoPE of their patches' centroid
+            self.handles.append(position_hook(self._merge.ctx, self.base.visual.rotary_pos_emb))
 
     def find_tower(self) -> None:
         vcfg = self.model.config.vision_config
@@ -172,6 +181,15 @@ class QwenVLAdapter(VLMAdapter):
 
     def record_positions(self, positions: torch.Tensor) -> list[list]:
         return positions.permute(1, 0, 2).tolist()
+
+
+@register_adapter
+class Qwen25VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL: as Qwen2-VL, but its tower's windowed attention runs over a reordered sequence: no merging in it."""
+
+    model_types = ("qwen2_5_vl",)
+    stages = VLMAdapter.stages
+    tower_unmerge = False
 
 
 def _fused_qkv(block: nn.Module, capture: Capture, emit: Emit) -> list[Any]:

@@ -38,6 +38,7 @@ from .modalities import Modality
 from .qwen2_vl import QwenVisual, QwenVLAdapter
 from .registry import register_adapter
 from .streams import RowStream, TokenStream
+from .vlm import VLMAdapter
 
 
 class Qwen3Frames(QwenVisual):
@@ -51,6 +52,8 @@ class Qwen3Frames(QwenVisual):
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    stages = VLMAdapter.stages  # DeepStack reads intermediate blocks: no merging in the tower
+    tower_unmerge = False
     row_streams = (RowStream("mm_token_type_ids", 0, required=True), RowStream("labels", -100))
     token_streams = (TokenStream("deepstack_features", per_item=True),)
 

@@ -28,6 +28,7 @@ from .. import kernels
 from ..contexts import TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
 from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, internvl_layer, open_clip_block, timm_block
+from .qwen_tower import check_qwen, qwen_vision_block
 
 
 class MergeContext:
@@ -139,6 +140,7 @@ HOSTS: dict[str, Host] = {
         ("attention.q_norm", "attention.k_norm"),
         _check_hf,  # identities without qk norm
     ),
+    "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLVisionBlock": Host(qwen_vision_block, None, check_qwen),
     "timm.models.vision_transformer.Block": Host(timm_block, ("attn.q_norm", "attn.k_norm"), _check_timm),
     "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
@@ -221,7 +223,7 @@ class TowerMerging:
         keep: Any,
         unmerge: bool = False,
     ):
-        if not isinstance(feature_layer, int):
+        if feature_layer is not None and not isinstance(feature_layer, int):  # None: the last block (Qwen)
             raise ValueError(
                 f"token merging in the vision tower needs one vision_feature_layer; this model concatenates "
                 f"layers {feature_layer}, whose merged token sets would differ"
@@ -242,10 +244,11 @@ class TowerMerging:
         """Merge in the tower calls of this block; ``strategy`` is the feature strategy (which rows the LLM gets)."""
         drop = 0 if strategy == "full" else self.prefix  # "default" feeds the LLM everything but CLS
 
-        def start(x: torch.Tensor) -> TowerMerge | None:
+        def start(x: torch.Tensor, coords: torch.Tensor | None = None) -> TowerMerge | None:
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - drop
-            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device, inputs=x)
+            keep = self.keep(n)
+            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, keep, x.device, inputs=x, coords=coords)
             return self.method.tower_merge(call)
 
         ctx = self.ctx

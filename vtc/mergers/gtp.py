@@ -165,12 +165,27 @@ def semantic_graph(tokens: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     return near & ~torch.eye(p, dtype=torch.bool, device=tokens.device)
 
 
-def token_graph(tokens: torch.Tensor, grid: tuple[int, int], num_neighbours: int, kind: str = "Mixed") -> torch.Tensor:
-    """``[B, P, P]`` fp32 ``D^-1/2 A D^-1/2`` of the ``kind`` adjacency of ``tokens [B, P, C]`` on ``grid``."""
+def coords_graph(coords: torch.Tensor) -> torch.Tensor:
+    """``[B, P, P]`` bool: the 8 grid neighbours of each patch from its ``(row, column)`` (``coords [B, P, 2]``), for
+    towers whose token order is not a raster (the same graph as :func:`spatial_graph` in any order)."""
+    d = (coords[:, :, None, :] - coords[:, None, :, :]).abs()
+    near = (d <= 1).all(dim=-1)
+    return near & ~torch.eye(coords.shape[1], dtype=torch.bool, device=coords.device)
+
+
+def token_graph(
+    tokens: torch.Tensor,
+    grid: tuple[int, int],
+    num_neighbours: int,
+    kind: str = "Mixed",
+    coords: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, P, P]`` fp32 ``D^-1/2 A D^-1/2`` of the ``kind`` adjacency of ``tokens [B, P, C]`` on ``grid`` (raster
+    order), or at the patch ``coords [B, P, 2]`` when given."""
     bsz, p, _ = tokens.shape
     adj = torch.zeros(bsz, p, p, dtype=torch.bool, device=tokens.device)
     if kind in ("Spatial", "Mixed"):
-        adj |= spatial_graph(*grid, device=tokens.device)
+        adj |= spatial_graph(*grid, device=tokens.device) if coords is None else coords_graph(coords.to(tokens.device))
     if kind in ("Semantic", "Mixed"):
         adj |= semantic_graph(tokens, num_neighbours)
     a = adj.float()
@@ -361,7 +376,9 @@ class GTPMerger(Method):
             schedule = budget_schedule(call.tokens, call.prefix, call.blocks, call.n - call.k)
         else:
             schedule = explicit_schedule(cfg.num_prop, call.tokens, call.prefix, call.blocks)
-        grid = _grid(call) if cfg.graph != "Semantic" else (1, call.tokens - call.prefix)
+        semantic = cfg.graph == "Semantic" or call.coords is not None
+        grid = (1, call.tokens - call.prefix) if semantic else _grid(call)
         with torch.no_grad():
-            graph = token_graph(call.inputs[:, call.prefix :].detach(), grid, cfg.num_neighbours, cfg.graph)
+            inputs = call.inputs[:, call.prefix :].detach()
+            graph = token_graph(inputs, grid, cfg.num_neighbours, cfg.graph, call.coords)
         return GTPState(schedule, graph, call.prefix, cfg)

@@ -1,0 +1,150 @@
+"""Token merging inside Qwen2-VL's vision tower (``Stage.VISION_MERGE``; :mod:`vtc.adapters.runners` for the rest).
+
+Qwen2-VL's tower runs every image (and every temporal patch group of a video) as one packed sequence ``[N, C]``
+whose attention stays within segments (``cu_seqlens``), with a 2-D rotary embedding of each patch's (row, column).
+While merging, the block runner here regroups the segments by length into batches ``[S, T, C]`` (one merge
+state per length: the images of one size, the frames of one video), runs each block's own layers on them, with
+the attention computed from the block's fused ``qkv`` (SDPA, ``log size`` bias), and packs the result again for
+the next block. Positions: a merged token's rotary embedding is the tower's own RoPE at the **centroid** of the
+patches it stands for (their mean row and column), so an unmerged patch keeps exactly its embedding. The
+similarity metric is the block's attention keys with RoPE applied, as the attention uses them. After the last
+block the merged tokens are copied back onto every segment's grid (the 2 x 2 patch merger needs it).
+
+Qwen2.5-VL (windowed attention over a reordered sequence) and Qwen3-VL (DeepStack features read from
+intermediate blocks) are not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.attention import split_heads
+from .llm import rotate_half
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [S, T, H, d]`` rotated as Qwen's vision attention does (fp32, back to ``x``'s dtype)."""
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class _Group:
+    """The segments of one length in a tower call: their merge state and the block-0 positions of their patches."""
+
+    def __init__(self, segments: list[int], state: Any, positions: torch.Tensor):
+        self.segments, self.state, self.positions = segments, state, positions  # positions [S, T0, 2]
+
+    def rotary(self, rotary: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin) [S, T, d]`` at the centroid of the patches each current token stands for."""
+        origin = self.state.origin  # [S, T0] -> current row
+        s, t = x.shape[:2]
+        total = torch.zeros(s, t, 2, dtype=torch.float32, device=x.device)
+        total.scatter_add_(1, origin[..., None].expand(-1, -1, 2), self.positions)
+        count = torch.zeros(s, t, dtype=torch.float32, device=x.device).scatter_add_(
+            1, origin, torch.ones_like(origin, dtype=torch.float32)
+        )
+        centre = total / count[..., None]
+        cos, sin = rotary(x, centre.reshape(-1, 2))
+        return cos.reshape(s, t, -1), sin.reshape(s, t, -1)
+
+
+def check_qwen(block: nn.Module) -> str | None:
+    impl = getattr(block.attn.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"its attention is {impl!r}; token merging runs Qwen's vision attention with SDPA: load it with sdpa"
+    return None
+
+
+def position_hook(ctx: Any, rotary: nn.Module) -> Any:
+    """Record the (row, column) of every patch as the tower computes its rotary embedding (a forward pre-hook)."""
+
+    def hook(module, args):
+        ctx.qwen_positions, ctx.qwen_rotary = args[1], module
+
+    return rotary.register_forward_pre_hook(hook)
+
+
+def qwen_vision_block(ctx: Any, index: int, orig: type, block: nn.Module) -> Callable:
+    """Qwen2-VL ``Qwen2VLVisionBlock``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, on packed segments."""
+    attn = block.attn
+    heads = int(attn.num_heads)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return split_heads(t, heads)
+
+    def run(self, state: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s, t, c = x.shape
+        q, k, v = attn.qkv(self.norm1(x)).reshape(s, t, 3, heads, -1).unbind(2)  # [S, T, H, d]
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        bias = state.attention_bias(x.dtype) if state is not None else None
+        if state is not None:
+            ctx.attend(state, index)
+            if ctx.capture:
+                ctx.queries, ctx.keys = q.reshape(s, t, c), k.reshape(s, t, c)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=attn.scaling
+        )
+        x = x + attn.proj(out.transpose(1, 2).reshape(s, t, c))
+        if state is not None:
+            x = ctx.merge(state, index, x, split, attn.scaling, bias)
+        x = x + self.mlp(self.norm2(x))
+        return ctx.finish(state, index, x) if state is not None else x
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        if index == 0:
+            ctx.qwen = _start(ctx, hidden_states, cu_seqlens, position_embeddings)
+        groups = getattr(ctx, "qwen", None)
+        if groups is None:
+            return orig.forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        lengths, cos0, sin0 = groups["lengths"], groups["cos"], groups["sin"]
+        pieces = list(torch.split(hidden_states, lengths))
+        for group in groups["groups"]:
+            x = torch.stack([pieces[i] for i in group.segments])
+            if x.shape[1] == group.positions.shape[1]:  # nothing merged yet: the model's own embeddings
+                cos = torch.stack([cos0[i] for i in group.segments])
+                sin = torch.stack([sin0[i] for i in group.segments])
+            else:
+                cos, sin = group.rotary(groups["rotary"], x)
+            x = run(self, group.state, x, cos, sin)
+            for row, i in enumerate(group.segments):
+                pieces[i] = x[row]
+        groups["lengths"] = [p.shape[0] for p in pieces]
+        return torch.cat(pieces)
+
+    return forward
+
+
+def _start(ctx: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> dict | None:
+    """Block 0 of a tower call: one merge state per segment length (None: no merging in this call)."""
+    if ctx.start is None or position_embeddings is None or getattr(ctx, "qwen_positions", None) is None:
+        return None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    positions = ctx.qwen_positions.float()  # [N, 2] (row, column) of every patch
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    pieces = torch.split(hidden, lengths)
+    pos = torch.split(positions, lengths)
+    groups = []
+    for segments in by_length.values():
+        coords = torch.stack([pos[i] for i in segments])
+        state = ctx.start(torch.stack([pieces[i] for i in segments]), coords)
+        groups.append(_Group(segments, state, coords))
+    states = [g.state for g in groups if g.state is not None]
+    if not states:
+        return None
+    ctx.state = states[0]
+    ctx.group_states = states
+    cos, sin = position_embeddings
+    return {
+        "groups": groups,
+        "lengths": lengths,
+        "cos": torch.split(cos, lengths),
+        "sin": torch.split(sin, lengths),
+        "rotary": ctx.qwen_rotary,
+    }
