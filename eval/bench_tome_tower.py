@@ -1,4 +1,4 @@
-"""ToMe's vision-tower speed-up in a model that packs full grids: the LLaVA-OneVision video preset, CPU.
+"""ToMe's vision-tower speed-up in models that pack full grids: the LLaVA-OneVision video and Qwen2-VL presets, CPU.
 
 ToMe merges inside the SigLIP tower of LLaVA-OneVision and copies the merged tokens back onto each frame's grid
 after the feature block (``docs/tome.md``), so the tower's later blocks run on fewer tokens while the model still
@@ -12,11 +12,15 @@ turn (machine drift hits all rows alike):
 * ``divprune @ 0.1`` and ``tome+divprune @ 0.1``: the same LLM budget, with and without merging in the tower
   (the stack's first share, about 32 % of each frame's tokens, sizes the tower merge).
 
-The model is the OneVision video preset's layout with a deeper tower than the CPU speed preset (which has two
-SigLIP blocks): ``--vision hidden,mlp,layers,heads`` (default 192,768,12,3; the real SigLIP-400M is
-1152,4304,27,16) over ``--frames`` frames at 384 px (729 patches each), random weights, fp32, no grad.
+``--preset onevision_video`` (default): the OneVision video preset's layout with a deeper tower than the CPU speed
+preset (which has two SigLIP blocks): ``--vision hidden,mlp,layers,heads`` (default 192,768,12,3; the real
+SigLIP-400M is 1152,4304,27,16) over ``--frames`` frames at 384 px (729 patches each). ``--preset qwen2vl``: the
+Qwen2-VL speed preset's layout (one 784 x 1176 image, 4,704 patches in 1,176 merge groups) with its ViT at
+``--vision`` width and depth (hidden and layers; MLP ratio 4, heads as given; the real one is 1280 wide, 32 deep).
+Random weights, fp32, no grad.
 
-    python eval/bench_tome_tower.py --out docs/tome_tower      # about 3 minutes on 1 thread
+    python eval/bench_tome_tower.py --out docs/tome_tower                       # about 3 minutes on 1 thread
+    python eval/bench_tome_tower.py --preset qwen2vl --out docs/tome_tower_qwen  # about 2 minutes
 """
 
 from __future__ import annotations
@@ -63,9 +67,20 @@ class TowerClock:
             h.remove()
 
 
-def build(frames: int, vision: tuple[int, int, int, int], seed: int = 0):
+def build(preset: str, frames: int, vision: tuple[int, int, int, int], seed: int = 0):
+    if preset == "qwen2vl":
+        hidden, _, layers, heads = vision
+        model = speed_presets.qwen2_vl_model(seed, vision=(hidden, layers, heads))
+        return model, speed_presets.qwen_image_inputs(model, seed)
     model = speed_presets.onevision_model(seed, vision=vision)
     return model, speed_presets.onevision_video_inputs(model, seed, frames=frames)
+
+
+def _visual(model) -> tuple[torch.nn.Module, int]:
+    """The vision tower and the placeholder id of the preset's visual input."""
+    if hasattr(model.model, "visual"):  # Qwen2-VL
+        return model.model.visual, model.config.image_token_id
+    return model.model.vision_tower, model.config.video_token_id
 
 
 def _timed(model, inputs, clock: TowerClock) -> tuple[float, float]:
@@ -76,9 +91,12 @@ def _timed(model, inputs, clock: TowerClock) -> tuple[float, float]:
         return time.perf_counter() - start, clock.seconds
 
 
-def run(frames: int, vision: tuple[int, int, int, int], rounds: int, seed: int = 0) -> list[dict]:
-    model, inputs = build(frames, vision, seed)
-    clock = TowerClock(model.model.vision_tower)
+def run(
+    frames: int, vision: tuple[int, int, int, int], rounds: int, seed: int = 0, preset: str = "onevision_video"
+) -> list[dict]:
+    model, inputs = build(preset, frames, vision, seed)
+    tower, placeholder = _visual(model)
+    clock = TowerClock(tower)
     rows = [*ROWS, *LLM_ROWS]
     times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(rows))}
     visual: dict[int, int] = {}
@@ -87,7 +105,7 @@ def run(frames: int, vision: tuple[int, int, int, int], rounds: int, seed: int =
             for i, (_, method, budget) in enumerate(rows):
                 if method is None:
                     elapsed = _timed(model, inputs, clock)
-                    visual[i] = int((inputs["input_ids"] == model.config.video_token_id).sum())
+                    visual[i] = int((inputs["input_ids"] == placeholder).sum())
                 else:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # ToMe alone: "speeds up the vision tower only"
@@ -130,7 +148,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--preset", choices=("onevision_video", "qwen2vl"), default="onevision_video")
+    parser.add_argument("--frames", type=int, default=32, help="video frames (onevision_video)")
     parser.add_argument("--vision", default="192,768,12,3", help="SigLIP hidden,mlp,layers,heads")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=1)
@@ -142,10 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = run(args.frames, vision, args.rounds)
+    rows = run(args.frames, vision, args.rounds, preset=args.preset)
+    if args.preset == "qwen2vl":
+        what = f"Qwen2-VL layout, one 784 x 1176 image (4,704 patches), ViT {args.vision} (hidden, -, layers, heads)"
+    else:
+        frames = f"{args.frames} frames at 384 px"
+        what = f"OneVision video layout, {frames}, SigLIP {args.vision} (hidden, mlp, layers, heads)"
     head = (
-        f"Machine: {machine()}. OneVision video layout, {args.frames} frames at 384 px, "
-        f"SigLIP {args.vision} (hidden, mlp, layers, heads), fp32; median of {args.rounds} rounds; "
+        f"Machine: {machine()}. {what}, fp32; median of {args.rounds} rounds; "
         f"{time.perf_counter() - started:.0f} s in all."
     )
     text = f"{head}\n\n{table(rows)}\n"

@@ -32,6 +32,14 @@ def test_a_tiny_run_times_every_row_and_counts_what_the_llm_gets(bench, tmp_path
     assert "| tome @ 0.25 |" in (tmp_path / "bench_tome_tower.md").read_text()
 
 
+def test_the_qwen2vl_preset_runs_tome_in_its_tower(bench, tmp_path):
+    out = tmp_path / "q"
+    assert bench.main(["--preset", "qwen2vl", "--vision", "32,0,2,2", "--rounds", "1", "--out", str(out)]) == 0
+    rows = __import__("json").loads((out / "bench_tome_tower.json").read_text())["rows"]
+    assert [r["llm_visual_tokens"] for r in rows[:3]] == [1176] * 3  # ToMe alone keeps every merge group
+    assert rows[4]["llm_visual_tokens"] == 118  # 10 % after the stack
+
+
 def test_bad_vision_shape_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--vision", "64,128,2"])
