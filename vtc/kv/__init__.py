@@ -29,7 +29,7 @@ import torch
 from ..budget import keep_count
 from ..config import check_float
 
-__all__ = ["KVConfig", "KVCompressor", "register_kv", "get_kv", "list_kv", "kv_config", "LookMConfig", "ElasticCacheConfig"]
+__all__ = ["KVConfig", "KVCompressor", "register_kv", "get_kv", "list_kv", "kv_config"]
 
 
 @dataclasses.dataclass
