@@ -29,7 +29,16 @@ import torch
 from ..budget import keep_count
 from ..config import check_float
 
-__all__ = ["KVConfig", "KVCompressor", "register_kv", "get_kv", "list_kv", "kv_config"]
+__all__ = [
+    "KVConfig",
+    "KVCompressor",
+    "register_kv",
+    "get_kv",
+    "list_kv",
+    "kv_config",
+    "LookMConfig",
+    "ElasticCacheConfig",
+]
 
 
 @dataclasses.dataclass
