@@ -10,8 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, kv_stage
 from .config import MethodConfig, check_options
+from .contexts import Stage
+from .kv import compressor_for, kv_config, kv_only, list_kv
 from .method import Method
 from .record import Record
 from .registry import MethodInfo, get_method
@@ -50,7 +52,9 @@ def _build_config(method: Any, budget: Any, options: dict[str, Any]) -> MethodCo
     return info.config_class(budget=budget, **options)
 
 
-def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options: Any) -> nn.Module:
+def compress(
+    model: nn.Module, method: Any = None, budget: Any = 0.2, *, kv: Any = None, kv_budget: Any = None, **options: Any
+) -> nn.Module:
     """Compress the visual tokens of ``model`` in place and return the same object.
 
     Args:
@@ -62,12 +66,31 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
         budget: float in (0, 1] (fraction of visual tokens kept) or int >= 1 (tokens kept per image).
         **options: method options (fields of the method's config dataclass; for a stack, its own: ``keep``,
             ``positions``, ``newlines``).
+        kv: a KV-cache method (:mod:`vtc.kv`: ``"lookm"``, ``"elastic_cache"``, or a ``KVConfig``) that compresses
+            the KV cache after the prefill and while decoding, on top of ``method``'s visual tokens. ``method``
+            may itself name a KV-cache method: the KV stage alone, ``budget`` (or ``kv_budget``) its fraction
+            and ``options`` its options.
+        kv_budget: fraction in (0, 1] of each layer's prompt KV entries kept (with ``kv``; default: the KV
+            method's own).
 
     Compressing a model that is already compressed warns and replaces the previous compression.
     Nothing about the model changes when an argument is invalid.
     """
-    config = _build_config(method, budget, options)
-    instance = _instance(config)
+    if isinstance(method, str) and method in list_kv() and kv is None:  # the KV-cache stage alone
+        kv_cfg = kv_config(method, budget if kv_budget is None else kv_budget, options)
+        instance = kv_only(kv_cfg)
+        config = instance.config
+    else:
+        if kv is None and kv_budget is not None:
+            raise TypeError("kv_budget is the budget of a KV-cache method: pass kv= too (e.g. kv='lookm')")
+        kv_cfg = None if kv is None else kv_config(kv, kv_budget)
+        config = _build_config(method, budget, options)
+        instance = _instance(config)
+        if kv_cfg is not None and Stage.LLM_LAYER in instance.stages:
+            raise ValueError(
+                f"kv={kv_cfg.method!r} stacks with methods that act before the LLM; {instance.name!r} prunes inside "
+                f"the LLM, whose shortened layers the KV stage cannot follow yet"
+            )
     adapter = adapter_for(model)
     missing = set(instance.stages) - set(adapter.stages)
     if missing:
@@ -75,7 +98,8 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
             f"method {instance.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} "
             f"adapter does not provide"
         )
-    session = Session(model, adapter, instance, config)
+    stage = None if kv_cfg is None else kv_stage(adapter, compressor_for(kv_cfg))
+    session = Session(model, adapter, instance, config, stage)
     _RESTORED.pop(model, None)
     if model in _SESSIONS:
         previous = _SESSIONS[model]

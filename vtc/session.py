@@ -47,8 +47,9 @@ from .reduce import Reducer
 class Session:
     """One method on one model instance. ``adapter`` is the family adapter from :func:`vtc.adapters.adapter_for`."""
 
-    def __init__(self, model: nn.Module, adapter: Any, method: Method, config: MethodConfig):
+    def __init__(self, model: nn.Module, adapter: Any, method: Method, config: MethodConfig, kv: Any = None):
         self.model = model
+        self.kv = kv  # the KV-cache stage's hooks (vtc.adapters.llm_kv), or None
         self.adapter = adapter
         self.method = method
         self.config = config
@@ -88,6 +89,8 @@ class Session:
         self.original_class = type(self.model)
         try:
             self.adapter.install()
+            if self.kv is not None:
+                self.kv.install()
             swap_class(self)
             # An instance-level forward (accelerate's dispatch hooks) shadows the class one: wrap it too.
             inner = self.model.__dict__.get("forward") if self.adapter.routes_calls else None
@@ -100,6 +103,8 @@ class Session:
 
     def detach(self) -> None:
         self.adapter.uninstall()
+        if self.kv is not None:
+            self.kv.uninstall()
         if self.instance_forward is not None:
             self.model.forward = self.instance_forward
             self.instance_forward = None

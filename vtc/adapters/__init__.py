@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import gemma3, internvl, llava, qwen2_vl, qwen3_vl, vit  # noqa: F401  (registers the families)
 from .base import Adapter, UnsupportedModelError
+from .llm_kv import kv_stage
 from .registry import ADAPTERS, STANDALONE, adapter_for, families_supporting, register_adapter
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "UnsupportedModelError",
     "adapter_for",
     "families_supporting",
+    "kv_stage",
     "register_adapter",
 ]

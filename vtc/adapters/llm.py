@@ -114,6 +114,20 @@ class Decoder:
         keys = self.rope(keys, cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1))
         return keys.repeat_interleave(attn.num_key_value_groups, dim=1)
 
+    @torch.no_grad()
+    def queries(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``[B, H, L, d]`` layer ``layer``'s queries of ``x [B, L, D]`` (its input norm, q projection, RoPE)."""
+        block = self.layers[layer]
+        h = block.input_layernorm(x)
+        q = _heads(block.self_attn, "q", h, block.self_attn.head_dim).transpose(1, 2)
+        return self.rope(q, cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1))
+
+    def scaled_logits(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """fp32 attention logits of queries ``q [B, H, R, d]`` over keys ``k [B, H, S, d]`` as layer ``layer``
+        scales them (and soft-caps them, where it does)."""
+        attn = self.layers[layer].self_attn
+        return _softcap(attn, (q.float() @ k.float().transpose(-1, -2)) * attn.scaling)
+
     def sub_blocks(self, layer: int) -> dict[str, nn.Module]:
         """The attention and MLP modules of ``layer`` (each called on its own normed input)."""
         block = self.layers[layer]
