@@ -387,3 +387,19 @@ def test_unsupported_families_are_refused():
     with pytest.raises(ValueError, match="M-RoPE"):
         vtc.compress(qwen, "lookm")
     assert not vtc.is_compressed(qwen)
+
+
+def test_a_new_turn_on_a_compressed_cache_is_refused_not_misplaced():
+    """generate slices a new turn by the cache's physical length, which the KV stage shortened: it would re-feed
+    tokens the cache already holds, so the call is refused with the way out."""
+    from vtc.testing import llava_inputs, tiny_llava
+
+    model = tiny_llava(seed=0)
+    inputs = llava_inputs(model, ((3, 4),))
+    with vtc.compressed(model, "lookm", budget=0.5):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], 1)
+        with pytest.raises(ValueError, match="compressed by the KV stage"):
+            model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), cache=out.past_key_values, max_new_tokens=2
+            )

@@ -102,6 +102,12 @@ class KVHooks:
         call = self.calls.get(cache)
         if call is None:
             return None
+        if q > 1:  # generate slices a new turn by the cache's (physical) length: it would re-feed cached tokens
+            raise ValueError(
+                f"this cache was compressed by the KV stage: it holds fewer entries than the {call.logical} tokens "
+                f"it stands for, so a new turn on it ({q} rows at once) would be misplaced; run the next turn on the "
+                f"full conversation without the cache, or compress without kv="
+            )
         self.call, call.decoding = call, True
         new = mask2d[:, -q:].bool() if mask2d is not None else torch.ones(bsz, q, dtype=torch.bool)
         call.new = new.to(embeds.device)
