@@ -240,7 +240,17 @@ class TowerMerging:
         def start(x: torch.Tensor) -> TowerMerge | None:
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - drop
-            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device, inputs=x)
+            call = TowerCall(
+                bsz,
+                tokens,
+                self.prefix,
+                self.merge_blocks,
+                n,
+                self.keep(n),
+                x.device,
+                inputs=x,
+                num_blocks=self.ctx.num_blocks,
+            )
             return self.method.tower_merge(call)
 
         ctx = self.ctx
