@@ -71,9 +71,10 @@ def compress(model: nn.Module, method: Any = None, budget: Any = 0.2, **options:
     adapter = adapter_for(model)
     missing = set(instance.stages) - set(adapter.stages)
     if missing:
+        hint = " (tower_stage=False runs it without its tower stage)" if hasattr(config, "tower_stage") else ""
         raise ValueError(
             f"method {instance.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} "
-            f"adapter does not provide"
+            f"adapter does not provide{hint}"
         )
     session = Session(model, adapter, instance, config)
     _RESTORED.pop(model, None)
