@@ -306,3 +306,30 @@ def test_families_with_full_grids_refuse_the_tower_stage_and_take_the_llm_stages
     for im in rec.images:
         assert im.counts["pre_llm"] == im.num_input
         assert list(im.counts.values())[-1] == keep_count(0.25, im.num_input)
+
+
+def test_batch_equals_each_sample_alone_with_the_tower_merging(model):
+    """Every window passes merge_thr=-1, so each image merges the same windows alone or in a batch."""
+    batch = llava_inputs(model, BATCH, padding_side="right", seed=3)
+    with vtc.compressed(model, "mustdrop", budget=0.25, merge_thr=-1.0):
+        with torch.no_grad():
+            together = model(**batch).logits
+        for b in range(len(BATCH)):
+            keep = batch["attention_mask"][b].bool()
+            single = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+            single["pixel_values"] = batch["pixel_values"][b : b + 1]
+            with torch.no_grad():
+                alone = model(**single).logits[0]
+            torch.testing.assert_close(together[b, : alone.shape[0]], alone, atol=1e-5, rtol=0)
+
+
+def test_sdpa_and_eager_merge_and_keep_the_same_tokens():
+    kept = {}
+    for impl in ("sdpa", "eager"):
+        m = tiny_llava(seed=0, image_size=48, attn_implementation=impl)
+        inputs = llava_inputs(m, BATCH, padding_side="left")
+        with vtc.compressed(m, "mustdrop", budget=0.25, merge_thr=-1.0, key_ratio=0.3):
+            with torch.no_grad():
+                m(**inputs)
+            kept[impl] = [(im.groups, im.layers) for im in vtc.last_record(m).images]
+    assert kept["sdpa"] == kept["eager"]
