@@ -240,17 +240,8 @@ class TowerMerging:
         def start(x: torch.Tensor) -> TowerMerge | None:
             bsz, tokens = int(x.shape[0]), int(x.shape[1])
             n = tokens - drop
-            call = TowerCall(
-                bsz,
-                tokens,
-                self.prefix,
-                self.merge_blocks,
-                n,
-                self.keep(n),
-                x.device,
-                inputs=x,
-                num_blocks=self.ctx.num_blocks,
-            )
+            blocks, depth = self.merge_blocks, self.ctx.num_blocks
+            call = TowerCall(bsz, tokens, self.prefix, blocks, n, self.keep(n), x.device, inputs=x, num_blocks=depth)
             return self.method.tower_merge(call)
 
         ctx = self.ctx
