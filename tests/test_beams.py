@@ -30,6 +30,7 @@ CASES = {
     "pdrop": ("image", {}),
     "transprune": ("image", {}),
     "aim": ("image", {"start": 0.25}),
+    "mustdrop": ("image", {"merge_thr": -1.0}),  # every window passes: the tower merges one window of the 4 x 4 grid
     "todre": ("image", {"layer": 2, "tau": 1.0}),
     "holitom": ("video", {}),
     "dycoke": ("video", {"kv_prune": 0.5, "kv_layer": 2}),

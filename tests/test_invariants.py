@@ -35,6 +35,13 @@ def _tower_only(impl, family) -> bool:
     return Stage.VISION_MERGE in stages and Stage.PRE_LLM not in stages and ADAPTERS[family.model_type].tower_unmerge
 
 
+def _refuses_grids(impl, family: str) -> bool:
+    """A tower merge followed by in-LLM pruning (MustDrop) is refused where the tower's output is copied back onto
+    full grids (``adapters/unmerge.py``); ``tests/test_mustdrop.py`` checks the refusal."""
+    need = {Stage.VISION_MERGE, Stage.LLM_LAYER}
+    return need <= set(impl.stages) and ADAPTERS[FAMILIES[family].model_type].tower_unmerge
+
+
 def _skip_unmerged_tower(method: str, family) -> None:
     """Merging in a tower whose merged tokens are copied back onto the grid changes the features the stock model
     would compute by hand; ``tests/test_tome_grid.py`` checks those families."""
@@ -79,6 +86,8 @@ def _applicable(request):
     missing = set(impl.stages) - ADAPTERS[FAMILIES[family].model_type].stages
     if missing:
         pytest.skip(f"{method} acts at {sorted(s.value for s in missing)}, which {family} does not provide")
+    if _refuses_grids(impl, family):
+        pytest.skip(f"{method} prunes its tower's merged token set inside the LLM: {family} packs full grids")
 
 
 def _logits(model, inputs):
@@ -128,6 +137,9 @@ def test_llm_receives_exactly_k_tokens(model, family, method):
             assert list(im.counts.values()) == [im.num_input, im.num_input]
         elif pre_llm:
             assert im.counts["pre_llm"] == k + kept_newlines
+        elif Stage.VISION_MERGE in impl.stages and not isinstance(impl, Stack):  # a threshold-driven tower (MustDrop)
+            assert k <= im.counts["pre_llm"] <= im.num_input
+            assert list(im.counts.values())[-1] == k
         else:
             reach = impl.prompt_count(im.num_input) if isinstance(impl, Stack) else im.num_input
             assert im.counts["pre_llm"] == reach

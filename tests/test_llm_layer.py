@@ -23,6 +23,9 @@ LLM_METHODS = {
     "holitom": {},  # outer merge, then the inner merge at layer round(4 * 18 / 28) = 3
     "divprune+fastv": {},  # a stack: DivPrune before the LLM, FastV's last cut inside it
     "aim": {"start": 0.25},  # merge, then PageRank ranking after layers 1, 2 (prunes before 2 and 3)
+    "mustdrop": {},  # LLaVA-1.5 only: filters after layers 0, 1, 2 (2, 6, 10, 14 of 32 scaled)
+    "mustdrop-merge": {"merge_thr": -1.0},  # every window similar enough: the tower merges to the budget's cap
+    "mustdrop-llm": {"tower_stage": False},  # the LLM stages alone, on every family
 }
 #: in-LLM methods covered elsewhere: DyCoke's decode-time selection (test_video_mergers.py)
 DECODE_TIME = {"dycoke"}
@@ -67,16 +70,26 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
         pytest.skip(f"{method} takes {_modalities(method)} inputs")
     if Stage.LLM_LAYER not in ADAPTERS[tiny.model_type].stages:
         pytest.skip(f"{family} has no LLM-layer hook point")
+    impl = vtc.method_for(method, **opts)
+    adapter = ADAPTERS[tiny.model_type]
+    if set(impl.stages) - adapter.stages or (
+        {Stage.VISION_MERGE, Stage.LLM_LAYER} <= set(impl.stages) and adapter.tower_unmerge
+    ):
+        pytest.skip(f"{name} merges in the tower, which {family} does not take (tower_stage=False does)")
     model = tiny.build(seed=4)
     inputs = tiny.inputs(model, BATCH, padding_side="left", seed=7)
     mrope = "mm_token_type_ids" in inputs  # M-RoPE: the model derives 3-D positions from the token types
     steps = 8
+    # a random model may pick a placeholder id, which the replayed prompt would count as a visual token
+    placeholders = [getattr(model.config, f"{x}_token_id", None) for x in ("image", "video")]
+    placeholders = [t for t in placeholders if t is not None]
     with vtc.compressed(model, method, budget=0.25, **opts):
         out = model.generate(
             **inputs,
             max_new_tokens=steps,
             min_new_tokens=steps,
             do_sample=False,
+            suppress_tokens=placeholders,
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -95,7 +108,8 @@ def test_generate_with_cache_equals_cache_free_forwards(family, name):
                 logits = model(**step, **extra, use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits, out.logits[t], atol=TOL["logits_fp32"], rtol=0)
             eos = model.generation_config.eos_token_id
-            nxt = logits.index_fill(-1, torch.tensor([eos]).flatten(), float("-inf")).argmax(-1)  # min_new_tokens
+            banned = torch.tensor([*torch.tensor([eos]).flatten().tolist(), *placeholders])  # min_new_tokens
+            nxt = logits.index_fill(-1, banned, float("-inf")).argmax(-1)
             assert torch.equal(nxt, out.sequences[:, prompt.shape[1] + t]), f"step {t}"
             step["input_ids"] = torch.cat([step["input_ids"], nxt[:, None]], 1)
             step["attention_mask"] = torch.cat([step["attention_mask"], torch.ones_like(nxt[:, None])], 1)

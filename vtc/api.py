@@ -94,9 +94,10 @@ def compress(
     adapter = adapter_for(model)
     missing = set(instance.stages) - set(adapter.stages)
     if missing:
+        hint = " (tower_stage=False runs it without its tower stage)" if hasattr(config, "tower_stage") else ""
         raise ValueError(
             f"method {instance.name!r} acts at {sorted(s.value for s in missing)}, which the {adapter.family} "
-            f"adapter does not provide"
+            f"adapter does not provide{hint}"
         )
     stage = None if kv_cfg is None else kv_stage(adapter, compressor_for(kv_cfg))
     session = Session(model, adapter, instance, config, stage)

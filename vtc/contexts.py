@@ -347,6 +347,10 @@ class LayerTokens:
         n_original: per sample, visual tokens the uncompressed model would feed (before any stage; equal to
             ``n_input`` unless a stage before the LLM removed some). A stack (:mod:`vtc.stack`) counts its last
             in-LLM stage from it.
+        visual_image: per sample, for each of its visual rows (aligned with ``visual``), the image it belongs to
+            (the call's image index, as the record numbers them).
+        visual_token: per sample, for each visual row, its token index inside that image (the anchor the
+            record gives it: a kept token, or the first member of a merged one).
     """
 
     layer: int
@@ -361,6 +365,8 @@ class LayerTokens:
     _norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     _observed: Callable[[], torch.Tensor] | None = None
     n_original: list[int] | None = None
+    visual_image: list[torch.Tensor] | None = None
+    visual_token: list[torch.Tensor] | None = None
 
     def observed(self) -> torch.Tensor:
         """``[B, L]`` per current row, the sum of what the method's :meth:`~vtc.method.Method.observe` returned
@@ -463,6 +469,8 @@ class TowerCall:
         inputs: ``[B, T, C]`` the tokens entering block 0 (GTP builds its token graph from them).
         coords: ``[B, T - prefix, 2]`` (row, column) of every patch token where the tower's order is not a raster
             of ``grid`` (Qwen2-VL packs 2 x 2 patch groups); None: raster order.
+        num_blocks: every block of the tower (the later ones run on the merged tokens too; MustDrop reads the
+            last one's attention), where the adapter knows it.
     """
 
     batch: int
@@ -475,6 +483,7 @@ class TowerCall:
     grid: tuple[int, int] | None = None
     inputs: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
     coords: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    num_blocks: int | None = None
 
 
 class TowerMerge:

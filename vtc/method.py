@@ -51,6 +51,9 @@ class Method:
     #: the selection depends on the prompt's text (``ImageTokens.text_ids`` / ``text_embeds``); in-LLM
     #: methods depend on it through the attention of the prompt's tokens whatever this says
     reads_prompt: ClassVar[bool] = False
+    #: the budget counts the tokens left after the method's last cut inside the LLM although it also acts before
+    #: the LLM (MustDrop: its merge inside the vision tower is threshold-driven; a stack ending with FastV)
+    cuts_in_llm: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

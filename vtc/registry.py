@@ -25,7 +25,10 @@ class MethodInfo:
         """What a budget's ``k`` counts: ``"pre_llm"``, the tokens of each image in the prompt the LLM receives
         (a method with a stage before the LLM; a later stage inside the LLM acts on top: HoliTom's inner merge,
         ToDRE's conditional drop, DyCoke's decode-time selection), or ``"last_stage"``, the tokens left after
-        the method's last stage inside the LLM (FastV, PyramidDrop)."""
+        the method's last stage inside the LLM (FastV, PyramidDrop; MustDrop, whose tower merge is threshold-driven:
+        ``Method.cuts_in_llm``)."""
+        if self.method_class.cuts_in_llm:
+            return "last_stage"
         return "pre_llm" if {Stage.PRE_LLM, Stage.VISION_MERGE} & set(self.stages) else "last_stage"
 
     def to_dict(self) -> dict:

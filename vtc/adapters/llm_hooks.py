@@ -195,6 +195,8 @@ class LLMHooks:
             _norm=self.decoder.final_norm,
             _observed=lambda: observed_rows(call),
             n_original=None if call.plan.n_original is None else [int(n) for n in call.plan.n_original.tolist()],
+            visual_image=[call.row_image[b, v] for b, v in enumerate(visual_rows)],
+            visual_token=[call.row_token[b, v] for b, v in enumerate(visual_rows)],
         )
         kept = self.method.prune(ctx)
         if isinstance(kept, LayerUpdate):  # a merge: kept rows absorbed the dropped ones

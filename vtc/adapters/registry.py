@@ -51,6 +51,12 @@ def families_supporting(stages: Iterable[Stage], modalities: Iterable[str] = ("i
     """The model types (and standalone families) a method acting at ``stages`` on ``modalities`` can compress:
     their adapter provides every stage and takes at least one of the modalities."""
     need, takes = set(stages), set(modalities)
-    out = {t for t, cls in ADAPTERS.items() if need <= cls.stages and takes & set(cls.inputs)}
+    # a tower merge followed by in-LLM pruning needs the merged token set in the LLM (no unmerge: check_tower_merge)
+    grid = {Stage.VISION_MERGE, Stage.LLM_LAYER} <= need
+    out = {
+        t
+        for t, cls in ADAPTERS.items()
+        if need <= cls.stages and takes & set(cls.inputs) and not (grid and cls.tower_unmerge)
+    }
     out |= {cls.family for cls in STANDALONE if need <= cls.stages and takes & set(cls.inputs)}
     return sorted(out)

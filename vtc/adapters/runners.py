@@ -245,11 +245,10 @@ class TowerMerging:
         drop = 0 if strategy == "full" else self.prefix  # "default" feeds the LLM everything but CLS
 
         def start(x: torch.Tensor, coords: torch.Tensor | None = None) -> TowerMerge | None:
-            bsz, tokens = int(x.shape[0]), int(x.shape[1])
+            (bsz, tokens), depth = x.shape[:2], self.ctx.num_blocks
             n = tokens - drop
-            keep = self.keep(n)
-            call = TowerCall(bsz, tokens, self.prefix, self.merge_blocks, n, keep, x.device, inputs=x, coords=coords)
-            return self.method.tower_merge(call)
+            shape = (bsz, tokens, self.prefix, self.merge_blocks, n, self.keep(n), x.device)
+            return self.method.tower_merge(TowerCall(*shape, inputs=x, coords=coords, num_blocks=depth))
 
         ctx = self.ctx
         ctx.start, ctx.state, ctx.seconds = start, None, 0.0

@@ -17,6 +17,13 @@ def check_tower_merge(family: str, method: Any, signals: Sequence[Any], unmerge:
     """Refuse (or explain) tower merging where the model needs the full grid back (``unmerge``)."""
     if not unmerge or Stage.VISION_MERGE not in method.stages:
         return
+    if Stage.LLM_LAYER in method.stages:
+        skip = " (tower_stage=False)" if hasattr(method.config, "tower_stage") else ""
+        raise ValueError(
+            f"{method.name!r} merges inside the vision tower and then prunes the merged token set inside the LLM, but "
+            f"the {family} model packs full grids: the merged tokens would be copied back onto them. Run its LLM "
+            f"stages alone{skip}, or use a LLaVA-1.5 model"
+        )
     if signals:
         raise ValueError(
             f"{method.name!r} merges inside the {family} vision tower and copies the merged tokens back onto the grid "

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     freevideo,
     hired,
     mmtok,
+    mustdrop,
     pdrop,
     random,
     scope,
