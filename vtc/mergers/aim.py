@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..config import MethodConfig, check_float, check_int
@@ -84,9 +83,8 @@ def bipartite_merge(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     """
     t = x.shape[0]
     r = min(r, t // 2)
-    metric = F.normalize(x.float(), dim=-1)
     src, dst = torch.arange(0, t, 2, device=x.device), torch.arange(1, t, 2, device=x.device)
-    best, match = (metric[src] @ metric[dst].T).max(dim=-1)
+    best, match = kernels.cosine_argmax(x[src].float(), x[dst].float())  # no |src| x |dst| matrix; ties: lower
     order = torch.argsort(best, descending=True, stable=True)
     merged_src, kept_src = order[:r], order[r:]
     sums = x[dst].float().clone()
