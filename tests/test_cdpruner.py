@@ -52,6 +52,16 @@ def test_selection_equals_the_official_dense_kernel_on_random_inputs(seed):
         assert sorted(dpp_greedy(features, r, k).tolist()) == reference(features, text, k)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_factored_inference_picks_as_the_dense_one_up_to_the_rank(seed):
+    """The per-pick vectors are kept as D-dimensional factors (no k x n matrix): the same picks, in order, as the
+    official dense recursion for every k up to the kernel's rank (the feature width)."""
+    gen = torch.Generator().manual_seed(seed)
+    features, text = torch.randn(200, 16, generator=gen), torch.randn(5, 16, generator=gen)
+    r = instruction_relevance(features, text)
+    assert sorted(dpp_greedy(features, r, 16).tolist()) == reference(features, text, 16)
+
+
 def test_rank_exhausted_falls_back_to_relevance():
     features = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [1.0, -1.0]])  # rank 2: only two DPP picks possible
     r = torch.tensor([0.2, 0.3, 1.0, 0.9])

@@ -13,13 +13,15 @@ Before the LLM: keep the ``k`` tokens that greedy MAP inference of a **condition
   checkpoints do not ship CLIP's text tower); the formula, including the negation, is the official one
   (``relevance="official"``); ``relevance="positive"`` drops the negation;
 * greedy MAP inference as in the official code (Chen et al. 2018's incremental Cholesky): ``k`` times pick
-  ``argmax d_i^2``, ``e_i = (L_j - c_j^T C) / sqrt(d_j^2)``, ``d^2 -= e_i^2``. Kernel rows are computed when a
-  token is picked (``r_j r (x_j . X)``), so memory is ``O(k n)``, never ``n x n``.
+  ``argmax d_i^2``, ``e_i = (L_j - c_j^T C) / sqrt(d_j^2)``, ``d^2 -= e_i^2``. Since ``L = B B^T`` with
+  ``B = diag(r) X``, each ``e_i`` is kept as its factor ``u_i`` (``e_i = B u_i``, Gram-Schmidt on the picked rows
+  of ``B``): the same picks in exact arithmetic, memory ``O(n D)`` instead of the official ``k x n`` (which grows
+  as ``n^2 / 5`` at budget 0.2: 2.3 GiB at 50,176 tokens).
 
-Deviations: when the kernel's rank is exhausted before ``k`` picks (``d^2 <= 0``: more tokens than feature
-dimensions), the remaining picks take the most relevant tokens left (the official loop would divide by
-``sqrt`` of a non-positive number); separator tokens are never candidates; without any prompt text after the
-image the relevance is uniform (a plain DPP).
+Deviations: when the kernel's rank is exhausted before ``k`` picks (``d^2 <= 1e-12``, or ``D`` picks made: more
+tokens than feature dimensions), the remaining picks take the most relevant tokens left (the official loop would
+divide by ``sqrt`` of a non-positive number, or pick by rounding noise); separator tokens are never candidates;
+without any prompt text after the image the relevance is uniform (a plain DPP).
 """
 
 from __future__ import annotations
@@ -64,27 +66,32 @@ def instruction_relevance(tokens: torch.Tensor, text: torch.Tensor, negate: bool
 
 
 def dpp_greedy(features: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
-    """The official fast greedy MAP of the DPP with kernel ``diag(r) S diag(r)``, ``S`` the cosine similarity of
-    ``features [n, D]``: the picked indices in pick order (``k`` of them)."""
+    """The official fast greedy MAP of the DPP with kernel ``L = diag(r) S diag(r)``, ``S`` the cosine similarity of
+    ``features [n, D]``: the picked indices in pick order (``k`` of them).
+
+    ``L = B B^T`` with ``B = diag(r) X`` (``X`` the unit rows), so the official per-pick vectors ``c_t = B u_t``
+    are kept as their ``D``-dimensional factors ``u_t`` (Gram-Schmidt on the picked rows of ``B``): the same
+    gains ``d_i^2 = L_ii - sum_t c_t[i]^2`` and picks in exact arithmetic, in ``O(n D + k D)`` memory instead of
+    the official ``k x n`` (2.3 GiB at 50,176 tokens and budget 0.2); time ``O(k (n + k) D)``."""
     n = features.shape[0]
     x = F.normalize(features.float(), dim=-1)
     r = relevance.float()
+    b = r[:, None] * x  # [n, D] rows of B
     di2 = r * r  # diagonal of the kernel (S_ii = 1)
-    cis = torch.zeros(k, n, device=x.device)
+    u = torch.zeros(min(k, x.shape[1]), x.shape[1], device=x.device)  # at most rank(L) <= D useful factors
     picked = torch.empty(k, dtype=torch.long, device=x.device)
     taken = torch.zeros(n, dtype=torch.bool, device=x.device)
     for i in range(k):
         j = int(torch.argmax(di2))
-        if not di2[j] > 1e-12:  # rank exhausted (up to rounding): the most relevant tokens left
+        if not di2[j] > 1e-12 or i >= u.shape[0]:  # rank exhausted (up to rounding): the most relevant tokens left
             rest = torch.nonzero(~taken).flatten()
             fill = rest[torch.sort(r[rest], descending=True, stable=True).indices[: k - i]]
             picked[i:] = fill
             break
         picked[i] = j
         taken[j] = True
-        row = r[j] * (x @ x[j]) * r  # kernel row j
-        e = (row - cis[:i, j] @ cis[:i]) / torch.sqrt(di2[j])
-        cis[i] = e
+        u[i] = (b[j] - (u[:i] @ b[j]) @ u[:i]) / torch.sqrt(di2[j])  # c_i = B u_i: the official e, factored
+        e = b @ u[i]
         di2 = di2 - e * e
         di2[taken] = -float("inf")
     return picked
