@@ -60,9 +60,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MethodConfig, check_choice, check_float, check_int
-from ..contexts import Stage, TowerCall, TowerMerge
+from ..contexts import Stage, TowerCall
 from ..method import Method
 from ..registry import register_method
+from .tome import ScheduledMerge
 
 __all__ = [
     "GTPConfig",
@@ -293,7 +294,7 @@ def explicit_schedule(num_prop: int | Sequence[int], tokens: int, prefix: int, b
 # -- the per-call state the block runners drive -----------------------------------------------------------
 
 
-class GTPState(TowerMerge):
+class GTPState(ScheduledMerge):
     """Graph, token scales, source map and schedule of one tower call (see :class:`vtc.contexts.TowerMerge`).
 
     ``size`` holds the official token scales (not member counts); ``anchor`` is the block-0 index of each
@@ -305,22 +306,8 @@ class GTPState(TowerMerge):
 
     def __init__(self, schedule: Sequence[int], graph: torch.Tensor, prefix: int, config: GTPConfig):
         bsz, p, _ = graph.shape
-        tokens, device = prefix + p, graph.device
-        self.schedule, self.graph, self.prefix = list(schedule), graph, prefix
-        self.alpha, self.selection, self.token_scale = float(config.alpha), config.selection, config.token_scale
-        self.size = torch.ones(bsz, tokens, dtype=torch.float32, device=device)  # [B, T] token scales
-        self.origin = torch.arange(tokens, device=device).expand(bsz, -1)  # [B, T0]
-        self.anchor = self.origin  # [B, T]
-        self.propagated = False
-        self.counts = [tokens]  # tokens after each block
-
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not (self.propagated and self.token_scale) or self.unmerged:
-            return None  # all scales are 1: log 1 = 0, so the host attention runs exactly as without vtc
-        return self.size.log().to(dtype)[:, None, None, :]
-
-    def wants_metric(self, block: int) -> bool:
-        return block < len(self.schedule) and self.schedule[block] > 0
+        super().__init__(schedule, bsz, prefix + p, prefix, config.token_scale, graph.device)  # size: token scales
+        self.graph, self.alpha, self.selection = graph, float(config.alpha), config.selection
 
     def merge(self, block: int, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
         if not self.wants_metric(block):
@@ -336,11 +323,7 @@ class GTPState(TowerMerge):
         row = torch.cat([torch.arange(pre, device=x.device).expand(x.shape[0], -1), row], dim=1)
         self.origin = row.gather(1, self.origin)
         self.anchor = torch.cat([self.anchor[:, :pre], self.anchor[:, pre:].gather(1, kept)], dim=1)
-        self.propagated = True
-        return x
-
-    def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
-        self.counts.append(int(x.shape[1]))
+        self.merged = True
         return x
 
 

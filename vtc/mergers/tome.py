@@ -45,6 +45,7 @@ from ..registry import register_method
 __all__ = [
     "ToMeConfig",
     "ToMeMerger",
+    "ScheduledMerge",
     "ToMeState",
     "bipartite_soft_matching",
     "merge_wavg",
@@ -221,21 +222,22 @@ def merge_tokens(
 # -- the per-call state the block runners drive --------------------------------------------------------
 
 
-class ToMeState(TowerMerge):
-    """Sizes, source map and schedule of one tower call (see :class:`vtc.contexts.TowerMerge`).
+class ScheduledMerge(TowerMerge):
+    """What every schedule-driven tower merge (ToMe, GTP-ViT) keeps per call: the schedule, token sizes, source
+    map and counts, and the ``log size`` attention bias once a block changed the tokens (``self.merged``).
 
     Args:
-        schedule: tokens removed after the attention of each merging block.
+        schedule: tokens removed in each merging block.
         batch, tokens, prefix: the tower call (``tokens`` per row, ``prefix`` protected).
-        prop_attn: add ``log size`` to the attention logits.
+        weighted: add ``log size`` to the attention logits (ToMe's proportional attention, GTP's token scales).
     """
 
     def __init__(
-        self, schedule: Sequence[int], batch: int, tokens: int, prefix: int, prop_attn: bool, device: torch.device
+        self, schedule: Sequence[int], batch: int, tokens: int, prefix: int, weighted: bool, device: torch.device
     ):
         self.schedule = list(schedule)
         self.prefix = prefix
-        self.prop_attn = prop_attn
+        self.weighted = weighted
         self.size = torch.ones(batch, tokens, dtype=torch.float32, device=device)  # [B, T]
         self.origin = torch.arange(tokens, device=device).expand(batch, -1)  # [B, T0]
         self.anchor = self.origin  # [B, T]
@@ -243,12 +245,21 @@ class ToMeState(TowerMerge):
         self.counts = [tokens]  # tokens after each block
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not (self.merged and self.prop_attn) or self.unmerged:
+        if not (self.merged and self.weighted) or self.unmerged:
             return None  # all sizes are 1: log 1 = 0, so the host attention runs exactly as without vtc
         return self.size.log().to(dtype)[:, None, None, :]
 
     def wants_metric(self, block: int) -> bool:
         return block < len(self.schedule) and self.schedule[block] > 0
+
+    def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        self.counts.append(int(x.shape[1]))
+        return x
+
+
+class ToMeState(ScheduledMerge):
+    """Sizes, source map and schedule of one ToMe tower call (see :class:`vtc.contexts.TowerMerge`);
+    ``weighted`` is proportional attention."""
 
     def merge(self, block: int, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
         if not self.wants_metric(block):
@@ -263,8 +274,7 @@ class ToMeState(TowerMerge):
     def after_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         if block == len(self.schedule) - 1 and self.merged:
             x = self._restore_order(x)
-        self.counts.append(int(x.shape[1]))
-        return x
+        return super().after_block(block, x)
 
     def _restore_order(self, x: torch.Tensor) -> torch.Tensor:
         """Sort the current tokens by their smallest member (raster order for the consumer)."""
