@@ -1,6 +1,7 @@
 """ToMe in Qwen2-VL's vision tower (``vtc/adapters/qwen_tower.py``): packed segments of several sizes run as
 batches, the runner's attention equals the stock blocks', merged tokens take the RoPE of their patches' centroid,
-and every segment gets its grid back for the 2 x 2 patch merger; Qwen2.5-VL and Qwen3-VL are refused."""
+and every segment gets its grid back for the 2 x 2 patch merger; Qwen3-VL's DeepStack mergers get the grid of their
+block while the tower goes on merged; Qwen2.5-VL is refused."""
 
 import warnings
 
@@ -99,9 +100,71 @@ def test_the_coordinate_graph_is_the_raster_graph_in_any_order():
     assert torch.equal(mine, ref)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_towers_with_windows_or_deepstack_are_refused(family):
-    model = FAMILIES[family].build(seed=0)
+def test_qwen3_deepstack_mergers_get_their_blocks_grid_while_the_tower_goes_on_merged():
+    model = FAMILIES["qwen3_vl"].build(seed=0)
+    visual = model.model.visual
+    level = visual.deepstack_visual_indexes[0]
+    inputs = FAMILIES["qwen3_vl"].inputs(model, ((3, 4), (5, 2)), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vtc.compress(model, "tome", budget=0.25)
+    ctx = vtc.session_of(model).adapter._merge.ctx
+    seen = {}
+
+    def after_block(module, args, output):  # the merged packed rows and each group's map at that moment
+        seen["x"] = output.detach().clone()
+        seen["origin"] = [g.state.origin.clone() for g in ctx.qwen["groups"]]
+        seen["lengths"] = list(ctx.qwen["lengths"])
+
+    def merger_input(module, args):
+        seen["grid"] = args[0].detach().clone()
+
+    handles = [
+        visual.blocks[level].register_forward_hook(after_block),
+        visual.deepstack_merger_list[0].register_forward_pre_hook(merger_input),
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    grids = inputs["image_grid_thw"].prod(-1).tolist()
+    assert seen["x"].shape[0] < sum(grids)  # the block's output is merged ...
+    pieces = torch.split(seen["x"], seen["lengths"])
+    expected = [None] * len(grids)
+    for group, origin in zip(ctx.qwen["groups"], seen["origin"], strict=True):
+        for row, segment in enumerate(group.segments):
+            expected[segment] = pieces[segment][origin[row]]  # by hand: each patch takes its group's row
+    torch.testing.assert_close(seen["grid"], torch.cat(expected), atol=0, rtol=0)  # ... the merger gets the grid
+    assert seen["grid"].shape[0] == sum(grids)
+    states = ctx.group_states
+    assert all(not s.unmerged or s.counts[-1] < s.counts[0] for s in states)
+    assert all(s.counts[-1] == vtc.keep_count(0.25, s.counts[0]) for s in states)  # and goes on merging after it
+
+
+def test_qwen3_tome_generates_and_restores_exactly():
+    model = FAMILIES["qwen3_vl"].build(seed=0)
+    inputs = FAMILIES["qwen3_vl"].inputs(model, ((3, 4), (5, 2)), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vtc.compress(model, "tome", budget=0.5)
+    with torch.no_grad():
+        merged = model(**inputs).logits
+    assert merged.shape == ref.shape and not torch.allclose(merged, ref)  # the grid is back; the content merged
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    vtc.restore(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_towers_with_windows_are_refused():
+    model = FAMILIES["qwen2_5_vl"].build(seed=0)
     with pytest.raises(ValueError, match="vision_merge"):
         vtc.compress(model, "tome", budget=0.5)
     assert not vtc.is_compressed(model)

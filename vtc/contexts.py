@@ -535,6 +535,11 @@ class TowerMerge:
         token is copied to every position it covers), for towers whose consumer needs the full grid (LLaVA-NeXT,
         OneVision, NeXT-Video). Later blocks then run on the grid with no attention bias."""
         self.unmerged = True
+        return self.on_grid(x)
+
+    def on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, C]`` -> ``[B, T0, C]`` (as :meth:`unmerge`) without ending the merge: for a consumer that reads
+        an intermediate block while the tower goes on merged (Qwen3-VL's DeepStack mergers)."""
         return x.gather(1, self.origin.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
 
     def consumer_view(self, drop: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,9 @@ within each image through ``cu_seqlens`` and has no windows and no CLS token):
   states that the model's own injection after layer ``k`` still indexes with the full visual mask. Such a
   method is refused when it is configured, naming the first valid layer (``n``). Score-only layers
   (attention read, nothing dropped) may be anywhere.
+* **Token merging in the tower** (ToMe, GTP-ViT) runs as on Qwen2-VL (:mod:`vtc.adapters.qwen_tower`); the
+  DeepStack mergers, which read blocks in the middle of the tower, get each image's grid back (merged tokens
+  copied to their patches) while the later blocks go on merged.
 * **The merger** normalises each patch (LayerNorm over the ViT width) before the 2 x 2 concatenation, then
   ``linear_fc1 -> GELU -> linear_fc2``; :meth:`Qwen3VLAdapter.project` applies it to concatenated groups.
 * **Positions** are the model's own 3-D ids of the full prompt, gathered at the kept tokens
@@ -36,9 +39,9 @@ import torch
 
 from .modalities import Modality
 from .qwen2_vl import QwenVisual, QwenVLAdapter
+from .qwen_tower import grid_hook
 from .registry import register_adapter
 from .streams import RowStream, TokenStream
-from .vlm import VLMAdapter
 
 
 class Qwen3Frames(QwenVisual):
@@ -52,8 +55,6 @@ class Qwen3Frames(QwenVisual):
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
-    stages = VLMAdapter.stages  # DeepStack reads intermediate blocks: no merging in the tower
-    tower_unmerge = False
     row_streams = (RowStream("mm_token_type_ids", 0, required=True), RowStream("labels", -100))
     token_streams = (TokenStream("deepstack_features", per_item=True),)
 
@@ -61,6 +62,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
         image = ("image", "pixel_values", int(config.image_token_id), (), ("image_grid_thw",))
         video = ("video", "pixel_values_videos", int(config.video_token_id), (), ("video_grid_thw",))
         return [QwenVisual(*image), Qwen3Frames(*video)]
+
+    def install(self) -> None:
+        super().install()
+        if self._merge is not None:  # DeepStack reads intermediate blocks: give its mergers the grid
+            for merger in self.base.visual.deepstack_merger_list:
+                self.handles.append(merger.register_forward_pre_hook(grid_hook(self._merge.ctx)))
 
     def find_tower(self) -> None:
         super().find_tower()

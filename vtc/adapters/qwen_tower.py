@@ -10,8 +10,10 @@ patches it stands for (their mean row and column), so an unmerged patch keeps ex
 similarity metric is the block's attention keys with RoPE applied, as the attention uses them. After the last
 block the merged tokens are copied back onto every segment's grid (the 2 x 2 patch merger needs it).
 
-Qwen2.5-VL (windowed attention over a reordered sequence) and Qwen3-VL (DeepStack features read from
-intermediate blocks) are not supported.
+Qwen3-VL's blocks have the same layout; its DeepStack mergers read blocks in the middle of the tower, so a
+forward pre-hook on each (:func:`grid_hook`) hands them every segment's grid, the merged tokens copied to their
+patches as for the final merger, while the tower goes on merged. Qwen2.5-VL (windowed attention over a
+reordered sequence) is not supported.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class _Group:
         return cos.reshape(s, t, -1), sin.reshape(s, t, -1)
 
 
+#: the Qwen vision blocks the runner handles (norm1, fused qkv + proj, norm2, mlp; attention within segments)
+QWEN_BLOCKS = (
+    "transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VLVisionBlock",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionBlock",
+    "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeVisionBlock",
+)
+
+
 def check_qwen(block: nn.Module) -> str | None:
     impl = getattr(block.attn.config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
@@ -67,6 +77,26 @@ def position_hook(ctx: Any, rotary: nn.Module) -> Any:
         ctx.qwen_positions, ctx.qwen_rotary = args[1], module
 
     return rotary.register_forward_pre_hook(hook)
+
+
+def grid_hook(ctx: Any) -> Callable:
+    """Forward pre-hook for a module that reads the packed hidden states of an intermediate block (Qwen3-VL's
+    DeepStack mergers): every merged segment is given back its grid (each merged token copied to its patches)."""
+
+    def hook(module, args):
+        groups = getattr(ctx, "qwen", None)
+        if groups is None:
+            return None
+        pieces = list(torch.split(args[0], groups["lengths"]))
+        for group in groups["groups"]:
+            x = torch.stack([pieces[i] for i in group.segments])
+            if x.shape[1] != group.positions.shape[1]:
+                x = group.state.on_grid(x)
+            for row, i in enumerate(group.segments):
+                pieces[i] = x[row]
+        return (torch.cat(pieces), *args[1:])
+
+    return hook
 
 
 def qwen_vision_block(ctx: Any, index: int, orig: type, block: nn.Module) -> Callable:
