@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 class Log:
     def __init__(self, path: Path | None):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "w") if path else None  # noqa: SIM115
 
     def __call__(self, text: str) -> None:
@@ -150,17 +152,61 @@ class Projector(torch.nn.Module):
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: the linear layers of a DINOv2 block (attention q, k, v and output; the MLP)
+TOWER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+
+
+class TowerBlocks(torch.nn.Module):
+    """Blocks ``start .. stop - 1`` of a ViT tower (DINOv2 layout), run on cached hidden states of block ``start``.
+
+    The frozen lower blocks run once per image (their output is cached with the CLS row); adapters on these
+    blocks (:meth:`adapters`) let the tower itself learn what the visual tokens must carry, at a fraction of
+    the language model's cost per step. ``forward`` returns the patch rows (CLS dropped), what the checkpoint's
+    projector receives with ``vision_feature_layer = stop``.
+    """
+
+    def __init__(self, tower: torch.nn.Module, start: int, stop: int):
+        super().__init__()
+        self.tower, self.start, self.stop = tower, start, stop
+
+    def cache(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Hidden states after block ``start`` (CLS row included): what the training scripts cache."""
+        x = self.tower.embeddings(pixel_values)
+        for layer in self.tower.encoder.layer[: self.start]:
+            x = layer(x)
+        return x
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.float()
+        for layer in self.tower.encoder.layer[self.start : self.stop]:
+            x = layer(x)
+        return x[..., 1:, :]
+
+    def adapters(self, rank: int, alpha: float) -> LoRA:
+        """Rank-``rank`` adapters on every linear layer of the trained blocks (keys relative to the tower)."""
+        trained = {f"encoder.layer.{i}." for i in range(self.start, self.stop)}
+        return LoRA(
+            self.tower, rank, alpha, TOWER_TARGETS, include=lambda n: ".".join(n.split(".")[:3]) + "." in trained
+        )
 
 
 class LoRA(torch.nn.Module):
-    """Rank-``r`` adapters ``W + (alpha / r) B A`` on the language model's linear layers (B starts at 0).
+    """Rank-``r`` adapters ``W + (alpha / r) B A`` on a module's linear layers (B starts at 0).
 
-    During training each adapter is a forward hook on its stock ``nn.Linear``; :meth:`state` gives the
-    factors (keys ``<module path>.lora_A`` / ``.lora_B`` relative to the language model) and
+    ``targets`` are the last components of the linear layers' names, ``include`` (optional) a predicate on the
+    full names. During training each adapter is a forward hook on its stock ``nn.Linear``; :meth:`state` gives
+    the factors (keys ``<module path>.lora_A`` / ``.lora_B`` relative to the module) and
     :func:`vtc.offline.build.merge_lora` folds them into a model's weights.
     """
 
-    def __init__(self, language_model: torch.nn.Module, rank: int, alpha: float, targets=LORA_TARGETS):
+    def __init__(
+        self,
+        language_model: torch.nn.Module,
+        rank: int,
+        alpha: float,
+        targets=LORA_TARGETS,
+        include: Callable[[str], bool] | None = None,
+    ):
         super().__init__()
         self.scale = alpha / rank
         self.names: list[str] = []
@@ -168,7 +214,9 @@ class LoRA(torch.nn.Module):
         self.b = torch.nn.ParameterList()
         self.handles = []
         for name, module in language_model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+                continue
+            if include is None or include(name):
                 a = torch.nn.Parameter(torch.empty(rank, module.in_features))
                 torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
@@ -441,4 +489,69 @@ def align_projector(
         f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
         f"their own (colour, kind): {acc:.3f}"
         + (f"; patches whose nearest target is their place: {where:.3f}" if n_places > 1 else "")
+    )
+
+
+def align_with_tower(
+    projector: Projector,
+    blocks: TowerBlocks,
+    adapters: LoRA | None,
+    hidden: torch.Tensor,
+    codes: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    lr: float,
+    log: Log,
+    batch: int = 16,
+    object_weight: float = 4.0,
+    ce_weight: float = 1.0,
+    temperature: float = 0.05,
+    seed: int = 0,
+) -> None:
+    """Alignment stage with the tower's upper blocks adapted: each patch's token should be the word embedding
+    of what it shows, and be nearer to it than to any other target.
+
+    Unlike :func:`align_projector` (single patches, frozen tower), a step takes whole images, so the adapted
+    blocks' attention can gather an object's evidence from all of its patches: a patch that holds one stroke of
+    a digit learns to say which digit it belongs to. The loss is the weighted squared error to the target plus
+    ``ce_weight`` times a cross-entropy over cosine similarities to every target (``temperature``), which
+    separates targets whose mean embeddings lie close together.
+
+    Args:
+        hidden: ``[N, 1 + P, C]`` cached hidden states of block ``blocks.start`` (fp16 is fine).
+        codes: ``[N, P]`` row of ``targets`` each patch should map to (the last row is the background).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = list(projector.inner.parameters()) + (list(adapters.parameters()) if adapters is not None else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    background = targets.shape[0] - 1
+    unit = F.normalize(targets, dim=-1)
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, hidden.shape[0], (batch,), generator=gen)
+        pred = projector(blocks(hidden[idx])).flatten(0, 1)
+        code = codes[idx].flatten()
+        weight = torch.where(code == background, 1.0, object_weight)
+        mse = ((pred - targets[code]).pow(2).sum(-1) * weight).mean()
+        logits = F.normalize(pred, dim=-1) @ unit.T / temperature
+        ce = (F.cross_entropy(logits, code, reduction="none") * weight).mean()
+        loss = mse + ce_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step == 0:
+            log(f"align {step + 1}/{steps}: weighted squared error {mse.item():.3f}, cross-entropy {ce.item():.3f}")
+    with torch.no_grad():
+        idx = torch.randint(0, hidden.shape[0], (min(200, hidden.shape[0]),), generator=gen)
+        pred = torch.cat([projector(blocks(hidden[idx[s : s + 50]])).flatten(0, 1) for s in range(0, len(idx), 50)])
+        nearest = (F.normalize(pred, dim=-1) @ unit.T).argmax(-1)
+        code = codes[idx].flatten()
+        obj = code != background
+        acc = (nearest == code)[obj].float().mean().item()
+        bg = (nearest == code)[~obj].float().mean().item()
+    log(
+        f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
+        f"their own (colour, kind): {acc:.3f}, background patches: {bg:.3f}"
     )

@@ -54,8 +54,10 @@ from _train_core import (  # noqa: E402
     Packer,
     Projector,
     Source,
+    TowerBlocks,
     add_training_args,
     align_projector,
+    align_with_tower,
     evaluate,
     fmt,
     lm_hidden,
@@ -67,7 +69,7 @@ from _train_core import (  # noqa: E402
 from vtc.demo import machine  # noqa: E402
 from vtc.offline import scenes  # noqa: E402
 from vtc.offline.assets import asset_versions  # noqa: E402
-from vtc.offline.build import VARIANTS, assemble, cache_root, merge_lora  # noqa: E402
+from vtc.offline.build import TOWER_PREFIX, VARIANTS, assemble, cache_root, merge_adapters  # noqa: E402
 from vtc.offline.easyvqa import ANSWERS as EASYVQA_ANSWERS  # noqa: E402
 from vtc.offline.easyvqa import SHAPES as EASYVQA_SHAPES  # noqa: E402
 from vtc.offline.easyvqa import load_split  # noqa: E402
@@ -79,20 +81,30 @@ FEATURES_VERSION = "3"  # 3: block-6 features
 
 @torch.no_grad()
 def image_features(
-    model, processor, images: list[Image.Image], batch: int = 32, dtype: torch.dtype = torch.float16
+    model,
+    processor,
+    images: list[Image.Image],
+    batch: int = 32,
+    dtype: torch.dtype = torch.float16,
+    blocks: TowerBlocks | None = None,
 ) -> torch.Tensor:
-    """What the checkpoint's projector receives per image: ``[N, 144, 384]`` (fp16 halves the cache)."""
+    """What the checkpoint's projector receives per image: ``[N, 144, 384]`` (fp16 halves the cache); with
+    ``blocks``, the hidden states ``[N, 145, 384]`` that the adapted blocks start from (CLS row included)."""
     cfg = model.config
     out = []
     for s in range(0, len(images), batch):
         pixels = processor.image_processor(images=images[s : s + batch], return_tensors="pt")["pixel_values"]
+        if blocks is not None:
+            out.append(blocks.cache(pixels).to(dtype))
+            continue
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
         out.append(hidden[:, 1:].to(dtype))
     return torch.cat(out)
 
 
-def cached(name: str, make, log) -> torch.Tensor:
-    path = cache_root() / f"train-scenes-v{FEATURES_VERSION}-{name}.pt"
+def cached(name: str, make, log, blocks: TowerBlocks | None = None) -> torch.Tensor:
+    where = f"block{blocks.start}" if blocks is not None else f"layer{VARIANTS['scenes'].feature_layer}"
+    path = cache_root() / f"train-scenes-v{FEATURES_VERSION}-{where}-{name}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")
         return torch.load(path)
@@ -105,16 +117,21 @@ def cached(name: str, make, log) -> torch.Tensor:
     return value
 
 
-def scene_data(model, processor, split, n, seed, log, objects=(2, 9), dense=False) -> tuple[torch.Tensor, list, list]:
-    """Features ``[n, 144, 384]``, per scene its ``(question, answer, family, options)`` list, and the scenes."""
+def scene_data(
+    model, processor, split, n, seed, log, objects=(2, 9), dense=False, blocks=None
+) -> tuple[torch.Tensor, list, list]:
+    """Features ``[n, 144, 384]`` (see :func:`image_features`), per scene its ``(question, answer, family,
+    options)`` list, and the scenes."""
     items = scenes.generate(split, n, seed, objects, dense)
     qas = [[(q.question, q.answer, q.family, q.options) for q in s.questions] for s in items]
     name = f"{split}-{n}-{seed}-{objects[0]}to{objects[1]}"
-    feats = cached(name, lambda: image_features(model, processor, [s.render() for s in items]), log)
+    feats = cached(
+        name, lambda: image_features(model, processor, [s.render() for s in items], blocks=blocks), log, blocks
+    )
     return feats, qas, items
 
 
-def easyvqa_data(model, processor, n: int, seed: int, log) -> tuple[torch.Tensor, list]:
+def easyvqa_data(model, processor, n: int, seed: int, log, blocks=None) -> tuple[torch.Tensor, list]:
     """``n`` easy-VQA train images (a seeded choice) at 168 px: features and their questions."""
     by_image: dict[int, list] = {}
     paths: dict[int, str] = {}
@@ -126,18 +143,26 @@ def easyvqa_data(model, processor, n: int, seed: int, log) -> tuple[torch.Tensor
     ids = sorted(random.Random(seed).sample(sorted(by_image), n))
 
     def make():
-        return image_features(model, processor, [Image.open(paths[i]).convert("RGB") for i in ids])
+        return image_features(model, processor, [Image.open(paths[i]).convert("RGB") for i in ids], blocks=blocks)
 
-    return cached(f"easyvqa-train-{n}-{seed}", make, log), [by_image[i] for i in ids]
+    return cached(f"easyvqa-train-{n}-{seed}", make, log, blocks), [by_image[i] for i in ids]
+
+
+def scene_codes(scene, grid: int, cells=None, n_places: int = 1) -> list[int]:
+    """Per patch of the ``grid x grid`` raster, the alignment target row of what covers it."""
+    owners = scenes.patch_owner(scene.objects, grid)
+    return patch_codes(owners, scene.objects, scenes.COLORS, scenes.KINDS, cells, n_places)
 
 
 class SceneVisual:
-    """Features of one image -> its visual tokens (the projector on the kept ones, raster order)."""
+    """Cached features of one image -> its visual tokens: the adapted tower blocks (if any) on the whole image,
+    then the projector on the kept tokens, raster order."""
 
-    def __init__(self, projector):
-        self.proj = projector
+    def __init__(self, projector, blocks: TowerBlocks | None = None):
+        self.proj, self.blocks = projector, blocks
 
     def __call__(self, feats: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        feats = self.blocks(feats[None])[0] if self.blocks is not None else feats
         return self.proj((feats if keep is None else feats[keep]).float())
 
 
@@ -179,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         help="1: alignment targets also hold the words of the patch's place (its 3 x 3 cell); 0: content only "
         "(the shipped recipe; 1 did not help: validation 0.537 against 0.551 at step 400)",
     )
+    parser.add_argument(
+        "--tower-rank",
+        type=int,
+        default=16,
+        help="rank of adapters on the tower's blocks from --tower-from to the feature layer (0: frozen tower)",
+    )
+    parser.add_argument("--tower-from", type=int, default=2, help="first adapted tower block (lower ones cached)")
+    parser.add_argument("--tower-lr", type=float, default=2e-4, help="tower adapters' rate in the question stage")
+    parser.add_argument("--align-batch", type=int, default=16, help="images per alignment step (adapted tower)")
+    parser.add_argument("--ce-weight", type=float, default=1.0, help="alignment cross-entropy weight (adapted)")
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_scenes.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -199,17 +234,30 @@ def main(argv: list[str] | None = None) -> int:
     answers = sorted(set(scenes.KINDS) | set(scenes.COLORS) | set(EASYVQA_ANSWERS) | {"yes", "no"})
     packer = Packer(processor.tokenizer, model.config.image_token_id, answers)
 
-    train_f, train_qa, train_s = scene_data(model, processor, "train", args.train_scenes, args.seed, log, dense=True)
-    easy_f, easy_qa, _ = scene_data(model, processor, "train", args.easy_scenes, args.seed + 1, log, (1, 3), True)
-    val_f, val_qa, _ = scene_data(model, processor, "val", args.val_scenes, args.seed, log)
-    ez_f, ez_qa = easyvqa_data(model, processor, args.easyvqa_images, args.seed, log)
+    blocks = tower_lora = None
+    if args.tower_rank:
+        blocks = TowerBlocks(model.model.vision_tower, args.tower_from, SPEC.feature_layer)
+    data = {"log": log, "blocks": blocks}
+    train_f, train_qa, train_s = scene_data(
+        model, processor, "train", args.train_scenes, args.seed, dense=True, **data
+    )
+    easy_f, easy_qa, _ = scene_data(
+        model, processor, "train", args.easy_scenes, args.seed + 1, objects=(1, 3), dense=True, **data
+    )
+    val_f, val_qa, _ = scene_data(model, processor, "val", args.val_scenes, args.seed, **data)
+    ez_f, ez_qa = easyvqa_data(model, processor, args.easyvqa_images, args.seed, **data)
     log(
         f"train: {len(train_qa)} scenes ({sum(map(len, train_qa))} questions), {len(easy_qa)} easy scenes "
         f"({sum(map(len, easy_qa))}), {len(ez_qa)} easy-VQA images; validation: {len(val_qa)} scenes "
         f"({sum(map(len, val_qa))} questions)"
     )
 
-    x = train_f[:1000].float()
+    with torch.no_grad():
+        x = (
+            torch.cat([blocks(train_f[s : s + 50]) for s in range(0, min(300, len(train_f)), 50)])
+            if blocks
+            else train_f[:1000].float()
+        )
     mean, std = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-3)
     torch.manual_seed(args.seed)
     inner = model.model.multi_modal_projector
@@ -217,25 +265,25 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
     proj = Projector(inner, mean, std)
-    if args.align_steps:
-        grid = int(train_f.shape[1] ** 0.5)
+    grid = int(x.shape[1] ** 0.5)
+    if args.align_steps and blocks is not None:
+        tower_lora = blocks.adapters(args.tower_rank, 2.0 * args.tower_rank)
+        n_tower = sum(p.numel() for p in tower_lora.parameters())
+        log(f"tower adapters: rank {args.tower_rank}, {len(tower_lora.names)} layers, {n_tower:,} parameters")
+        codes = [scene_codes(s, grid) for s in train_s]
+        targets = word_targets(model, processor.tokenizer, scenes.COLORS, scenes.KINDS)
+        align_with_tower(
+            proj, blocks, tower_lora, train_f, torch.tensor(codes), targets, args.align_steps, args.align_lr, log,
+            batch=args.align_batch, ce_weight=args.ce_weight, seed=args.seed,
+        )  # fmt: skip
+    elif args.align_steps:
         places = scenes.PLACES if args.place_words else ()
         # the place (3 x 3 cell of the canvas) each patch of the grid lies in, raster order
         cells = [
             (r * scenes.GRID // grid) * scenes.GRID + c * scenes.GRID // grid for r in range(grid) for c in range(grid)
         ]
         n_places = len(places) or 1
-        codes = [
-            patch_codes(
-                scenes.patch_owner(s.objects, grid),
-                s.objects,
-                scenes.COLORS,
-                scenes.KINDS,
-                cells if places else None,
-                n_places,
-            )
-            for s in train_s
-        ]
+        codes = [scene_codes(s, grid, cells if places else None, n_places) for s in train_s]
         targets = word_targets(model, processor.tokenizer, scenes.COLORS, scenes.KINDS, places=places)
         flat = train_f.reshape(-1, train_f.shape[-1])
         codes = torch.tensor(codes).flatten()
@@ -247,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": list(lora.parameters()), "lr": args.lora_lr, "base": args.lora_lr})
         n_lora = sum(p.numel() for p in lora.parameters())
         log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {len(lora.names)} layers, {n_lora:,} parameters")
+    if tower_lora is not None:
+        groups.append({"params": list(tower_lora.parameters()), "lr": args.tower_lr, "base": args.tower_lr})
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    visual = SceneVisual(proj)
-    n_tok = train_f.shape[1]
+    visual = SceneVisual(proj, blocks)
+    n_tok = grid * grid
     sources = [Source(f, q, visual, n_tok) for f, q in ((train_f, train_qa), (easy_f, easy_qa), (ez_f, ez_qa))]
     ez = args.easyvqa_share
 
@@ -279,16 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     inner.load_state_dict(state)
     if lora is not None:
         lora_state = lora.state()
+        n_adapters = len(lora.names)
+        if tower_lora is not None:
+            lora_state |= {f"{TOWER_PREFIX}{k}": v for k, v in tower_lora.state().items()}
+            n_adapters += len(tower_lora.names)
+            tower_lora.remove()
         save_file(lora_state, str(out_dir / SPEC.lora), metadata=meta)
         size = os.path.getsize(out_dir / SPEC.lora) / 2**20
-        log(f"saved {len(lora.names)} adapters (fp16, scale folded into B) to {out_dir / SPEC.lora}: {size:.1f} MiB")
+        log(f"saved {n_adapters} adapters (fp16, scale folded into B) to {out_dir / SPEC.lora}: {size:.1f} MiB")
         lora.remove()
-        merge_lora(model.model.language_model, lora_state)  # exactly what the checkpoint builder does
+        merge_adapters(model.model, lora_state)  # exactly what the checkpoint builder does
     diff = check(model, processor, packer)
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
         t0 = time.perf_counter()
-        test_f, test_qa, _ = scene_data(model, processor, "test", args.test_scenes, args.seed, log)
+        if tower_lora is None:
+            test_f, test_qa, _ = scene_data(model, processor, "test", args.test_scenes, args.seed, log)
+        else:  # features of the merged tower as shipped (never from a cache another tower wrote)
+            items = scenes.generate("test", args.test_scenes, args.seed)
+            test_qa = [[(q.question, q.answer, q.family, q.options) for q in s.questions] for s in items]
+            test_f = image_features(model, processor, [s.render() for s in items])
         src = Source(test_f, test_qa, SceneVisual(inner), n_tok)
         for keep in (None, 16):
             r = evaluate(model, packer, src, keep, seed=2)

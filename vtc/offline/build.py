@@ -239,18 +239,30 @@ def _text_config(lm_config, vocab_size: int):
     return LlamaConfig(**data)
 
 
-def merge_lora(language_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
+#: key prefix of the vision tower's adapters in an adapters file (the others belong to the language model)
+TOWER_PREFIX = "vision_tower."
+
+
+def merge_adapters(base: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Merge an adapters file into a Llava-style ``model.model``: keys under :data:`TOWER_PREFIX` into the
+    vision tower, the rest into the language model. Returns how many weights changed."""
+    tower = {k.removeprefix(TOWER_PREFIX): v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+    text = {k: v for k, v in state.items() if not k.startswith(TOWER_PREFIX)}
+    return merge_lora(base.language_model, text) + merge_lora(base.vision_tower, tower)
+
+
+def merge_lora(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
     """``W += B @ A`` for every adapter pair ``<module>.lora_A`` / ``.lora_B`` (scale folded into B).
 
-    Returns how many weights changed; a key that names no linear layer of ``language_model`` is an error.
+    Returns how many weights changed; a key that names no linear layer of ``module`` is an error.
     """
-    modules = dict(language_model.named_modules())
+    modules = dict(module.named_modules())
     merged = 0
     for key in sorted(k for k in state if k.endswith(".lora_A")):
         name = key[: -len(".lora_A")]
         linear = modules.get(name)
         if not isinstance(linear, torch.nn.Linear) or f"{name}.lora_B" not in state:
-            raise ValueError(f"adapter {name!r} names no linear layer of the language model (or lacks lora_B)")
+            raise ValueError(f"adapter {name!r} names no linear layer of {type(module).__name__} (or lacks lora_B)")
         delta = state[f"{name}.lora_B"].float() @ state[key].float()  # [out, in]
         with torch.no_grad():
             linear.weight += delta.to(linear.weight.dtype)
@@ -349,8 +361,8 @@ def assemble(
             base.image_newline.data.copy_(state.pop("image_newline"))
         base.multi_modal_projector.load_state_dict(state)
     if lora is not None:
-        n = merge_lora(base.language_model, load_file(str(lora)))
-        log(f"  merged {n} low-rank adapters from {lora.name} into the language model")
+        n = merge_adapters(base, load_file(str(lora)))
+        log(f"  merged {n} low-rank adapters from {lora.name} into the language model (and vision tower)")
     gen = vlm.generation_config
     gen.bos_token_id, gen.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,72 @@
+"""The training scripts' adapters (eval/_train_core.py) and how the checkpoint builder merges them
+(vtc.offline.build.merge_adapters): the adapted forward during training equals the stock model after merging,
+for the language model and for the vision tower's upper blocks."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from vtc.offline.build import TOWER_PREFIX, merge_adapters
+
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+def _core():
+    if str(EVAL) not in sys.path:
+        sys.path.insert(0, str(EVAL))
+    return importlib.import_module("_train_core")
+
+
+class _Base(torch.nn.Module):
+    """What merge_adapters sees of a Llava ``model.model``: a vision tower and a language model."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                           image_size=28, patch_size=14)  # fmt: skip
+        self.vision_tower = Dinov2Model(cfg).eval()
+        self.language_model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        self.language_model[0].q_proj = torch.nn.Linear(8, 8)
+
+
+def test_tower_blocks_with_adapters_equal_the_merged_tower():
+    core = _core()
+    base = _Base()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        stock = base.vision_tower(pixels, output_hidden_states=True).hidden_states[3][:, 1:]
+    blocks = core.TowerBlocks(base.vision_tower, 1, 3)
+    cached = blocks.cache(pixels)
+    torch.testing.assert_close(blocks(cached), stock, atol=1e-6, rtol=0)  # no adapter: the stock feature layer
+    lora = blocks.adapters(rank=4, alpha=8.0)
+    assert sorted({n.split(".")[2] for n in lora.names}) == ["1", "2"]  # only the trained blocks
+    assert len(lora.names) == 2 * 6  # q, k, v, o, fc1, fc2
+    with torch.no_grad():
+        for b in lora.b:
+            b.normal_()
+        adapted = blocks(cached)
+    assert not torch.allclose(adapted, stock, atol=1e-3)
+    state = {TOWER_PREFIX + k: v.float() for k, v in lora.state(torch.float32).items()}
+    lora.remove()
+    assert merge_adapters(base, state) == 12
+    with torch.no_grad():
+        merged = base.vision_tower(pixels, output_hidden_states=True).hidden_states[3][:, 1:]
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)  # B ~ N(0, 1): large deltas
+
+
+def test_adapters_go_to_the_module_their_key_names():
+    base = _Base()
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    before_lm = base.language_model[0].q_proj.weight.clone()
+    before_tower = base.vision_tower.encoder.layer[0].mlp.fc1.weight.clone()
+    n = merge_adapters(base, {"0.q_proj.lora_A": a, "0.q_proj.lora_B": b})
+    assert n == 1
+    torch.testing.assert_close(base.language_model[0].q_proj.weight, before_lm + b @ a)
+    assert torch.equal(base.vision_tower.encoder.layer[0].mlp.fc1.weight, before_tower)
+    with pytest.raises(ValueError, match="names no linear layer of Dinov2Model"):
+        merge_adapters(base, {TOWER_PREFIX + "encoder.nothing.lora_A": a, TOWER_PREFIX + "encoder.nothing.lora_B": b})
