@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import vtc
-from vtc.kv import ElasticCacheConfig, LookMConfig, compressor_for
+from vtc.kv import ElasticCacheConfig, LookMConfig, RandomKVConfig, compressor_for
+from vtc.kv.random_kv import RandomKV
 from vtc.testing import compressed_inputs, llava_inputs, tiny_llava
 
 BATCH = ((3, 4), (6, 2))  # two samples of different lengths: one is left-padded
@@ -144,6 +145,28 @@ def test_lookm_bad_options(kwargs, error):
         LookMConfig(**kwargs)
 
 
+def test_random_kv_keeps_the_window_then_text_then_random_visual_rows_the_same_everywhere():
+    visual = torch.tensor([False] * 3 + [True] * 12 + [False] * 5)  # 20 rows: text, 12 visual, text
+    method = RandomKV(RandomKVConfig(kv_budget=0.5, recent_share=0.2))
+    kept = method.select(visual)
+    k, recent = 10, 2  # floor(0.5 * 20 + 0.5); int(20 * 0.5 * 0.2)
+    assert int(kept.sum()) == k and kept[-recent:].all()
+    assert kept[:3].all() and kept[15:18].all()  # every text row before the window: 6 of the 8 left
+    chosen = kept[3:15].nonzero().flatten()
+    assert chosen.numel() == k - recent - 6 == 2
+    assert torch.equal(method.select(visual), kept)  # the same rows for every layer and head, and on a rerun
+    others = {tuple(RandomKV(RandomKVConfig(kv_budget=0.5, recent_share=0.2, seed=s)).select(visual)[3:15].nonzero()
+                    .flatten().tolist()) for s in range(20)}  # fmt: skip
+    assert len(others) > 5  # the visual rows are drawn at random
+    keys = torch.randn(2, 20, 4)
+    k_out, v_out, state = method.prefill(keys, keys + 1, torch.zeros(20), visual)
+    assert state is None and torch.equal(k_out, keys[:, kept]) and torch.equal(v_out, keys[:, kept] + 1)  # no merge
+    loose = RandomKV(RandomKVConfig(kv_budget=0.5, recent_share=0.2, text_prior=False)).select(visual)
+    assert int(loose.sum()) == k and loose[-recent:].all()
+    with pytest.raises(TypeError):
+        RandomKVConfig(seed=1.5)
+
+
 def test_elastic_bad_options():
     with pytest.raises(ValueError):
         ElasticCacheConfig(start_size=-1)
@@ -156,6 +179,7 @@ KV = {
     "lookm": LookMConfig(kv_budget=0.4),
     "lookm-avg": LookMConfig(kv_budget=0.3, merge="avg", recent_share=0.25),
     "elastic_cache": ElasticCacheConfig(kv_budget=0.6, distance=-3),
+    "random_kv": RandomKVConfig(kv_budget=0.4),
 }
 STEPS = 8
 

@@ -38,6 +38,7 @@ __all__ = [
     "kv_config",
     "LookMConfig",
     "ElasticCacheConfig",
+    "RandomKVConfig",
 ]
 
 
@@ -147,6 +148,7 @@ def compressor_for(config: KVConfig) -> KVCompressor:
 
 from .elastic_cache import ElasticCacheConfig  # noqa: E402  (registers)
 from .lookm import LookMConfig  # noqa: E402  (registers)
+from .random_kv import RandomKVConfig  # noqa: E402  (registers)
 
 
 def kv_only(config: KVConfig) -> Any:
