@@ -1,7 +1,7 @@
 """ToMe in Qwen2-VL's vision tower (``vtc/adapters/qwen_tower.py``): packed segments of several sizes run as
 batches, the runner's attention equals the stock blocks', merged tokens take the RoPE of their patches' centroid,
 and every segment gets its grid back for the 2 x 2 patch merger; Qwen3-VL's DeepStack mergers get the grid of their
-block while the tower goes on merged; Qwen2.5-VL is refused."""
+block while the tower goes on merged (Qwen2.5-VL's windows: tests/test_tome_qwen25.py)."""
 
 import warnings
 
@@ -161,10 +161,3 @@ def test_qwen3_tome_generates_and_restores_exactly():
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_towers_with_windows_are_refused():
-    model = FAMILIES["qwen2_5_vl"].build(seed=0)
-    with pytest.raises(ValueError, match="vision_merge"):
-        vtc.compress(model, "tome", budget=0.5)
-    assert not vtc.is_compressed(model)

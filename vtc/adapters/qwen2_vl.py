@@ -33,6 +33,7 @@ from .frames import frames_layout
 from .llm import rotate_half
 from .modalities import Modality
 from .qwen_tower import position_hook
+from .qwen_windows import window_hook
 from .registry import register_adapter
 from .streams import RowStream
 from .vision import Capture, Emit, QKReader
@@ -185,11 +186,18 @@ class QwenVLAdapter(VLMAdapter):
 
 @register_adapter
 class Qwen25VLAdapter(QwenVLAdapter):
-    """Qwen2.5-VL: as Qwen2-VL, but its tower's windowed attention runs over a reordered sequence: no merging in it."""
+    """Qwen2.5-VL: as Qwen2-VL; its tower attends within windows of a reordered sequence in most blocks, so token
+    merging runs per window (:mod:`vtc.adapters.qwen_windows`)."""
 
     model_types = ("qwen2_5_vl",)
-    stages = VLMAdapter.stages
-    tower_unmerge = False
+
+    def install(self) -> None:
+        super().install()
+        if self._merge is not None:
+            vcfg = self.model.config.vision_config
+            self._merge.ctx.qwen_full_blocks = set(vcfg.fullatt_block_indexes)
+            hook = window_hook(self._merge.ctx, vcfg)
+            self.handles.append(self.base.visual.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def _fused_qkv(block: nn.Module, capture: Capture, emit: Emit) -> list[Any]:

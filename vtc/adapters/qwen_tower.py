@@ -12,8 +12,8 @@ block the merged tokens are copied back onto every segment's grid (the 2 x 2 pat
 
 Qwen3-VL's blocks have the same layout; its DeepStack mergers read blocks in the middle of the tower, so a
 forward pre-hook on each (:func:`grid_hook`) hands them every segment's grid, the merged tokens copied to their
-patches as for the final merger, while the tower goes on merged. Qwen2.5-VL (windowed attention over a
-reordered sequence) is not supported.
+patches as for the final merger, while the tower goes on merged. Qwen2.5-VL's windows:
+:mod:`vtc.adapters.qwen_windows`.
 """
 
 from __future__ import annotations
@@ -99,62 +99,84 @@ def grid_hook(ctx: Any) -> Callable:
     return hook
 
 
-def qwen_vision_block(ctx: Any, index: int, orig: type, block: nn.Module) -> Callable:
-    """Qwen2-VL ``Qwen2VLVisionBlock``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, on packed segments."""
+def attend(block: nn.Module, x: torch.Tensor, cos, sin, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x + attn(norm1(x))`` of a Qwen vision block on ``x [S, T, C]`` (SDPA, additive ``bias``): the result and
+    the rotated queries and keys ``[S, T, C]`` (what a merge step reads)."""
     attn = block.attn
     heads = int(attn.num_heads)
+    s, t, c = x.shape
+    q, k, v = attn.qkv(block.norm1(x)).reshape(s, t, 3, heads, -1).unbind(2)  # [S, T, H, d]
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=attn.scaling
+    )
+    return x + attn.proj(out.transpose(1, 2).reshape(s, t, c)), q.reshape(s, t, c), k.reshape(s, t, c)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return split_heads(t, heads)
 
-    def run(self, state: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        s, t, c = x.shape
-        q, k, v = attn.qkv(self.norm1(x)).reshape(s, t, 3, heads, -1).unbind(2)  # [S, T, H, d]
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        bias = state.attention_bias(x.dtype) if state is not None else None
-        if state is not None:
-            ctx.attend(state, index)
-            if ctx.capture:
-                ctx.queries, ctx.keys = q.reshape(s, t, c), k.reshape(s, t, c)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=attn.scaling
-        )
-        x = x + attn.proj(out.transpose(1, 2).reshape(s, t, c))
-        if state is not None:
-            x = ctx.merge(state, index, x, split, attn.scaling, bias)
-        x = x + self.mlp(self.norm2(x))
-        return ctx.finish(state, index, x) if state is not None else x
+def merge_mlp(ctx: Any, block: nn.Module, index: int, state: Any, x, q, k, bias) -> torch.Tensor:
+    """The rest of the block after :func:`attend`: the merge step (if ``state`` merges here), then
+    ``x + mlp(norm2(x))``, then the state's end-of-block bookkeeping."""
+    if state is not None:
+        ctx.attend(state, index)
+        if ctx.capture:
+            ctx.queries, ctx.keys = q, k
+        heads = int(block.attn.num_heads)
+        x = ctx.merge(state, index, x, lambda t: split_heads(t, heads), block.attn.scaling, bias)
+    x = x + block.mlp(block.norm2(x))
+    return ctx.finish(state, index, x) if state is not None else x
+
+
+def embeddings(groups: dict, group: _Group, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin) [S, T, d]`` of a group's current tokens: the model's own until something merged."""
+    if x.shape[1] == group.positions.shape[1]:
+        cos = torch.stack([groups["cos"][i] for i in group.segments])
+        return cos, torch.stack([groups["sin"][i] for i in group.segments])
+    return group.rotary(groups["rotary"], x)
+
+
+def bias_of(group: _Group, x: torch.Tensor) -> torch.Tensor | None:
+    return group.state.attention_bias(x.dtype) if group.state is not None else None
+
+
+def run_segments(ctx: Any, block: nn.Module, index: int, groups: dict, hidden: torch.Tensor) -> torch.Tensor:
+    """One block on the packed segments of ``groups``, each attending within itself (batched per group)."""
+    pieces = list(torch.split(hidden, groups["lengths"]))
+    for group in groups["groups"]:
+        x = torch.stack([pieces[i] for i in group.segments])
+        bias = bias_of(group, x)
+        x, q, k = attend(block, x, *embeddings(groups, group, x), bias)
+        x = merge_mlp(ctx, block, index, group.state, x, q, k, bias)
+        for row, i in enumerate(group.segments):
+            pieces[i] = x[row]
+    groups["lengths"] = [p.shape[0] for p in pieces]
+    return torch.cat(pieces)
+
+
+def qwen_vision_block(ctx: Any, index: int, orig: type, block: nn.Module) -> Callable:
+    """Qwen2-VL ``Qwen2VLVisionBlock``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, on packed segments."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
         if index == 0:
-            ctx.qwen = _start(ctx, hidden_states, cu_seqlens, position_embeddings)
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            ctx.qwen = start_groups(
+                ctx, hidden_states, lengths, getattr(ctx, "qwen_positions", None), position_embeddings
+            )
         groups = getattr(ctx, "qwen", None)
         if groups is None:
             return orig.forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
-        lengths, cos0, sin0 = groups["lengths"], groups["cos"], groups["sin"]
-        pieces = list(torch.split(hidden_states, lengths))
-        for group in groups["groups"]:
-            x = torch.stack([pieces[i] for i in group.segments])
-            if x.shape[1] == group.positions.shape[1]:  # nothing merged yet: the model's own embeddings
-                cos = torch.stack([cos0[i] for i in group.segments])
-                sin = torch.stack([sin0[i] for i in group.segments])
-            else:
-                cos, sin = group.rotary(groups["rotary"], x)
-            x = run(self, group.state, x, cos, sin)
-            for row, i in enumerate(group.segments):
-                pieces[i] = x[row]
-        groups["lengths"] = [p.shape[0] for p in pieces]
-        return torch.cat(pieces)
+        return run_segments(ctx, self, index, groups, hidden_states)
 
     return forward
 
 
-def _start(ctx: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> dict | None:
-    """Block 0 of a tower call: one merge state per segment length (None: no merging in this call)."""
-    if ctx.start is None or position_embeddings is None or getattr(ctx, "qwen_positions", None) is None:
+def start_groups(ctx: Any, hidden: torch.Tensor, lengths: list[int], positions, position_embeddings) -> dict | None:
+    """Block 0 of a tower call: one merge state per segment length (None: no merging in this call).
+
+    ``lengths``: the segments' lengths in the packed sequence; ``positions [N, 2]``: every patch's (row, column)
+    in the same order."""
+    if ctx.start is None or position_embeddings is None or positions is None:
         return None
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    positions = ctx.qwen_positions.float()  # [N, 2] (row, column) of every patch
+    positions = positions.float()
     by_length: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_length.setdefault(n, []).append(i)
@@ -173,7 +195,7 @@ def _start(ctx: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_em
     cos, sin = position_embeddings
     return {
         "groups": groups,
-        "lengths": lengths,
+        "lengths": list(lengths),
         "cos": torch.split(cos, lengths),
         "sin": torch.split(sin, lengths),
         "rotary": ctx.qwen_rotary,

@@ -28,7 +28,8 @@ from .. import kernels
 from ..contexts import TowerCall, TowerMerge
 from .base import UnsupportedModelError, module_at
 from .blocks import attention_probs, dinov2_layer, hf_encoder_layer, internvl_layer, open_clip_block, timm_block
-from .qwen_tower import QWEN_BLOCKS, check_qwen, qwen_vision_block
+from .qwen_tower import check_qwen
+from .qwen_windows import QWEN_RUNNERS
 
 
 class MergeContext:
@@ -140,7 +141,7 @@ HOSTS: dict[str, Host] = {
         ("attention.q_norm", "attention.k_norm"),
         _check_hf,  # identities without qk norm
     ),
-    **{name: Host(qwen_vision_block, None, check_qwen) for name in QWEN_BLOCKS},
+    **{name: Host(runner, None, check_qwen) for name, runner in QWEN_RUNNERS.items()},
     "timm.models.vision_transformer.Block": Host(timm_block, ("attn.q_norm", "attn.k_norm"), _check_timm),
     "open_clip.transformer.ResidualAttentionBlock": Host(open_clip_block, None, _check_open_clip),
 }
