@@ -47,8 +47,10 @@ from _train_core import (  # noqa: E402
     Packer,
     Projector,
     Source,
+    TowerBlocks,
     add_training_args,
     align_projector,
+    align_with_tower,
     evaluate,
     fmt,
     lm_hidden,
@@ -60,7 +62,7 @@ from _train_core import (  # noqa: E402
 from vtc.demo import machine  # noqa: E402
 from vtc.offline import clips, scenes  # noqa: E402
 from vtc.offline.assets import asset_versions  # noqa: E402
-from vtc.offline.build import VARIANTS, assemble, cache_root, merge_lora  # noqa: E402
+from vtc.offline.build import TOWER_PREFIX, VARIANTS, assemble, cache_root, merge_adapters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = VARIANTS["video"]
@@ -68,20 +70,25 @@ FEATURES_VERSION = "2"  # 2: block-6 features
 
 
 @torch.no_grad()
-def clip_features(model, processor, frames, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """What the projector receives for one clip's frames ``[T, H, W, 3]``: ``[T, 64, 384]``."""
+def clip_features(model, processor, frames, dtype: torch.dtype = torch.float16, blocks=None) -> torch.Tensor:
+    """What the projector receives for one clip's frames ``[T, H, W, 3]``: ``[T, 64, 384]``; with ``blocks``, the
+    hidden states ``[T, 65, 384]`` the adapted tower blocks start from (CLS row included)."""
     pixels = processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+    if blocks is not None:
+        return blocks.cache(pixels).to(dtype)
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[
         model.config.vision_feature_layer
     ]
     return hidden[:, 1:].to(dtype)
 
 
-def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool = False) -> tuple:
-    """Features ``[n, T, 64, 384]``, per clip its ``(question, answer, family, options)`` list, and the clips."""
+def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool = False, blocks=None) -> tuple:
+    """Features ``[n, T, 64, 384]`` (see :func:`clip_features`), per clip its ``(question, answer, family,
+    options)`` list, and the clips."""
     items = clips.generate(split, n, seed, dense=dense)
     qas = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
-    path = cache_root() / f"train-video-v{FEATURES_VERSION}-{split}-{n}-{seed}.pt"
+    version = FEATURES_VERSION + (f"-block{blocks.start}" if blocks is not None else "")
+    path = cache_root() / f"train-video-v{version}-{split}-{n}-{seed}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")
         return torch.load(path), qas, items
@@ -89,12 +96,14 @@ def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool 
     # generate(split, n) begins with generate(split, m) for m < n: reuse the largest cached prefix
     done: list[torch.Tensor] = []
     for m in range(n - 1, 0, -1):
-        shorter = cache_root() / f"train-video-v{FEATURES_VERSION}-{split}-{m}-{seed}.pt"
+        shorter = cache_root() / f"train-video-v{version}-{split}-{m}-{seed}.pt"
         if shorter.is_file():
             done = list(torch.load(shorter))
             log(f"features: the first {m} clips from {shorter.name}")
             break
-    feats = torch.stack(done + [clip_features(model, processor, c.render()) for c in items[len(done) :]])
+    feats = torch.stack(
+        done + [clip_features(model, processor, c.render(), blocks=blocks) for c in items[len(done) :]]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -103,12 +112,14 @@ def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool 
 
 
 class ClipVisual:
-    """Features of one clip -> the visual tokens OneVision feeds: project, pool each frame, keep, add newline."""
+    """Features of one clip -> the visual tokens OneVision feeds: the adapted tower blocks (if any) on every frame,
+    project, pool each frame, keep, add newline."""
 
-    def __init__(self, model, projector):
-        self.base, self.proj = model.model, projector
+    def __init__(self, model, projector, blocks: TowerBlocks | None = None):
+        self.base, self.proj, self.blocks = model.model, projector, blocks
 
     def __call__(self, feats: torch.Tensor, keep: list[int] | None) -> torch.Tensor:
+        feats = self.blocks(feats) if self.blocks is not None else feats
         x = self.base.apply_pooling(self.proj(feats.float()))  # [T, 16, D]
         x = x.reshape(-1, x.shape[-1])
         if keep is not None:
@@ -143,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-clips", type=int, default=150)
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--tower-rank",
+        type=int,
+        default=0,
+        help="rank of adapters on the tower's blocks from --tower-from to the feature layer (0: frozen tower)",
+    )
+    parser.add_argument("--tower-from", type=int, default=2, help="first adapted tower block (lower ones cached)")
+    parser.add_argument("--tower-lr", type=float, default=2e-4, help="tower adapters' rate in the question stage")
+    parser.add_argument("--align-batch", type=int, default=16, help="frames per alignment step (adapted tower)")
+    parser.add_argument("--ce-weight", type=float, default=1.0, help="alignment cross-entropy weight (adapted)")
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -164,11 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     answers = sorted({a for c in clips.generate("val", 30) for q in c.questions for a in q.options} | set(clips.KINDS))
     packer = Packer(processor.tokenizer, video_token, answers)
 
-    train_f, train_qa, train_c = clip_data(model, processor, "train", args.train_clips, args.seed, log, dense=True)
-    val_f, val_qa, _ = clip_data(model, processor, "val", args.val_clips, args.seed, log)
+    blocks = tower_lora = None
+    if args.tower_rank:
+        blocks = TowerBlocks(model.model.vision_tower, args.tower_from, SPEC.feature_layer)
+    data = {"log": log, "blocks": blocks}
+    train_f, train_qa, train_c = clip_data(model, processor, "train", args.train_clips, args.seed, dense=True, **data)
+    val_f, val_qa, _ = clip_data(model, processor, "val", args.val_clips, args.seed, **data)
     log(f"train: {len(train_qa)} clips ({sum(map(len, train_qa))} questions); validation: {len(val_qa)} clips")
 
-    x = train_f[: min(300, len(train_f))].float()
+    with torch.no_grad():
+        some = train_f[: min(30 if blocks else 300, len(train_f))]
+        x = torch.stack([blocks(c) for c in some]) if blocks is not None else some.float()
     mean, std = x.mean((0, 1, 2)), x.std((0, 1, 2)).clamp_min(1e-3)
     torch.manual_seed(args.seed)
     inner = model.model.multi_modal_projector
@@ -177,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             m.reset_parameters()
     proj = Projector(inner, mean, std)
     if args.align_steps:
-        grid = int(train_f.shape[2] ** 0.5)
+        grid = int(x.shape[2] ** 0.5)
         codes = [
             patch_codes(
                 scenes.patch_owner(c.objects_at(t), grid, clips.SIZE), c.objects_at(t), clips.COLORS, clips.KINDS
@@ -186,8 +213,17 @@ def main(argv: list[str] | None = None) -> int:
             for t in range(c.frames)
         ]
         targets = word_targets(model, processor.tokenizer, clips.COLORS, clips.KINDS)
-        flat = train_f.reshape(-1, train_f.shape[-1])
-        align_projector(proj, flat, torch.tensor(codes).flatten(), targets, args.align_steps, args.align_lr, log)
+        if blocks is not None:
+            tower_lora = blocks.adapters(args.tower_rank, 2.0 * args.tower_rank)
+            log(f"tower adapters: rank {args.tower_rank}, {len(tower_lora.names)} layers")
+            frames = train_f.flatten(0, 1)  # every frame of every clip
+            align_with_tower(
+                proj, blocks, tower_lora, frames, torch.tensor(codes), targets, args.align_steps, args.align_lr, log,
+                batch=args.align_batch, ce_weight=args.ce_weight, seed=args.seed,
+            )  # fmt: skip
+        else:
+            flat = train_f.reshape(-1, train_f.shape[-1])
+            align_projector(proj, flat, torch.tensor(codes).flatten(), targets, args.align_steps, args.align_lr, log)
     newline = model.model.image_newline
     groups = [{"params": [*inner.parameters(), newline], "lr": args.lr, "base": args.lr}]
     lora = None
@@ -196,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": list(lora.parameters()), "lr": args.lora_lr, "base": args.lora_lr})
         n_lora = sum(p.numel() for p in lora.parameters())
         log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha}, {len(lora.names)} layers, {n_lora:,} parameters")
+    if tower_lora is not None:
+        groups.append({"params": list(tower_lora.parameters()), "lr": args.tower_lr, "base": args.tower_lr})
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    visual = ClipVisual(model, proj)
+    visual = ClipVisual(model, proj, blocks)
     candidates = train_f.shape[1] * 16  # pooled tokens per clip (the newline always stays)
     train_src = Source(train_f, train_qa, visual, candidates)
     val_src = Source(val_f, val_qa, visual, candidates)
@@ -223,16 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     inner.load_state_dict({k: v for k, v in state.items() if k != "image_newline"})
     if lora is not None:
         lora_state = lora.state()
+        n_adapters = len(lora.names)
+        if tower_lora is not None:
+            lora_state |= {f"{TOWER_PREFIX}{k}": v for k, v in tower_lora.state().items()}
+            n_adapters += len(tower_lora.names)
+            tower_lora.remove()
         save_file(lora_state, str(out_dir / SPEC.lora), metadata=meta)
         size = os.path.getsize(out_dir / SPEC.lora) / 2**20
-        log(f"saved {len(lora.names)} adapters (fp16, scale folded into B) to {out_dir / SPEC.lora}: {size:.1f} MiB")
+        log(f"saved {n_adapters} adapters (fp16, scale folded into B) to {out_dir / SPEC.lora}: {size:.1f} MiB")
         lora.remove()
-        merge_lora(model.model.language_model, lora_state)  # exactly what the checkpoint builder does
+        merge_adapters(model.model, lora_state)  # exactly what the checkpoint builder does
     diff = check(model, processor, packer)
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
         t0 = time.perf_counter()
-        test_f, test_qa, _ = clip_data(model, processor, "test", args.test_clips, args.seed, log)
+        if tower_lora is None:
+            test_f, test_qa, _ = clip_data(model, processor, "test", args.test_clips, args.seed, log)
+        else:  # features of the merged tower as shipped (never from a cache another tower wrote)
+            items = clips.generate("test", args.test_clips, args.seed)
+            test_qa = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
+            test_f = torch.stack([clip_features(model, processor, c.render()) for c in items])
         plain = ClipVisual(model, inner)
         src = Source(test_f, test_qa, plain, candidates)
         for keep in (None, candidates // 10):
