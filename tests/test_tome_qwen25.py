@@ -24,10 +24,10 @@ def _model(depth=2, full=(1,), seed=0):
     return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
 
-def _compress(model, **options):
+def _compress(model, method="tome", **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ToMe alone: a tower speed-up
-        vtc.compress(model, "tome", **options)
+        vtc.compress(model, method, **options)
 
 
 def _record(model, inputs, block):
@@ -145,3 +145,24 @@ def test_generate_runs_and_restore_is_exact():
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_video_frames_keep_their_own_windows_in_a_stack():
+    from vtc.testing import qwen_video_inputs
+
+    model = _model()
+    inputs = qwen_video_inputs(model, IMAGES, seed=0)  # 2 and 3 temporal groups of 4 x 8 patches
+    seen = {}
+    handle = model.model.visual.merger.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach().clone()))
+    _compress(model, ["tome", "divprune"], budget=0.25)
+    try:
+        out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    ctx = vtc.session_of(model).adapter._merge.ctx
+    assert ctx.qwen["images"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # two windows per frame, frame by frame
+    rows = [{tuple(r.tolist()) for r in w} for w in torch.split(seen["x"], 16)]
+    (state,) = ctx.group_states
+    assert all(len(r) == state.counts[-1] < 16 for r in rows)
+    assert all(not (rows[i] & rows[j]) for i in range(10) for j in range(i + 1, 10))
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
