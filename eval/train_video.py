@@ -48,9 +48,11 @@ from _train_core import (  # noqa: E402
     Projector,
     Source,
     TowerBlocks,
+    add_tower_args,
     add_training_args,
     align_projector,
     align_with_tower,
+    check_tower_args,
     evaluate,
     fmt,
     lm_hidden,
@@ -154,20 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-clips", type=int, default=150)
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--tower-rank",
-        type=int,
-        default=0,
-        help="rank of adapters on the tower's blocks from --tower-from to the feature layer (0: frozen tower)",
-    )
-    parser.add_argument("--tower-from", type=int, default=2, help="first adapted tower block (lower ones cached)")
-    parser.add_argument("--tower-lr", type=float, default=2e-4, help="tower adapters' rate in the question stage")
-    parser.add_argument("--align-batch", type=int, default=16, help="frames per alignment step (adapted tower)")
-    parser.add_argument("--ce-weight", type=float, default=1.0, help="alignment cross-entropy weight (adapted)")
+    add_tower_args(parser, rank=0)
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
     parser.add_argument("--skip-test", action="store_true")
     args = parser.parse_args(argv)
+    check_tower_args(parser, args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
