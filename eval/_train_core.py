@@ -7,6 +7,9 @@
   training and merged into the weights for the checkpoint (so the saved model stays a stock one).
 * :class:`Projector`: the checkpoint's projector behind a fixed per-channel standardisation that is folded
   into its first linear layer when saving.
+* :class:`TowerBlocks` and :func:`align_with_tower`: the vision tower's upper blocks run on cached lower-block
+  outputs with adapters, aligned on whole images so that every patch of an object learns what the object is
+  (saved under ``vision_tower.`` in the adapters file, merged by :func:`vtc.offline.build.merge_adapters`).
 """
 
 from __future__ import annotations
