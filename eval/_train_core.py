@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import time
@@ -125,12 +126,49 @@ def lm_hidden(model, packed: dict, visual: torch.Tensor, rows: torch.Tensor, vis
     return out.last_hidden_state[rows[:, 0], rows[:, 1]]
 
 
-def subset(rng: random.Random, n: int, full_prob: float) -> list[int]:
-    """All ``n`` indices with probability ``full_prob``, else a log-uniform count in 1..n-1 (sorted)."""
+#: how a training item's kept subset is chosen (``--subset-rules``)
+SUBSET_RULES = ("random", "objects", "block", "grid")
+
+
+def subset(
+    rng: random.Random,
+    n: int,
+    full_prob: float,
+    rule: str = "random",
+    objects: Sequence[int] = (),
+    grid: int | None = None,
+) -> list[int]:
+    """All ``n`` indices with probability ``full_prob``, else a log-uniform count ``k`` in 1..n-1 (sorted), chosen by
+    ``rule``:
+
+    * ``"random"``: ``k`` indices at random;
+    * ``"objects"``: the item's ``objects`` indices first (in a random order), then the others at random: the kind of
+      set a saliency-ranked method keeps;
+    * ``"block"``: a random ``h x w`` rectangle of the ``grid x grid`` raster holding at least ``k`` cells, then ``k``
+      of them at random (a crop);
+    * ``"grid"``: every ``n / k``-th index from a random offset (an even spread).
+    """
     if rng.random() < full_prob:
         return list(range(n))
     k = min(n - 1, max(1, round(math.exp(rng.uniform(0.0, math.log(n))))))
-    return sorted(rng.sample(range(n), k))
+    if rule == "random":
+        return sorted(rng.sample(range(n), k))
+    if rule == "objects":
+        first = rng.sample(list(objects), len(objects))
+        rest = rng.sample(sorted(set(range(n)) - set(first)), n - len(first))
+        return sorted((first + rest)[:k])
+    if rule == "block":
+        if grid is None or grid * grid != n:
+            raise ValueError("the 'block' subset rule needs the item's square grid")
+        h = rng.randint(max(1, -(-k // grid)), grid)
+        w = max(-(-k // h), 1)
+        top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+        cells = [r * grid + c for r in range(top, top + h) for c in range(left, left + w)]
+        return sorted(rng.sample(cells, k))
+    if rule == "grid":
+        offset = rng.random() * n / k
+        return sorted({min(n - 1, int(offset + i * n / k)) for i in range(k)})
+    raise ValueError(f"unknown subset rule {rule!r}; known: {SUBSET_RULES}")
 
 
 class Projector(torch.nn.Module):
@@ -257,12 +295,16 @@ class Source:
         visual: ``(features of one item, kept candidate indices or None) -> [k, D]`` visual tokens in the
             order the model feeds them (projector, pooling, newline: whatever the family does).
         candidates: how many visual tokens one item offers to a random subset.
+        objects: per item, the candidate indices an object covers (the ``"objects"`` subset rule), or None.
+        grid: side of the items' square candidate raster (the ``"block"`` rule), or None.
     """
 
     feats: torch.Tensor
     qas: list[list[tuple[str, str, str, tuple[str, ...]]]]
     visual: Callable[[torch.Tensor, list[int] | None], torch.Tensor]
     candidates: int
+    objects: list[list[int]] | None = None
+    grid: int | None = None
 
 
 @torch.no_grad()
@@ -306,9 +348,9 @@ def train(
     """The optimisation loop shared by the scripts.
 
     Each step takes ``args.images_per_step`` items, each from a source drawn with the step's ``shares(step)``
-    (a curriculum can move weight from easy to hard sources); every item keeps
-    a random subset of its candidates (all of them for the first ``args.full_only_steps`` steps, then with
-    probability ``args.full_prob``) and at most ``args.max_questions`` of its questions (a ``"describe"``
+    (a curriculum can move weight from easy to hard sources); every item keeps a subset of its candidates drawn
+    by one of ``args.subset_rules`` (:func:`subset`; all of them for the first ``args.full_only_steps`` steps,
+    then with probability ``args.full_prob``) and at most ``args.max_questions`` of its questions (a ``"describe"``
     question always, but only with every token kept). AdamW with the
     parameter groups' base learning rates, linear warm-up then cosine decay to ``args.min_lr_ratio``. With
     ``args.bf16`` the language model runs under bfloat16 autocast (about twice the matmul speed of fp32 on CPUs
@@ -338,7 +380,12 @@ def train(
                 queues[s] = [i for i, q in enumerate(src.qas) if q]
                 rng.shuffle(queues[s])
             i = queues[s].pop()
-            pick = subset(rng, src.candidates, full_prob)
+            rules = args.subset_rules  # one rule draws nothing: the random stream of the shipped runs
+            rule = rules[0] if len(rules) == 1 else rng.choice(rules)
+            if (rule == "objects" and src.objects is None) or (rule == "block" and src.grid is None):
+                rule = "random"  # a source without object masks or a square grid (easy-VQA pictures, clips)
+            objects = src.objects[i] if src.objects is not None else ()
+            pick = subset(rng, src.candidates, full_prob, rule, objects, src.grid)
             # a description lists every object: only asked while every visual token is kept
             always = [qa for qa in src.qas[i] if qa[2] == "describe" and len(pick) == src.candidates]
             rest = [qa for qa in src.qas[i] if qa[2] != "describe"]
@@ -369,6 +416,16 @@ def train(
     log(f"training: {args.steps} steps in {(time.perf_counter() - start) / 60:.1f} min wall (with validation)")
 
 
+def _rules(text: str) -> list[str]:
+    rules = [r for r in text.split(",") if r]
+    unknown = sorted(set(rules) - set(SUBSET_RULES))
+    if unknown or not rules:
+        raise argparse.ArgumentTypeError(
+            f"unknown subset rule(s) {unknown or text!r}; known: {', '.join(SUBSET_RULES)}"
+        )
+    return rules
+
+
 def add_training_args(parser, steps: int, images_per_step: int) -> None:
     """The optimisation options both scripts share (their defaults are the shipped recipes')."""
     parser.add_argument("--steps", type=int, default=steps)
@@ -383,6 +440,13 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
     parser.add_argument("--full-prob", type=float, default=0.5, help="share of items that keep all tokens")
     parser.add_argument("--full-only-steps", type=int, default=100, help="first steps with all tokens")
     parser.add_argument("--max-questions", type=int, default=8, help="questions per item and step")
+    parser.add_argument(
+        "--subset-rules",
+        type=_rules,
+        default=["random"],
+        help="comma-separated rules the kept subsets are drawn from, one per item at random: "
+        + ", ".join(SUBSET_RULES),
+    )
     parser.add_argument("--eval-every", type=int, default=140)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

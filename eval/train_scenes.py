@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     train_f, train_qa, train_s = scene_data(
         model, processor, "train", args.train_scenes, args.seed, dense=True, **data
     )
-    easy_f, easy_qa, _ = scene_data(
+    easy_f, easy_qa, easy_s = scene_data(
         model, processor, "train", args.easy_scenes, args.seed + 1, objects=(1, 3), dense=True, **data
     )
     val_f, val_qa, _ = scene_data(model, processor, "val", args.val_scenes, args.seed, **data)
@@ -302,7 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             p.requires_grad_(True)
     visual = SceneVisual(proj, blocks)
     n_tok = grid * grid
-    sources = [Source(f, q, visual, n_tok) for f, q in ((train_f, train_qa), (easy_f, easy_qa), (ez_f, ez_qa))]
+
+    def on_objects(items) -> list[list[int]]:  # the patches an object covers (the "objects" subset rule)
+        return [[i for i, o in enumerate(scenes.patch_owner(x.objects, grid)) if o >= 0] for x in items]
+
+    sources = [
+        Source(train_f, train_qa, visual, n_tok, on_objects(train_s), grid),
+        Source(easy_f, easy_qa, visual, n_tok, on_objects(easy_s), grid),
+        Source(ez_f, ez_qa, visual, n_tok, None, grid),
+    ]
     ez = args.easyvqa_share
 
     def shares(step: int) -> list[float]:  # [full scenes, easy scenes, easy-VQA]

@@ -70,3 +70,30 @@ def test_adapters_go_to_the_module_their_key_names():
     assert torch.equal(base.vision_tower.encoder.layer[0].mlp.fc1.weight, before_tower)
     with pytest.raises(ValueError, match="names no linear layer of Dinov2Model"):
         merge_adapters(base, {TOWER_PREFIX + "encoder.nothing.lora_A": a, TOWER_PREFIX + "encoder.nothing.lora_B": b})
+
+
+def test_training_subsets_follow_their_rule():
+    import math
+    import random
+
+    core = _core()
+    n, grid, objects = 144, 12, [13, 14, 25, 26, 100]
+    for seed in range(40):
+        ref = random.Random(seed)
+        ref.random()
+        k = min(n - 1, max(1, round(math.exp(ref.uniform(0.0, math.log(n))))))
+        assert core.subset(random.Random(seed), n, 0.0, "random") == sorted(ref.sample(range(n), k))  # as shipped
+        pick = core.subset(random.Random(seed), n, 0.0, "objects", objects)
+        assert len(pick) == k and (set(pick) <= set(objects) if k <= len(objects) else set(objects) <= set(pick))
+        pick = core.subset(random.Random(seed), n, 0.0, "block", grid=grid)
+        rows, cols = {i // grid for i in pick}, {i % grid for i in pick}
+        box = (max(rows) - min(rows) + 1) * (max(cols) - min(cols) + 1)
+        assert len(pick) == k and box < k + grid  # inside one h x w rectangle of at most k + h - 1 cells
+        pick = core.subset(random.Random(seed), n, 0.0, "grid")
+        assert len(pick) == k == len(set(pick))
+        assert all(b - a <= math.ceil(n / k) for a, b in zip(pick, pick[1:], strict=False))  # an even spread
+    assert core.subset(random.Random(0), n, 1.0, "objects", objects) == list(range(n))  # full_prob: everything
+    with pytest.raises(ValueError, match="unknown subset rule"):
+        core.subset(random.Random(0), n, 0.0, "nope")
+    with pytest.raises(ValueError, match="square grid"):
+        core.subset(random.Random(3), n, 0.0, "block")
