@@ -109,7 +109,7 @@ def image_features(
 
 
 def cached(name: str, make, log, blocks: TowerBlocks | None = None) -> torch.Tensor:
-    where = f"block{blocks.start}" if blocks is not None else f"layer{VARIANTS['scenes'].feature_layer}"
+    where = f"block{blocks.start}" if blocks is not None else f"layer{SPEC.feature_layer}"
     path = cache_root() / f"train-scenes-v{FEATURES_VERSION}-{where}-{name}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")

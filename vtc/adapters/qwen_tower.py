@@ -41,6 +41,15 @@ class _Group:
     def __init__(self, segments: list[int], state: Any, positions: torch.Tensor):
         self.segments, self.state, self.positions = segments, state, positions  # positions [S, T0, 2]
 
+    def stack(self, pieces) -> torch.Tensor:
+        """``[S, T, ...]``: the group's segments out of ``pieces`` (a list or dict indexed by segment)."""
+        return torch.stack([pieces[i] for i in self.segments])
+
+    def put(self, pieces: list, x: torch.Tensor) -> None:
+        """Write ``x [S, T, ...]`` back into ``pieces``, one row per segment of the group."""
+        for row, i in enumerate(self.segments):
+            pieces[i] = x[row]
+
     def rotary(self, rotary: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin) [S, T, d]`` at the centroid of the patches each current token stands for."""
         origin = self.state.origin  # [S, T0] -> current row
@@ -89,11 +98,9 @@ def grid_hook(ctx: Any) -> Callable:
             return None
         pieces = list(torch.split(args[0], groups["lengths"]))
         for group in groups["groups"]:
-            x = torch.stack([pieces[i] for i in group.segments])
+            x = group.stack(pieces)
             if x.shape[1] != group.positions.shape[1]:
-                x = group.state.on_grid(x)
-            for row, i in enumerate(group.segments):
-                pieces[i] = x[row]
+                group.put(pieces, group.state.on_grid(x))
         return (torch.cat(pieces), *args[1:])
 
     return hook
@@ -129,8 +136,7 @@ def merge_mlp(ctx: Any, block: nn.Module, index: int, state: Any, x, q, k, bias)
 def embeddings(groups: dict, group: _Group, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin) [S, T, d]`` of a group's current tokens: the model's own until something merged."""
     if x.shape[1] == group.positions.shape[1]:
-        cos = torch.stack([groups["cos"][i] for i in group.segments])
-        return cos, torch.stack([groups["sin"][i] for i in group.segments])
+        return group.stack(groups["cos"]), group.stack(groups["sin"])
     return group.rotary(groups["rotary"], x)
 
 
@@ -142,12 +148,10 @@ def run_segments(ctx: Any, block: nn.Module, index: int, groups: dict, hidden: t
     """One block on the packed segments of ``groups``, each attending within itself (batched per group)."""
     pieces = list(torch.split(hidden, groups["lengths"]))
     for group in groups["groups"]:
-        x = torch.stack([pieces[i] for i in group.segments])
+        x = group.stack(pieces)
         bias = bias_of(group, x)
         x, q, k = attend(block, x, *embeddings(groups, group, x), bias)
-        x = merge_mlp(ctx, block, index, group.state, x, q, k, bias)
-        for row, i in enumerate(group.segments):
-            pieces[i] = x[row]
+        group.put(pieces, merge_mlp(ctx, block, index, group.state, x, q, k, bias))
     groups["lengths"] = [p.shape[0] for p in pieces]
     return torch.cat(pieces)
 

@@ -107,7 +107,7 @@ def _full_block(ctx: Any, block: nn.Module, index: int, groups: dict, hidden: to
     pieces = list(torch.split(hidden, groups["lengths"]))
     cos, sin, bias = {}, {}, {}
     for group in groups["groups"]:
-        x = torch.stack([pieces[i] for i in group.segments])
+        x = group.stack(pieces)
         c, s = embeddings(groups, group, x)
         b = bias_of(group, x)
         for row, i in enumerate(group.segments):
@@ -126,12 +126,9 @@ def _full_block(ctx: Any, block: nn.Module, index: int, groups: dict, hidden: to
             for w, xs, qs, ks in parts:
                 pieces[w], queries[w], keys[w] = xs, qs, ks
     for group in groups["groups"]:
-        x = torch.stack([pieces[i] for i in group.segments])
-        q = torch.stack([queries[i] for i in group.segments])
-        k = torch.stack([keys[i] for i in group.segments])
-        x = merge_mlp(ctx, block, index, group.state, x, q, k, bias_of(group, x))
-        for row, i in enumerate(group.segments):
-            pieces[i] = x[row]
+        x = group.stack(pieces)
+        x = merge_mlp(ctx, block, index, group.state, x, group.stack(queries), group.stack(keys), bias_of(group, x))
+        group.put(pieces, x)
     groups["lengths"] = [p.shape[0] for p in pieces]
     return torch.cat(pieces)
 
