@@ -29,9 +29,12 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
   model (q, k, v, o, gate, up, down); all adapters are merged into the weights when the checkpoint is built
   (the tower's are stored under ``vision_tower.`` in the same file), so the checkpoint stays a stock
   ``LlavaForConditionalGeneration``;
-* after a first phase with all tokens, every image keeps a **random subset of its 144 visual tokens** (all
-  of them with probability ``--full-prob``, otherwise a log-uniform count, raster order kept), so that a
-  compressed prompt measures lost content rather than a shift in sequence length;
+* after a first phase with all tokens, every image keeps a **subset of its 144 visual tokens** (all of them
+  with probability ``--full-prob``, otherwise a log-uniform count, raster order kept), so that a compressed
+  prompt measures lost content rather than a shift in sequence length; the subset is drawn by one of four
+  rules per image (``--subset-rules``): at random, the object patches first (what a saliency-ranked method
+  keeps), a crop, or an even spread. A model trained on random subsets alone reads random-like selections
+  best and so favours random in the benchmark (``eval/logs/train_scenes_random_subsets.log``);
 * all questions of one image are packed behind one copy of its visual tokens (block mask, per-question
   positions; equal to separate runs); loss on the answer tokens and the closing ``<|im_end|>``;
 * AdamW, warm-up then cosine decay, seeded; validation per question family with all tokens and with a
@@ -53,6 +56,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_core import (  # noqa: E402
+    SUBSET_RULES,
     Log,
     LoRA,
     Packer,
@@ -192,8 +196,10 @@ def check(model, processor, packer, n: int = 4) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_training_args(parser, steps=800, images_per_step=3)
-    parser.set_defaults(max_questions=12, full_only_steps=150, lr=1e-3, eval_every=200)
+    add_training_args(parser, steps=1150, images_per_step=3)
+    parser.set_defaults(
+        max_questions=12, full_only_steps=150, lr=1e-3, eval_every=200, subset_rules=list(SUBSET_RULES)
+    )
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--easy-scenes", type=int, default=600, help="curriculum scenes of 1 to 3 objects")
     parser.add_argument("--easy-steps", type=int, default=120, help="steps that mostly take easy scenes")
