@@ -194,7 +194,8 @@ def check(model, processor, packer, n: int = 4) -> float:
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; their defaults are the shipped run's (``eval/logs/train_scenes.log`` records its own)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_args(parser, steps=1150, images_per_step=3)
     parser.set_defaults(
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     check_tower_args(parser, args)
     if args.place_words and args.tower_rank:
         parser.error("--place-words is an option of the frozen-tower alignment: add --tower-rank 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

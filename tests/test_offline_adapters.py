@@ -2,6 +2,7 @@
 (vtc.offline.build.merge_adapters): the adapted forward during training equals the stock model after merging,
 for the language model and for the vision tower's upper blocks."""
 
+import ast
 import importlib
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from vtc.offline.build import TOWER_PREFIX, merge_adapters
+
+from .conftest import load_eval
 
 EVAL = Path(__file__).resolve().parents[1] / "eval"
 
@@ -97,3 +100,14 @@ def test_training_subsets_follow_their_rule():
         core.subset(random.Random(0), n, 0.0, "nope")
     with pytest.raises(ValueError, match="square grid"):
         core.subset(random.Random(3), n, 0.0, "block")
+
+
+def test_the_scenes_scripts_defaults_are_the_shipped_run():
+    """``python eval/train_scenes.py`` with no options reproduces the shipped weights: its defaults equal the
+    options the shipped log records (where the files go aside)."""
+    log = (EVAL / "logs" / "train_scenes.log").read_text().splitlines()
+    shipped = ast.literal_eval(next(line for line in log if line.startswith("args: "))[len("args: ") :])
+    defaults = vars(load_eval("train_scenes").parse_args([]))
+    for where in ("out_dir", "log"):
+        shipped.pop(where), defaults.pop(where)
+    assert defaults == shipped
