@@ -360,6 +360,12 @@ def train(
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     queues: list[list[int]] = [[] for _ in sources]
+    # rules a source cannot take (easy-VQA pictures have no object masks, clips no square grid) draw at random there
+    lacks = [{"objects": src.objects is None, "block": src.grid is None} for src in sources]
+    at_random = [{r for r in args.subset_rules if lack.get(r)} for lack in lacks]
+    for s, rules in enumerate(at_random):
+        if rules:
+            log(f"source {s}: its {sorted(rules)} subsets are drawn at random (no object masks or square grid)")
 
     def lr_scale(step: int) -> float:
         if step < args.warmup:
@@ -382,8 +388,7 @@ def train(
             i = queues[s].pop()
             rules = args.subset_rules  # one rule draws nothing: the random stream of the shipped runs
             rule = rules[0] if len(rules) == 1 else rng.choice(rules)
-            if (rule == "objects" and src.objects is None) or (rule == "block" and src.grid is None):
-                rule = "random"  # a source without object masks or a square grid (easy-VQA pictures, clips)
+            rule = "random" if rule in at_random[s] else rule
             objects = src.objects[i] if src.objects is not None else ()
             pick = subset(rng, src.candidates, full_prob, rule, objects, src.grid)
             # a description lists every object: only asked while every visual token is kept
