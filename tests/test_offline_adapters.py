@@ -111,3 +111,21 @@ def test_the_scenes_scripts_defaults_are_the_shipped_run():
     for where in ("out_dir", "log"):
         shipped.pop(where), defaults.pop(where)
     assert defaults == shipped
+
+
+def test_the_tower_cut_at_its_feature_layer_gives_the_same_features():
+    from vtc.offline.build import truncated_tower
+
+    full = _Base().vision_tower
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        want = full(pixels, output_hidden_states=True).hidden_states[2]
+        cut = truncated_tower(_Base().vision_tower, 2)
+        hidden = cut(pixels, output_hidden_states=True).hidden_states
+    assert len(cut.encoder.layer) == cut.config.num_hidden_layers == 2
+    assert cut.config.stage_names[-1] == "stage2" and cut.config.out_features == ["stage2"]
+    assert len(hidden) == 3  # embeddings + two blocks: the same index reads the same block
+    torch.testing.assert_close(hidden[2], want, atol=0, rtol=0)
+    assert len(truncated_tower(_Base().vision_tower, -1).encoder.layer) == 4  # the last block: nothing to cut
+    with pytest.raises(ValueError, match="patch embedding"):
+        truncated_tower(_Base().vision_tower, 0)

