@@ -18,7 +18,9 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
 * the features are DINOv2's block-6 output (``vision_feature_layer=6``), where small objects keep their colour
   and identity (see ``train_scenes.py``); an alignment stage first maps every patch of every frame to the word
   embeddings of what it shows (``--align-steps``, as for the scenes model); the training clips also carry
-  extra questions (each object's colour, whether a kind appears) that the benchmark does not ask;
+  extra questions the benchmark does not ask, of the families ``--training-questions`` names (the shipped run:
+  each object's colour and whether a kind appears; ``when`` and ``where`` ask the pieces of the temporal
+  questions: is the 3 there at the start, where is it at the end);
 * trained: the projector (behind a per-channel standardisation folded in when saving), OneVision's
   ``image_newline`` embedding and rank-8 adapters on every linear layer of the language model, merged into
   its weights when the checkpoint is built (the checkpoint stays stock);
@@ -27,7 +29,11 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
 * the three questions of a clip are packed behind one copy of its visual tokens (block mask, per-question
   positions); loss on the answer tokens and the closing ``<|im_end|>``; AdamW, warm-up, cosine decay,
   seeded; validation per question family; at the end the test split on the merged weights as shipped, and
-  a check of the packed path against the stock ``model(**processor(text=..., videos=...))``.
+  a check of the packed path against the stock ``model(**processor(text=..., videos=...))``;
+* ``--tower-rank 16`` adapts DINOv2's blocks 2-5 as for the scenes model (not shipped: docs/video.md gives the
+  runs and what they scored); ``--test-only`` scores the shipped checkpoint on the test split and logs it.
+
+The defaults are the shipped run's (``eval/logs/train_video.log`` records its options; a test holds them).
 """
 
 from __future__ import annotations
@@ -64,7 +70,14 @@ from _train_core import (  # noqa: E402
 from vtc.demo import machine  # noqa: E402
 from vtc.offline import clips, scenes  # noqa: E402
 from vtc.offline.assets import asset_versions  # noqa: E402
-from vtc.offline.build import TOWER_PREFIX, VARIANTS, assemble, cache_root, merge_adapters  # noqa: E402
+from vtc.offline.build import (  # noqa: E402
+    TOWER_PREFIX,
+    VARIANTS,
+    assemble,
+    cache_root,
+    load_offline_vlm,
+    merge_adapters,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = VARIANTS["video"]
@@ -84,7 +97,7 @@ def clip_features(model, processor, frames, dtype: torch.dtype = torch.float16, 
     return hidden[:, 1:].to(dtype)
 
 
-def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool = False, blocks=None) -> tuple:
+def clip_data(model, processor, split: str, n: int, seed: int, log, dense=(), blocks=None) -> tuple:
     """Features ``[n, T, 64, 384]`` (see :func:`clip_features`), per clip its ``(question, answer, family,
     options)`` list, and the clips."""
     items = clips.generate(split, n, seed, dense=dense)
@@ -111,6 +124,11 @@ def clip_data(model, processor, split: str, n: int, seed: int, log, dense: bool 
     os.replace(path.with_suffix(".tmp"), path)
     log(f"features: {split} {tuple(feats.shape)} in {time.perf_counter() - start:.0f} s")
     return feats, qas, items
+
+
+def _packer(processor, model) -> Packer:
+    answers = sorted({a for c in clips.generate("val", 30) for q in c.questions for a in q.options} | set(clips.KINDS))
+    return Packer(processor.tokenizer, model.config.video_token_index, answers)
 
 
 class ClipVisual:
@@ -147,22 +165,61 @@ def check(model, processor, packer, n: int = 2) -> float:
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
+@torch.no_grad()
+def test_split(model, processor, packer, args, log) -> None:
+    """The test split on the model as shipped (merged weights; features from its own tower, never a cache),
+    with all tokens and with a tenth of them kept at random."""
+    t0 = time.perf_counter()
+    items = clips.generate("test", args.test_clips, args.seed)
+    test_qa = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
+    test_f = torch.stack([clip_features(model, processor, c.render()) for c in items])
+    candidates = test_f.shape[1] * 16
+    src = Source(test_f, test_qa, ClipVisual(model, model.model.multi_modal_projector), candidates)
+    for keep in (None, candidates // 10):
+        r = evaluate(model, packer, src, keep, seed=2)
+        what = "all tokens" if keep is None else f"random {keep} tokens"
+        log(f"test ({args.test_clips} clips), {what}: {fmt(r)}")
+    log(f"test evaluation in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+def _families(text: str) -> tuple[str, ...]:
+    families = tuple(f for f in text.split(",") if f)
+    unknown = sorted(set(families) - set(clips.TRAINING_FAMILIES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}; known: {', '.join(clips.TRAINING_FAMILIES)}")
+    return families
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; their defaults are the shipped run's (``eval/logs/train_video.log`` records its own)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_args(parser, steps=380, images_per_step=4)
     parser.set_defaults(lr=1e-3)
     parser.add_argument("--train-clips", type=int, default=900)
     parser.add_argument("--val-clips", type=int, default=60)
     parser.add_argument("--test-clips", type=int, default=150)
+    parser.add_argument(
+        "--training-questions",
+        type=_families,
+        default=("colour", "exists"),
+        help=f"training-only question families per clip, comma-separated, from {', '.join(clips.TRAINING_FAMILIES)}",
+    )
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
     add_tower_args(parser, rank=0)
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
     parser.add_argument("--skip-test", action="store_true")
+    parser.add_argument(
+        "--test-only", action="store_true", help="no training: the test split on the shipped checkpoint, logged"
+    )
     args = parser.parse_args(argv)
     check_tower_args(parser, args)
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     log = Log(Path(args.log) if args.log else None)
@@ -172,18 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     log(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f} at start")
     log(f"packages: {asset_versions()}")
 
+    if args.test_only:
+        model, processor = load_offline_vlm(log=log, model=SPEC)
+        test_split(model, processor, _packer(processor, model), args, log)
+        log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall")
+        return 0
     model, processor, _ = assemble(None, log, seed=args.seed, model=SPEC)
     for p in model.parameters():
         p.requires_grad_(False)
-    video_token = model.config.video_token_index
-    answers = sorted({a for c in clips.generate("val", 30) for q in c.questions for a in q.options} | set(clips.KINDS))
-    packer = Packer(processor.tokenizer, video_token, answers)
+    packer = _packer(processor, model)
 
     blocks = tower_lora = None
     if args.tower_rank:
         blocks = TowerBlocks(model.model.vision_tower, args.tower_from, SPEC.feature_layer)
     data = {"log": log, "blocks": blocks}
-    train_f, train_qa, train_c = clip_data(model, processor, "train", args.train_clips, args.seed, dense=True, **data)
+    extra = args.training_questions
+    train_f, train_qa, train_c = clip_data(model, processor, "train", args.train_clips, args.seed, dense=extra, **data)
     val_f, val_qa, _ = clip_data(model, processor, "val", args.val_clips, args.seed, **data)
     log(f"train: {len(train_qa)} clips ({sum(map(len, train_qa))} questions); validation: {len(val_qa)} clips")
 
@@ -268,20 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = check(model, processor, packer)
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
-        t0 = time.perf_counter()
-        if tower_lora is None:
-            test_f, test_qa, _ = clip_data(model, processor, "test", args.test_clips, args.seed, log)
-        else:  # features of the merged tower as shipped (never from a cache another tower wrote)
-            items = clips.generate("test", args.test_clips, args.seed)
-            test_qa = [[(q.question, q.answer, q.family, q.options) for q in c.questions] for c in items]
-            test_f = torch.stack([clip_features(model, processor, c.render()) for c in items])
-        plain = ClipVisual(model, inner)
-        src = Source(test_f, test_qa, plain, candidates)
-        for keep in (None, candidates // 10):
-            r = evaluate(model, packer, src, keep, seed=2)
-            what = "all tokens" if keep is None else f"random {keep} tokens"
-            log(f"test ({args.test_clips} clips), {what}: {fmt(r)}")
-        log(f"test evaluation in {(time.perf_counter() - t0) / 60:.1f} min")
+        test_split(model, processor, packer, args, log)
     log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} CPU-min")
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,24 @@ def test_training_questions_answer_from_the_clip_and_leave_the_benchmark_alone()
                 axis = x if q.answer in ("left", "right") else y
                 assert (axis + tr.side / 2 < clips.SIZE / 2) == (q.answer in ("left", "top"))
     assert when["yes"] and abs(when["yes"] - when["no"]) <= len(dense)  # balanced clip by clip
+
+
+def test_training_question_families_are_chosen_and_the_shipped_set_is_reproduced():
+    """``dense`` takes a subset of the training families; colour and exists alone give the data the shipped video
+    model was trained on (its log records the count: the when / where families came later)."""
+    import re
+
+    from vtc.offline import clips
+
+    some = clips.generate("train", 30, dense=("colour", "exists"))
+    every = clips.generate("train", 30, dense=True)
+    assert {q.family for c in some for q in c.questions[3:]} == {"colour", "exists"}
+    assert {q.family for c in every for q in c.questions[3:]} == set(clips.TRAINING_FAMILIES)
+    only_where = clips.generate("train", 30, dense=("where",))
+    assert {q.family for c in only_where for q in c.questions[3:]} == {"where"}
+    with pytest.raises(ValueError, match="unknown training question families"):
+        clips.generate("train", 2, dense=("colour", "motion"))
+    log = (Path(__file__).resolve().parents[1] / "eval" / "logs" / "train_video.log").read_text()
+    n, questions = map(int, re.search(r"^train: (\d+) clips \((\d+) questions\)", log, re.M).groups())
+    shipped = clips.generate("train", n, dense=("colour", "exists"))
+    assert sum(len(c.questions) for c in shipped) == questions

@@ -129,3 +129,18 @@ def test_the_tower_cut_at_its_feature_layer_gives_the_same_features():
     assert len(truncated_tower(_Base().vision_tower, -1).encoder.layer) == 4  # the last block: nothing to cut
     with pytest.raises(ValueError, match="patch embedding"):
         truncated_tower(_Base().vision_tower, 0)
+
+
+def test_the_video_scripts_defaults_are_the_shipped_run():
+    """``python eval/train_video.py`` reproduces the shipped video weights: its defaults equal the options the
+    shipped log records, and the options added since default to what that run did."""
+    log = (EVAL / "logs" / "train_video.log").read_text().splitlines()
+    shipped = ast.literal_eval(next(line for line in log if line.startswith("args: "))[len("args: ") :])
+    defaults = vars(load_eval("train_video").parse_args([]))
+    for where in ("out_dir", "log"):
+        shipped.pop(where), defaults.pop(where)
+    assert {k: defaults[k] for k in shipped} == shipped
+    added = {k: v for k, v in defaults.items() if k not in shipped}
+    assert added["training_questions"] == ("colour", "exists")  # the families of clips.generate(dense=True) then
+    assert added["tower_rank"] == 0 and added["bf16"] == 0 and added["subset_rules"] == ["random"]
+    assert not added["test_only"]

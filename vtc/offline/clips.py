@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,7 +288,13 @@ def _make_clip(index: int, rng: random.Random, split: str, counters: dict, frame
     raise RuntimeError("could not lay out a clip")  # not reached: three or four objects always fit
 
 
-def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
+#: the families of :func:`_training_questions` (``generate(dense=...)`` takes any of them)
+TRAINING_FAMILIES = ("colour", "exists", "when", "where")
+
+
+def _training_questions(
+    clip: Clip, rng: random.Random, families: Iterable[str] = TRAINING_FAMILIES
+) -> list[ClipQuestion]:
     """Extra questions for training only, the parts the benchmark's temporal questions are made of:
 
     * ``"colour"``: the colour of every object whose kind is unique in the clip and whose colour never changes;
@@ -296,26 +303,34 @@ def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
       there at the start?"``), the pieces of order, counting and brief events;
     * ``"where"``: the side of the frame a mover is on at the start and at the end (``"Where is the 3 at the
       end?"``: ``left`` / ``right`` / ``top`` / ``bottom``), the pieces of its direction.
+
+    Only ``families`` are asked; without ``"when"`` and ``"where"`` the random stream is the one the clips had
+    before those two families existed (the shipped video model's training data).
     """
+    families = set(families)
     kinds = [t.kind for t in clip.tracks]
     asked = {q.question for q in clip.questions}
     out = []
-    for t in clip.tracks:
+    for t in clip.tracks if "colour" in families else ():
         q = f"What colour is the {t.kind}?"
         if kinds.count(t.kind) == 1 and not t.colours and q not in asked:
             out.append(ClipQuestion(q, t.colour, "colour", tuple(COLORS)))
     present, absent = sorted(set(kinds)), [k for k in KINDS if k not in kinds]
     for kind, answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
-        out.append(ClipQuestion(f"Is there {_article(kind)} {kind}?", answer, "exists", ("yes", "no")))
+        if "exists" in families:
+            out.append(ClipQuestion(f"Is there {_article(kind)} {kind}?", answer, "exists", ("yes", "no")))
+    if not families & {"when", "where"}:
+        return out
     when = {"yes": [], "no": []}
     for t in clip.tracks:
         if kinds.count(t.kind) != 1:
             continue
         for moment, frame in (("start", 0), ("end", clip.frames - 1)):
             seen = "yes" if t.corners[frame] is not None else "no"
-            when[seen].append(ClipQuestion(f"Is the {t.kind} there at the {moment}?", seen, "when", ("yes", "no")))
+            if "when" in families:
+                when[seen].append(ClipQuestion(f"Is the {t.kind} there at the {moment}?", seen, "when", ("yes", "no")))
         moves = {c for c in t.corners if c is not None}
-        if len(moves) > 1:
+        if len(moves) > 1 and "where" in families:
             (x0, y0), (x1, y1) = t.corners[0], t.corners[-1]
             horizontal = x0 != x1
             for moment, (a, b) in (("start", (x0, y0)), ("end", (x1, y1))):
@@ -324,15 +339,24 @@ def _training_questions(clip: Clip, rng: random.Random) -> list[ClipQuestion]:
                 answer = side[0] if c < SIZE // 2 - t.side // 2 else side[1]
                 out.append(ClipQuestion(f"Where is the {t.kind} at the {moment}?", answer, "where", WHERE))
     # as many "yes" as "no" (most objects are there at the start and the end), at least one of each
+    if not when["yes"] and not when["no"]:
+        return out
     n = max(1, len(when["no"]))
     return out + when["no"] + rng.sample(when["yes"], min(n, len(when["yes"])))
 
 
-def generate(split: str, n_clips: int, seed: int = 0, frames: int = FRAMES, dense: bool = False) -> list[Clip]:
+def generate(
+    split: str, n_clips: int, seed: int = 0, frames: int = FRAMES, dense: bool | Iterable[str] = False
+) -> list[Clip]:
     """``n_clips`` clips of ``split`` (themes in turn, answers balanced per family), deterministic.
 
-    ``dense`` (training): add :func:`_training_questions` to every clip (families outside the benchmark's).
+    ``dense`` (training): add :func:`_training_questions` to every clip (families outside the benchmark's):
+    True for all of :data:`TRAINING_FAMILIES`, or the families to ask.
     """
+    families = TRAINING_FAMILIES if dense is True else tuple(dense or ())
+    unknown = sorted(set(families) - set(TRAINING_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown training question families {unknown}; known: {', '.join(TRAINING_FAMILIES)}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 16 <= frames <= 32:
@@ -340,10 +364,10 @@ def generate(split: str, n_clips: int, seed: int = 0, frames: int = FRAMES, dens
     rng = random.Random(f"clips/{split}/{seed}")
     counters: dict = {}
     out = [_make_clip(i, rng, split, counters, frames) for i in range(n_clips)]
-    if dense:
+    if families:
         extra = random.Random(f"clips/{split}/{seed}/dense")
         for clip in out:
-            clip.questions = clip.questions + _training_questions(clip, extra)
+            clip.questions = clip.questions + _training_questions(clip, extra, families)
     return out
 
 
