@@ -154,7 +154,8 @@ def test_video_benchmark_smoke(video_checkpoint, tmp_path):
 def test_the_training_scripts_test_split_on_the_shipped_video_model(video_checkpoint, tmp_path):
     """``eval/train_video.py --test-only``: the script's test stage on the shipped checkpoint, logged."""
     log = tmp_path / "test.log"
-    assert load_eval("train_video").main(["--test-only", "--test-clips", "2", "--threads", "1", "--log", str(log)]) == 0
+    args = ["--test-only", "--test-clips", "2", "--threads", "1", "--log", str(log)]
+    assert load_eval("train_video").main(args) == 0
     lines = log.read_text().splitlines()
     assert any(line.startswith("test (2 clips), all tokens: ") and "n=6" in line for line in lines)
     assert any(line.startswith("test (2 clips), random 25 tokens: ") for line in lines)
