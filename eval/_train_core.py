@@ -606,6 +606,7 @@ def align_with_tower(
     ce_weight: float = 1.0,
     temperature: float = 0.05,
     seed: int = 0,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Alignment stage with the tower's upper blocks adapted: each patch's token should be the word embedding
     of what it shows, and be nearer to it than to any other target.
@@ -618,7 +619,10 @@ def align_with_tower(
 
     Args:
         hidden: ``[N, 1 + P, C]`` cached hidden states of block ``blocks.start`` (fp16 is fine).
-        codes: ``[N, P]`` row of ``targets`` each patch should map to (the last row is the background).
+        codes: ``[N, P]`` row of ``targets`` each patch should map to (the last row is the background); with
+            ``pool``, ``[N, Q]``: one row per pooled token.
+        pool: what the model does to an image's projected patches before the language model sees them (OneVision's
+            2 x 2 pooling of video frames): the targets then apply to the pooled tokens, what the model reads.
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(projector.inner.parameters()) + (list(adapters.parameters()) if adapters is not None else [])
@@ -630,7 +634,8 @@ def align_with_tower(
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, hidden.shape[0], (batch,), generator=gen)
-        pred = projector(blocks(hidden[idx])).flatten(0, 1)
+        pred = projector(blocks(hidden[idx]))
+        pred = (pool(pred) if pool is not None else pred).flatten(0, 1)
         code = codes[idx].flatten()
         weight = torch.where(code == background, 1.0, object_weight)
         mse = ((pred - targets[code]).pow(2).sum(-1) * weight).mean()
@@ -644,13 +649,15 @@ def align_with_tower(
             log(f"align {step + 1}/{steps}: weighted squared error {mse.item():.3f}, cross-entropy {ce.item():.3f}")
     with torch.no_grad():
         idx = torch.randint(0, hidden.shape[0], (min(200, hidden.shape[0]),), generator=gen)
-        pred = torch.cat([projector(blocks(hidden[idx[s : s + 50]])).flatten(0, 1) for s in range(0, len(idx), 50)])
+        pred = [projector(blocks(hidden[idx[s : s + 50]])) for s in range(0, len(idx), 50)]
+        pred = torch.cat([(pool(p) if pool is not None else p).flatten(0, 1) for p in pred])
         nearest = (F.normalize(pred, dim=-1) @ unit.T).argmax(-1)
         code = codes[idx].flatten()
         obj = code != background
         acc = (nearest == code)[obj].float().mean().item()
         bg = (nearest == code)[~obj].float().mean().item()
+    what = "patches" if pool is None else "pooled tokens"
     log(
-        f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object patches whose nearest target is "
-        f"their own (colour, kind): {acc:.3f}, background patches: {bg:.3f}"
+        f"alignment: {steps} steps in {time.perf_counter() - start:.0f} s; object {what} whose nearest target is "
+        f"their own (colour, kind): {acc:.3f}, background {what}: {bg:.3f}"
     )

@@ -39,6 +39,7 @@ The defaults are the shipped run's (``eval/logs/train_video.log`` records its op
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -207,6 +208,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
     add_tower_args(parser, rank=0)
+    parser.add_argument(
+        "--align-pooled",
+        type=int,
+        default=0,
+        help="1: align the pooled tokens the language model reads (a target per 28 px cell), not the patches",
+    )
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
     parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
     parser.add_argument("--skip-test", action="store_true")
@@ -215,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     check_tower_args(parser, args)
+    if args.align_pooled and not args.tower_rank:
+        parser.error("--align-pooled aligns whole frames, which the adapted-tower alignment does: add --tower-rank 16")
     return args
 
 
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     proj = Projector(inner, mean, std)
     if args.align_steps:
         grid = int(x.shape[2] ** 0.5)
+        if args.align_pooled:  # the targets of the 4 x 4 tokens OneVision's pooling leaves (28 px cells)
+            grid = math.ceil(grid / 2)
         codes = [
             patch_codes(
                 scenes.patch_owner(c.objects_at(t), grid, clips.SIZE), c.objects_at(t), clips.COLORS, clips.KINDS
@@ -275,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             align_with_tower(
                 proj, blocks, tower_lora, frames, torch.tensor(codes), targets, args.align_steps, args.align_lr, log,
                 batch=args.align_batch, ce_weight=args.ce_weight, seed=args.seed,
+                pool=model.model.apply_pooling if args.align_pooled else None,
             )  # fmt: skip
         else:
             flat = train_f.reshape(-1, train_f.shape[-1])

@@ -143,4 +143,33 @@ def test_the_video_scripts_defaults_are_the_shipped_run():
     added = {k: v for k, v in defaults.items() if k not in shipped}
     assert added["training_questions"] == ("colour", "exists")  # the families of clips.generate(dense=True) then
     assert added["tower_rank"] == 0 and added["bf16"] == 0 and added["subset_rules"] == ["random"]
-    assert not added["test_only"]
+    assert not added["test_only"] and added["align_pooled"] == 0
+
+
+def test_alignment_of_pooled_tokens_trains_what_the_pool_hands_on():
+    """With ``pool`` the targets apply to the pooled tokens (one per 2 x 2 patches here): the loss sees only them,
+    and after training each pooled token lies nearest its own target."""
+    core = _core()
+    base = _Base()
+    torch.manual_seed(1)
+    pixels = torch.randn(8, 3, 28, 28)  # 2 x 2 patches each
+    blocks = core.TowerBlocks(base.vision_tower, 1, 3)
+    with torch.no_grad():
+        hidden = blocks.cache(pixels)
+    inner = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    proj = core.Projector(inner, torch.zeros(32), torch.ones(32))
+    targets = torch.randn(4, 16)
+    codes = torch.tensor([[i % 4] for i in range(8)])  # one pooled token per image
+    pooled = []
+
+    def pool(x):  # [B, 4, D] -> [B, 1, D]
+        pooled.append(x.shape)
+        return x.mean(1, keepdim=True)
+
+    lines = []
+    core.align_with_tower(proj, blocks, None, hidden, codes, targets, 150, 1e-2, lines.append, batch=8, pool=pool)
+    assert pooled[0] == (8, 4, 16)
+    assert "object pooled tokens whose nearest target is their own (colour, kind): 1.000" in lines[-1]
+    patch_codes = codes.repeat(1, 4)
+    with pytest.raises(RuntimeError):  # patch-level codes do not fit pooled tokens
+        core.align_with_tower(proj, blocks, None, hidden, patch_codes, targets, 1, 1e-2, lines.append, pool=pool)
