@@ -167,7 +167,7 @@ def check(model, processor, packer, n: int = 2) -> float:
 
 
 @torch.no_grad()
-def test_split(model, processor, packer, args, log) -> None:
+def score_test_split(model, processor, packer, args, log) -> None:
     """The test split on the model as shipped (merged weights; features from its own tower, never a cache),
     with all tokens and with a tenth of them kept at random."""
     t0 = time.perf_counter()
@@ -215,13 +215,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="1: align the pooled tokens the language model reads (a target per 28 px cell), not the patches",
     )
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
-    parser.add_argument("--log", default=str(REPO / "eval" / "logs" / "train_video.log"))
+    parser.add_argument(
+        "--log", default=None, help="the run's log (default: eval/logs/train_video.log; with --test-only: none)"
+    )
     parser.add_argument("--skip-test", action="store_true")
     parser.add_argument(
         "--test-only", action="store_true", help="no training: the test split on the shipped checkpoint, logged"
     )
     args = parser.parse_args(argv)
     check_tower_args(parser, args)
+    if args.log is None and not args.test_only:  # --test-only never overwrites the shipped run's log by default
+        args.log = str(REPO / "eval" / "logs" / "train_video.log")
     if args.align_pooled and not args.tower_rank:
         parser.error("--align-pooled aligns whole frames, which the adapted-tower alignment does: add --tower-rank 16")
     return args
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.test_only:
         model, processor = load_offline_vlm(log=log, model=SPEC)
-        test_split(model, processor, _packer(processor, model), args, log)
+        score_test_split(model, processor, _packer(processor, model), args, log)
         log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall")
         return 0
     model, processor, _ = assemble(None, log, seed=args.seed, model=SPEC)
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = check(model, processor, packer)
     log(f"packed training path vs the stock model forward on the merged weights: max |diff| of logits {diff:.2e}")
     if not args.skip_test:
-        test_split(model, processor, packer, args, log)
+        score_test_split(model, processor, packer, args, log)
     log(f"total: {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu0) / 60:.1f} CPU-min")
     return 0
 

@@ -144,6 +144,7 @@ def test_the_video_scripts_defaults_are_the_shipped_run():
     assert added["training_questions"] == ("colour", "exists")  # the families of clips.generate(dense=True) then
     assert added["tower_rank"] == 0 and added["bf16"] == 0 and added["subset_rules"] == ["random"]
     assert not added["test_only"] and added["align_pooled"] == 0
+    assert load_eval("train_video").parse_args(["--test-only"]).log is None  # never overwrites the shipped log
 
 
 def test_alignment_of_pooled_tokens_trains_what_the_pool_hands_on():

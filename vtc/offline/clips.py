@@ -339,8 +339,6 @@ def _training_questions(
                 answer = side[0] if c < SIZE // 2 - t.side // 2 else side[1]
                 out.append(ClipQuestion(f"Where is the {t.kind} at the {moment}?", answer, "where", WHERE))
     # as many "yes" as "no" (most objects are there at the start and the end), at least one of each
-    if not when["yes"] and not when["no"]:
-        return out
     n = max(1, len(when["no"]))
     return out + when["no"] + rng.sample(when["yes"], min(n, len(when["yes"])))
 
