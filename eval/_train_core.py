@@ -631,11 +631,15 @@ def align_with_tower(
     opt = torch.optim.Adam(params, lr=lr)
     background = targets.shape[0] - 1
     unit = F.normalize(targets, dim=-1)
+
+    def tokens(h: torch.Tensor) -> torch.Tensor:  # what the language model reads, flattened over the images
+        x = projector(blocks(h))
+        return (pool(x) if pool is not None else x).flatten(0, 1)
+
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, hidden.shape[0], (batch,), generator=gen)
-        pred = projector(blocks(hidden[idx]))
-        pred = (pool(pred) if pool is not None else pred).flatten(0, 1)
+        pred = tokens(hidden[idx])
         code = codes[idx].flatten()
         weight = torch.where(code == background, 1.0, object_weight)
         mse = ((pred - targets[code]).pow(2).sum(-1) * weight).mean()
@@ -649,8 +653,7 @@ def align_with_tower(
             log(f"align {step + 1}/{steps}: weighted squared error {mse.item():.3f}, cross-entropy {ce.item():.3f}")
     with torch.no_grad():
         idx = torch.randint(0, hidden.shape[0], (min(200, hidden.shape[0]),), generator=gen)
-        pred = [projector(blocks(hidden[idx[s : s + 50]])) for s in range(0, len(idx), 50)]
-        pred = torch.cat([(pool(p) if pool is not None else p).flatten(0, 1) for p in pred])
+        pred = torch.cat([tokens(hidden[idx[s : s + 50]]) for s in range(0, len(idx), 50)])
         nearest = (F.normalize(pred, dim=-1) @ unit.T).argmax(-1)
         code = codes[idx].flatten()
         obj = code != background
