@@ -20,7 +20,8 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
   embeddings of what it shows (``--align-steps``, as for the scenes model); the training clips also carry
   extra questions the benchmark does not ask, of the families ``--training-questions`` names (the shipped run:
   each object's colour and whether a kind appears; ``when`` and ``where`` ask the pieces of the temporal
-  questions: is the 3 there at the start, where is it at the end);
+  questions: is the 3 there at the start, where is it at the end; ``describe`` lists every object in order of
+  appearance, as the scenes model's "What objects are there?" does, asked only while every token is kept);
 * trained: the projector (behind a per-channel standardisation folded in when saving), OneVision's
   ``image_newline`` embedding and rank-8 adapters on every linear layer of the language model, merged into
   its weights when the checkpoint is built (the checkpoint stays stock);

@@ -289,7 +289,22 @@ def _make_clip(index: int, rng: random.Random, split: str, counters: dict, frame
 
 
 #: the families of :func:`_training_questions` (``generate(dense=...)`` takes any of them)
-TRAINING_FAMILIES = ("colour", "exists", "when", "where")
+TRAINING_FAMILIES = ("colour", "exists", "when", "where", "describe")
+
+
+def describe(clip: Clip) -> ClipQuestion:
+    """Training only: "What objects are there?" answered by every object as "colour kind" in the order they
+    first appear (objects that appear together: top to bottom, then left to right, by their first position),
+    each in the colour it first shows, e.g. ``"red 7, blue circle, green 3"`` (family ``"describe"``)."""
+
+    def first(t: Track) -> tuple[int, int, int]:
+        frame = next(i for i, c in enumerate(t.corners) if c is not None)
+        x, y = t.corners[frame]  # type: ignore[misc]
+        return frame, y, x
+
+    tracks = sorted(clip.tracks, key=first)
+    text = ", ".join(f"{t.colours[first(t)[0]] if t.colours else t.colour} {t.kind}" for t in tracks)
+    return ClipQuestion("What objects are there?", text, "describe", ())
 
 
 def _training_questions(
@@ -302,7 +317,9 @@ def _training_questions(
     * ``"when"``: whether each uniquely named object is visible in the first / the last frame (``"Is the 3
       there at the start?"``), the pieces of order, counting and brief events;
     * ``"where"``: the side of the frame a mover is on at the start and at the end (``"Where is the 3 at the
-      end?"``: ``left`` / ``right`` / ``top`` / ``bottom``), the pieces of its direction.
+      end?"``: ``left`` / ``right`` / ``top`` / ``bottom``), the pieces of its direction;
+    * ``"describe"``: :func:`describe`, every object in order of appearance (the training loop asks it only
+      while every visual token is kept). It draws nothing from ``rng``.
 
     Only ``families`` are asked; without ``"when"`` and ``"where"`` the random stream is the one the clips had
     before those two families existed (the shipped video model's training data).
@@ -310,7 +327,7 @@ def _training_questions(
     families = set(families)
     kinds = [t.kind for t in clip.tracks]
     asked = {q.question for q in clip.questions}
-    out = []
+    out = [describe(clip)] if "describe" in families else []
     for t in clip.tracks if "colour" in families else ():
         q = f"What colour is the {t.kind}?"
         if kinds.count(t.kind) == 1 and not t.colours and q not in asked:
