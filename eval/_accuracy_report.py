@@ -109,6 +109,47 @@ def beats_random(report: dict, budget: float) -> tuple[list[str], list[str], lis
     return above, below, tied
 
 
+def _cell(r: dict) -> str:
+    """Accuracy, with what a budget hides: the layer-averaged share of visual tokens an in-LLM method lets the
+    LLM process ("LLM x"), or the token count of the ``native`` smaller picture."""
+    note = ""
+    if "native" in r:
+        note = f" ({r.get('visual_tokens')} tok.)"
+    elif r.get("equivalent_budget") is not None and abs(r["equivalent_budget"] - r["budget"]) > 0.005:
+        note = f" (LLM {r['equivalent_budget']:.2f})"
+    return _pct(r["accuracy"]) + note
+
+
+def ranking(report: dict, budgets: tuple[float, float] = (0.111, 0.05)) -> list[str]:
+    """Two budgets side by side, every method with its paired intervals against random and uncompressed, sorted
+    by accuracy at the first budget (the README's table); empty unless both budgets were run."""
+    by = {(r["method"], r["budget"]): r for r in report["results"][1:]}
+    ran = {b for _, b in by}
+    if not all(b in ran for b in budgets) or not any("vs_uncompressed" in r for r in by.values()):
+        return []
+    first, second = budgets
+    methods = sorted({m for m, b in by if b == first}, key=lambda m: -by[(m, first)]["accuracy"])
+    head = " | ".join(f"{b:g}: acc. % | minus random | minus uncompressed" for b in budgets)
+    lines = [
+        "",
+        f"Ranking at budgets {first:g} and {second:g}, sorted by accuracy at {first:g} (paired differences as above):",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---:|" * 6,
+    ]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            r = by.get((m, b))
+            cells += (
+                ["–"] * 3
+                if r is None
+                else [_cell(r), _interval(r.get("vs_random")), _interval(r.get("vs_uncompressed"))]
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _paired_tables(report: dict) -> list[str]:
     """Per budget: every method minus random and minus uncompressed, with 95 % bootstrap intervals."""
     results = report["results"]
@@ -130,6 +171,7 @@ def _paired_tables(report: dict) -> list[str]:
                 f"| {budget:g} | {r['method']} | {_pct(r['accuracy'])} | {_interval(r.get('vs_random'))} "
                 f"| {_interval(r.get('vs_uncompressed'))} |"
             )
+    lines += ranking(report)
     for budget in sorted({r["budget"] for r in results[1:]}, reverse=True):
         above, below, tied = beats_random(report, budget)
         if above or below or tied:

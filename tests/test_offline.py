@@ -161,3 +161,38 @@ def test_accuracy_runner_on_a_jsonl_file(checkpoint, tmp_path):
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["n"] for r in report["results"]] == [2, 2] and report["floor"] is not None
     assert report["results"][0]["accuracy"] == 1.0  # generate mode and options mode both right, uncompressed
+
+
+def test_the_ranking_table_puts_two_budgets_side_by_side():
+    """The README's table: sorted by accuracy at 0.111, intervals against random and uncompressed, what an
+    in-LLM method's budget hides ("LLM x") and the native picture's token count; no table without both budgets."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    try:
+        import _accuracy_report as report_md
+    finally:
+        sys.path.pop(0)
+
+    def run(method, budget, acc, **extra):
+        d = {"diff": acc - 0.8, "low": acc - 0.83, "high": acc - 0.77}
+        r = {"diff": acc - 0.6, "low": acc - 0.62, "high": acc - 0.58}
+        row = {"method": method, "budget": budget, "accuracy": acc, "vs_uncompressed": d, **extra}
+        return row if method == "random" else {**row, "vs_random": r}
+
+    results = [
+        {"method": "uncompressed", "budget": 1.0, "accuracy": 0.8},
+        run("random", 0.111, 0.6, equivalent_budget=0.1111),
+        run("fastv", 0.111, 0.7, equivalent_budget=0.17),
+        run("native", 0.111, 0.4, native="56 px", visual_tokens=16),
+        run("random", 0.05, 0.5),
+        run("fastv", 0.05, 0.55, equivalent_budget=0.11),
+    ]
+    lines = report_md.ranking({"results": results})
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0] for row in rows] == ["| fastv", "| random", "| native"]
+    assert rows[0] == (
+        "| fastv | 70.0 (LLM 0.17) | +10.0 [+8.0, +12.0] | -10.0 [-13.0, -7.0] | 55.0 (LLM 0.11) "
+        "| -5.0 [-7.0, -3.0] | -25.0 [-28.0, -22.0] |"
+    )
+    assert rows[1].startswith("| random | 60.0 | – | -20.0 [-23.0, -17.0] | 50.0 | – |")
+    assert rows[2].startswith("| native | 40.0 (16 tok.) |") and rows[2].endswith("| – | – | – |")
+    assert report_md.ranking({"results": results[:4]}) == []  # 0.05 not run
