@@ -73,7 +73,7 @@ def scenes_items(n: int | None, seed: int = 0) -> list[Item]:
         if n is None or sum(len(s.questions) for s in chosen) >= n:
             break
         count += 10
-    folder = cache_root() / f"scenes-test-v1-seed{seed}"
+    folder = cache_root() / f"scenes-test-v{scenes.VERSION}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for scene in chosen:

@@ -114,7 +114,7 @@ def image_features(
 
 def cached(name: str, make, log, blocks: TowerBlocks | None = None) -> torch.Tensor:
     where = f"block{blocks.start}" if blocks is not None else f"layer{SPEC.feature_layer}"
-    path = cache_root() / f"train-scenes-v{FEATURES_VERSION}-{where}-{name}.pt"
+    path = cache_root() / f"train-scenes-v{FEATURES_VERSION}.{scenes.VERSION}-{where}-{name}.pt"
     if path.is_file():
         log(f"features: loading {path.name}")
         return torch.load(path)
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"args: {vars(args)}")
     log(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f} at start")
     log(f"packages: {asset_versions()}")
+    log(f"scenes: generator version {scenes.VERSION}, digits {scenes.DIGIT_SIZE} px, shapes {scenes.SHAPE_SIZE} px")
 
     model, processor, _ = assemble(None, log, seed=args.seed, model=SPEC)
     for p in model.parameters():

@@ -111,6 +111,12 @@ def test_the_scenes_scripts_defaults_are_the_shipped_run():
     for where in ("out_dir", "log"):
         shipped.pop(where), defaults.pop(where)
     assert defaults == shipped
+    # and the generator draws the pictures it was trained on (object sizes change with scenes.VERSION)
+    from vtc.offline import scenes
+
+    drawn = next(line for line in log if line.startswith("scenes: "))
+    sizes = f"digits {scenes.DIGIT_SIZE} px, shapes {scenes.SHAPE_SIZE} px"
+    assert drawn == f"scenes: generator version {scenes.VERSION}, {sizes}"
 
 
 def test_the_tower_cut_at_its_feature_layer_gives_the_same_features():

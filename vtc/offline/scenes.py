@@ -10,8 +10,8 @@ package's data file, never imported), tinted with a colour, and four shapes draw
 triangle, star), filled with a colour. Six colours: red, green, blue, yellow, purple, orange.
 
 **Layout.** The canvas (:data:`CANVAS` = 168 px, the second offline VLM's input size) is a 3 x 3 grid of
-places. Each object gets its own place (so 2 to 9 objects never overlap) and a random size (digits 26 to
-50 px, shapes 14 to 40 px: about 1 to 4 patches of 14 px across) at a random position inside that place.
+places. Each object gets its own place (so 2 to 9 objects never overlap) and a random size (digits 20 to
+38 px, shapes 12 to 30 px: about 1 to 3 patches of 14 px across) at a random position inside that place.
 
 **Disjoint sources.** The 500 MNIST images of each digit are split by their order in the file: the first
 350 for ``train``, the next 50 for ``val``, the last 100 for ``test``; a test digit image never appears in
@@ -95,8 +95,13 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 SPLITS = ("train", "val", "test")
 #: MNIST images per digit used by each split (by order in the file: 350 / 50 / 100)
 DIGIT_SPLIT = {"train": (0, 350), "val": (350, 400), "test": (400, 500)}
-DIGIT_SIZE = (26, 50)
-SHAPE_SIZE = (14, 40)
+#: the generator's version: bumped whenever the same ``(split, seed)`` would draw different pictures (caches of
+#: rendered pictures and features carry it). 2: objects three quarters the size of version 1 (digits 26 to 50 px,
+#: shapes 14 to 40 px), so that keeping one token in nine costs random selection at least 10 points.
+VERSION = 2
+#: side of a digit / a shape in px (inclusive range), at the 168 px canvas
+DIGIT_SIZE = (20, 38)
+SHAPE_SIZE = (12, 30)
 
 
 @dataclass
