@@ -302,8 +302,9 @@ def describe(clip: Clip) -> ClipQuestion:
         x, y = t.corners[frame]  # type: ignore[misc]
         return frame, y, x
 
-    tracks = sorted(clip.tracks, key=first)
-    text = ", ".join(f"{t.colours[first(t)[0]] if t.colours else t.colour} {t.kind}" for t in tracks)
+    order = sorted((first(t), i) for i, t in enumerate(clip.tracks))
+    tracks = [(clip.tracks[i], frame) for (frame, _, _), i in order]
+    text = ", ".join(f"{t.colours[frame] if t.colours else t.colour} {t.kind}" for t, frame in tracks)
     return ClipQuestion("What objects are there?", text, "describe", ())
 
 
