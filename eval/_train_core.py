@@ -463,8 +463,14 @@ def add_training_args(parser, steps: int, images_per_step: int) -> None:
 TOWER_DEFAULTS = {"tower_lr": 2e-4, "align_batch": 16, "ce_weight": 1.0}
 
 
-def add_tower_args(parser, rank: int) -> None:
-    """Options of the adapted tower blocks (both scripts); see :func:`check_tower_args`."""
+def add_tower_args(parser, rank: int, **defaults) -> None:
+    """Options of the adapted tower blocks (both scripts); ``defaults`` replace :data:`TOWER_DEFAULTS` entries
+    for one script (see :func:`check_tower_args`, which fills them in)."""
+    unknown = sorted(set(defaults) - set(TOWER_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown tower options {unknown}; known: {', '.join(TOWER_DEFAULTS)}")
+    parser.tower_defaults = {**TOWER_DEFAULTS, **defaults}
+    d = parser.tower_defaults
     parser.add_argument(
         "--tower-rank",
         type=int,
@@ -472,9 +478,9 @@ def add_tower_args(parser, rank: int) -> None:
         help="rank of adapters on the tower's blocks from --tower-from to the feature layer (0: frozen tower)",
     )
     parser.add_argument("--tower-from", type=int, default=2, help="first adapted tower block (lower ones cached)")
-    parser.add_argument("--tower-lr", type=float, help="tower adapters' rate in the question stage (2e-4)")
-    parser.add_argument("--align-batch", type=int, help="images or frames per alignment step (16)")
-    parser.add_argument("--ce-weight", type=float, help="weight of the alignment's cross-entropy (1.0)")
+    parser.add_argument("--tower-lr", type=float, help=f"tower adapters' rate with the questions ({d['tower_lr']:g})")
+    parser.add_argument("--align-batch", type=int, help=f"images or frames per alignment step ({d['align_batch']})")
+    parser.add_argument("--ce-weight", type=float, help=f"alignment's cross-entropy weight ({d['ce_weight']:g})")
 
 
 def check_tower_args(parser, args) -> None:
@@ -482,7 +488,7 @@ def check_tower_args(parser, args) -> None:
     given = [f"--{k.replace('_', '-')}" for k in TOWER_DEFAULTS if getattr(args, k) is not None]
     if given and not args.tower_rank:
         parser.error(f"{', '.join(given)}: options of an adapted tower; set --tower-rank (e.g. 16) to use them")
-    for key, value in TOWER_DEFAULTS.items():
+    for key, value in parser.tower_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 

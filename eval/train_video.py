@@ -16,23 +16,28 @@ Recipe (CPU, 2 torch threads; the log gives wall and CPU time):
   ``$VTC_CACHE`` (the mp4 files the benchmark reads are H.264 at CRF 12: a mean absolute difference of about
   0.7 of 255 per pixel from the rendered frames);
 * the features are DINOv2's block-6 output (``vision_feature_layer=6``), where small objects keep their colour
-  and identity (see ``train_scenes.py``); an alignment stage first maps every patch of every frame to the word
-  embeddings of what it shows (``--align-steps``, as for the scenes model); the training clips also carry
-  extra questions the benchmark does not ask, of the families ``--training-questions`` names (the shipped run:
-  each object's colour and whether a kind appears; ``when`` and ``where`` ask the pieces of the temporal
-  questions: is the 3 there at the start, where is it at the end; ``describe`` lists every object in order of
-  appearance, as the scenes model's "What objects are there?" does, asked only while every token is kept);
+  and identity (see ``train_scenes.py``); the tower's blocks 2-5 carry rank-16 adapters (``--tower-rank 16``,
+  blocks 0-1 cached), trained in an alignment stage that first maps every pooled token (one per 28 px cell of
+  a frame, what the language model reads: ``--align-pooled 1``) to the word embeddings of what it shows
+  (``--align-steps``, as for the scenes model), then frozen (``--tower-lr 0``: training them with the questions
+  too drove the answers to each family's prior, docs/video.md);
+* the training clips also carry extra questions the benchmark does not ask (``--training-questions``, all
+  five by default): each object's colour, whether a kind appears, ``when`` and ``where`` (the pieces of the
+  temporal questions: is the 3 there at the start, where is it at the end) and ``describe`` (every object in
+  order of appearance, as the scenes model's "What objects are there?", asked only while every token is
+  kept); up to 12 questions of a clip per step (``--max-questions``);
 * trained: the projector (behind a per-channel standardisation folded in when saving), OneVision's
   ``image_newline`` embedding and rank-8 adapters on every linear layer of the language model, merged into
-  its weights when the checkpoint is built (the checkpoint stays stock);
+  its weights when the checkpoint is built, as the tower's adapters are (the checkpoint stays stock);
 * after a first phase with all tokens, every clip keeps a random subset of its 256 pooled frame tokens (the
   newline always stays), so compressed prompts measure lost content, not a shorter sequence;
-* the three questions of a clip are packed behind one copy of its visual tokens (block mask, per-question
+* a clip's questions are packed behind one copy of its visual tokens (block mask, per-question
   positions); loss on the answer tokens and the closing ``<|im_end|>``; AdamW, warm-up, cosine decay,
   seeded; validation per question family; at the end the test split on the merged weights as shipped, and
   a check of the packed path against the stock ``model(**processor(text=..., videos=...))``;
-* ``--tower-rank 16`` adapts DINOv2's blocks 2-5 as for the scenes model (not shipped: docs/video.md gives the
-  runs and what they scored); ``--test-only`` scores the shipped checkpoint on the test split and logs it.
+* ``--tower-rank 0 --align-pooled 0`` is the frozen-tower recipe of the first shipped model (docs/video.md
+  gives the runs and what each scored); ``--test-only`` scores the shipped checkpoint on the test split and
+  logs it.
 
 The defaults are the shipped run's (``eval/logs/train_video.log`` records its options; a test holds them).
 """
@@ -196,23 +201,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; their defaults are the shipped run's (``eval/logs/train_video.log`` records its own)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_training_args(parser, steps=380, images_per_step=4)
-    parser.set_defaults(lr=1e-3)
+    parser.set_defaults(lr=1e-3, max_questions=12)
     parser.add_argument("--train-clips", type=int, default=900)
     parser.add_argument("--val-clips", type=int, default=60)
     parser.add_argument("--test-clips", type=int, default=150)
     parser.add_argument(
         "--training-questions",
         type=_families,
-        default=("colour", "exists"),
+        default=clips.TRAINING_FAMILIES,
         help=f"training-only question families per clip, comma-separated, from {', '.join(clips.TRAINING_FAMILIES)}",
     )
     parser.add_argument("--align-steps", type=int, default=800, help="alignment stage (0: none)")
     parser.add_argument("--align-lr", type=float, default=1e-3)
-    add_tower_args(parser, rank=0)
+    add_tower_args(parser, rank=16, tower_lr=0.0)
     parser.add_argument(
         "--align-pooled",
         type=int,
-        default=0,
+        default=1,
         help="1: align the pooled tokens the language model reads (a target per 28 px cell), not the patches",
     )
     parser.add_argument("--out-dir", default=str(REPO / "vtc" / "assets"))
@@ -228,7 +233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.log is None and not args.test_only:  # --test-only never overwrites the shipped run's log by default
         args.log = str(REPO / "eval" / "logs" / "train_video.log")
     if args.align_pooled and not args.tower_rank:
-        parser.error("--align-pooled aligns whole frames, which the adapted-tower alignment does: add --tower-rank 16")
+        parser.error(
+            "--align-pooled aligns whole frames, which only the adapted-tower alignment does: "
+            "add --tower-rank 16, or --align-pooled 0 for the frozen tower"
+        )
     return args
 
 

@@ -1,5 +1,6 @@
 """The synthetic video QA generator (vtc.offline.clips): deterministic, balanced, answers that need time."""
 
+import ast
 import json
 from collections import Counter
 from pathlib import Path
@@ -160,7 +161,8 @@ def test_training_question_families_are_chosen_and_the_shipped_set_is_reproduced
         clips.generate("train", 2, dense=("colour", "motion"))
     log = (Path(__file__).resolve().parents[1] / "eval" / "logs" / "train_video.log").read_text()
     n, questions = map(int, re.search(r"^train: (\d+) clips \((\d+) questions\)", log, re.M).groups())
-    shipped = clips.generate("train", n, dense=("colour", "exists"))
+    args = ast.literal_eval(re.search(r"^args: (.*)$", log, re.M).group(1))
+    shipped = clips.generate("train", n, dense=args["training_questions"])
     assert sum(len(c.questions) for c in shipped) == questions
 
 
